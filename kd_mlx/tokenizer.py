@@ -1,0 +1,257 @@
+"""One tokenizer interface for both sides of the distillation.
+
+- `HFTokenizer`: any `tokenizer.json` (Phi-1.5's GPT-2 byte-level BPE, SmolLM2, ...) through `tokenizers`.
+- `TiktokenTokenizer`: Kimi-K2's `tiktoken.model` (base64 token + rank per line) with Kimi's split pattern and its
+  256 reserved special tokens, loaded natively: Kimi's own `tokenization_kimi.py` needs `trust_remote_code`, we
+  do not.
+
+Both give ids, character offsets (the character where each token starts/ends; a token that starts inside a
+multi-byte character gets that character's index), per-token bytes and a content fingerprint used by the store
+and the alignment cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+from .utils import KDError
+
+# Kimi-K2's pre-tokenizer pattern (Han runs are split from other letters; numbers in groups of 1-3).
+KIMI_PAT_STR = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+KIMI_NUM_RESERVED_SPECIAL = 256
+# Kimi-K2's named special tokens, as offsets from the number of BPE ranks (163,584 in the real model).
+KIMI_SPECIAL_OFFSETS = {
+    "[BOS]": 0, "[EOS]": 1, "<|im_end|>": 2, "<|im_user|>": 3, "<|im_assistant|>": 4,
+    "<|start_header_id|>": 6, "<|end_header_id|>": 7, "[EOT]": 9, "<|im_system|>": 10,
+    "<|im_middle|>": 17, "[UNK]": 254, "[PAD]": 255,
+}
+
+
+def _char_offsets_from_token_bytes(token_bytes: Sequence[bytes], text: str) -> list[tuple[int, int]]:
+    """Character (start, end) of each token from the byte lengths of the tokens of `text`."""
+    # byte position -> index of the character containing it
+    byte_to_char: list[int] = []
+    for ci, ch in enumerate(text):
+        byte_to_char.extend([ci] * len(ch.encode("utf-8")))
+    n_bytes = len(byte_to_char)
+    byte_to_char.append(len(text))
+    out = []
+    pos = 0
+    for tb in token_bytes:
+        start = byte_to_char[min(pos, n_bytes)]
+        pos += len(tb)
+        # end: one past the character holding the token's last byte
+        end = byte_to_char[pos - 1] + 1 if len(tb) and pos - 1 < n_bytes else start
+        out.append((start, end))
+    return out
+
+
+class Tokenizer:
+    """Common interface. Subclasses implement `encode`, `decode`, `token_bytes`, `vocab_size`, `fingerprint`."""
+
+    name: str = "tokenizer"
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self.encode(text)
+        return ids, _char_offsets_from_token_bytes([self.token_bytes(i) for i in ids], text)
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer` from a tokenizer.json (byte-level BPE or other)."""
+
+    def __init__(self, tok, name: str = "hf", bos_id: int | None = None, eos_id: int | None = None):
+        self._tok = tok
+        self.name = name
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+
+    @classmethod
+    def from_file(cls, path: str | Path, name: str | None = None) -> "HFTokenizer":
+        from tokenizers import Tokenizer as _T
+
+        path = Path(path)
+        try:
+            tok = _T.from_file(str(path))
+        except Exception as e:
+            raise KDError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+        bos = eos = None
+        cfg = path.parent / "tokenizer_config.json"
+        if cfg.exists():
+            c = json.loads(cfg.read_text(encoding="utf-8"))
+
+            def _tok_str(v):
+                return v.get("content") if isinstance(v, dict) else v
+
+            if _tok_str(c.get("bos_token")):
+                bos = tok.token_to_id(_tok_str(c["bos_token"]))
+            if _tok_str(c.get("eos_token")):
+                eos = tok.token_to_id(_tok_str(c["eos_token"]))
+        return cls(tok, name=name or path.parent.name, bos_id=bos, eos_id=eos)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids = list(enc.ids)
+        # tokenizers' offsets for byte-level BPE are already character offsets (pieces of one character share
+        # its span); we recompute from bytes so both tokenizer kinds follow exactly the same convention.
+        return ids, _char_offsets_from_token_bytes([self.token_bytes(i) for i in ids], text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    @cached_property
+    def _bytes_table(self) -> list[bytes]:
+        # byte-level BPE: map each token string back through GPT-2's byte<->unicode table
+        byte_decoder = {v: k for k, v in _gpt2_bytes_to_unicode().items()}
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        table = [b""] * (max(vocab.values()) + 1)
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()} if hasattr(
+            self._tok, "get_added_tokens_decoder") else set()
+        for tok, i in vocab.items():
+            if tok in added or not all(ch in byte_decoder for ch in tok):
+                table[i] = tok.encode("utf-8") if not tok.startswith("<0x") else bytes([int(tok[3:5], 16)])
+            else:
+                table[i] = bytes(byte_decoder[ch] for ch in tok)
+        return table
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes_table[token_id]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self._tok.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Kimi-K2-style tokenizer: `tiktoken.model` ranks + 256 reserved specials, Kimi's split pattern."""
+
+    def __init__(self, model_file: str | Path, name: str | None = None, pat_str: str = KIMI_PAT_STR):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        model_file = Path(model_file)
+        if not model_file.is_file():
+            raise KDError(f"tiktoken model not found: {model_file}")
+        try:
+            ranks = load_tiktoken_bpe(str(model_file))
+        except Exception as e:
+            raise KDError(f"cannot read tiktoken model {model_file}: {str(e).splitlines()[0]}") from None
+        n = len(ranks)
+        specials = {f"<|reserved_token_{i}|>": n + i for i in range(KIMI_NUM_RESERVED_SPECIAL)}
+        for tok, off in KIMI_SPECIAL_OFFSETS.items():
+            specials.pop(f"<|reserved_token_{off}|>", None)
+            specials[tok] = n + off
+        cfg = model_file.parent / "tokenizer_config.json"
+        if cfg.exists():  # the real Kimi config names its specials in added_tokens_decoder
+            dec = json.loads(cfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+            for i, v in dec.items():
+                content = v["content"] if isinstance(v, dict) else v
+                specials = {k: t for k, t in specials.items() if t != int(i)}
+                specials[content] = int(i)
+        self._enc = tiktoken.Encoding(name=name or model_file.parent.name, pat_str=pat_str,
+                                      mergeable_ranks=ranks, special_tokens=specials)
+        self._n_ranks = n
+        self._specials = specials
+        self._id_to_special = {v: k.encode("utf-8") for k, v in specials.items()}
+        self.name = name or model_file.parent.name
+        self.bos_id = specials.get("[BOS]")
+        self.eos_id = specials.get("[EOS]")
+        self._model_file = model_file
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode(text, disallowed_special=())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if token_id >= self._n_ranks:
+            return self._id_to_special.get(token_id, b"")
+        return self._enc.decode_single_token_bytes(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n_ranks + KIMI_NUM_RESERVED_SPECIAL
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self._model_file.read_bytes())
+        h.update(json.dumps(sorted(self._specials.items())).encode())
+        return h.hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Tokenizer:
+    """Load the tokenizer of a model directory: `tiktoken.model` (Kimi) natively, else `tokenizer.json`.
+
+    `trust_remote_code=True` falls back to transformers' AutoTokenizer for anything else (never by default)."""
+    p = Path(path)
+    if p.is_file():
+        return TiktokenTokenizer(p) if p.name.endswith((".model", ".tiktoken")) else HFTokenizer.from_file(p)
+    if (p / "tiktoken.model").exists():
+        return TiktokenTokenizer(p / "tiktoken.model", name=p.name)
+    if (p / "tokenizer.json").exists():
+        return HFTokenizer.from_file(p / "tokenizer.json", name=p.name)
+    if trust_remote_code:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(p), trust_remote_code=True)
+        if hasattr(hf, "backend_tokenizer"):
+            return HFTokenizer(hf.backend_tokenizer, name=p.name, bos_id=hf.bos_token_id, eos_id=hf.eos_token_id)
+    raise KDError(f"no tokenizer in {p}: expected tiktoken.model or tokenizer.json")
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character table (public algorithm)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
