@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job (README): set up ./.venv, then run the demo pipeline on its embedded defaults.
+# Usage: bash scripts/run_demo.sh [--quick] [--out DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_env.sh
+python -m kd_mlx demo "$@"
