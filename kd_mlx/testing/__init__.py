@@ -9,3 +9,4 @@ from .tokenizers import (  # noqa: F401
     kimi_tokenizer_dir,
     phi_tokenizer_dir,
 )
+from .models import smollm2_dir, tiny_kimi_k2_dir, tiny_phi_dir  # noqa: F401,E402

