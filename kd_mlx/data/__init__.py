@@ -1,0 +1,26 @@
+"""CMMLU data layer: loading (directory, zip, hub), the official prompt, leak-free splits.
+
+CLI: `python -m kd_mlx.data show|split` (see `kd_mlx/data/cli.py`).
+"""
+
+from .loader import (  # noqa: F401
+    CMMLU,
+    HUB_REPO,
+    LETTERS,
+    Question,
+    SkippedRow,
+    content_hash,
+    load_cmmlu,
+    parse_csv,
+    subject_table,
+)
+from .prompt import (  # noqa: F401
+    Prompt,
+    build_prompt,
+    fit_prompt,
+    format_question,
+    format_shot,
+    header,
+    subject_zh,
+)
+from .splits import SPLIT_NAMES, check_no_leak, load_splits, make_splits, split_questions  # noqa: F401
