@@ -1,0 +1,28 @@
+"""The plain in-memory reference beside the streaming executor: mlx-lm's loader and forward, whole model in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .loading import load_in_memory
+
+
+def reference_logprobs_at(model_dir: str | Path, sequences: Sequence[Sequence[int]],
+                          positions: Sequence[Sequence[int]], prefix: Sequence[int] | None = None,
+                          reduce: Callable | None = None, model=None) -> list:
+    """Same contract as `StreamingTeacher.logprobs_at`, computed by `model(prefix + sequence)` one sequence at a time."""
+    import mlx.core as mx
+
+    if model is None:
+        model, _ = load_in_memory(model_dir)
+    pre = list(prefix or [])
+    out = []
+    for s, p in zip(sequences, positions):
+        logits = model(mx.array([pre + list(s)]))[0].astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        rows = np.array(lp[mx.array([len(pre) + int(i) for i in p], dtype=mx.int32)], dtype=np.float32)
+        out.append(reduce(rows) if reduce is not None else rows)
+    return out

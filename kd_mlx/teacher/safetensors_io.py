@@ -1,0 +1,202 @@
+"""Byte-exact reads from safetensors shards: whole tensors or row ranges, with a bytes-read counter.
+
+The header (8-byte little-endian length + JSON) gives each tensor's dtype, shape and byte offsets, so one row of a
+tensor whose first axis is "experts" (stacked MoE weights), "vocab" (embedding, LM head) or anything else can be
+read with one `pread` without touching the rest of the file. Reads return numpy buffers (safe on a background
+thread); `to_mx` turns them into MLX arrays on the calling thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..utils import KDError
+
+# safetensors dtype -> (numpy storage dtype, MLX dtype name to view it as, bytes per element)
+_DTYPES: dict[str, tuple[type, str, int]] = {
+    "F64": (np.float64, "float64", 8), "F32": (np.float32, "float32", 4), "F16": (np.float16, "float16", 2),
+    "BF16": (np.uint16, "bfloat16", 2), "I64": (np.int64, "int64", 8), "I32": (np.int32, "int32", 4),
+    "I16": (np.int16, "int16", 2), "I8": (np.int8, "int8", 1), "U64": (np.uint64, "uint64", 8),
+    "U32": (np.uint32, "uint32", 4), "U16": (np.uint16, "uint16", 2), "U8": (np.uint8, "uint8", 1),
+    "BOOL": (np.bool_, "bool_", 1), "F8_E4M3": (np.uint8, "uint8", 1), "F8_E5M2": (np.uint8, "uint8", 1),
+}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    file: Path
+    dtype: str  # safetensors name, e.g. "F32", "U32"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one slice along the first axis (one expert / one vocab row)."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one shard's header; any inconsistency is a KDError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise KDError(f"corrupt shard {path}: file too short ({size} bytes)")
+            (hlen,) = struct.unpack("<Q", raw)
+            if hlen <= 0 or hlen > min(_MAX_HEADER, size - 8):
+                raise KDError(f"corrupt shard {path}: bad header length {hlen}")
+            header = json.loads(f.read(hlen).decode("utf-8"))
+    except FileNotFoundError:
+        raise KDError(f"missing shard {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KDError(f"corrupt shard {path}: header is not valid JSON") from None
+    base = 8 + hlen
+    out: dict[str, TensorInfo] = {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dt, shape, (a, b) = v["dtype"], tuple(int(s) for s in v["shape"]), v["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise KDError(f"corrupt shard {path}: bad entry for tensor {key!r}") from None
+        if dt not in _DTYPES:
+            raise KDError(f"shard {path}: tensor {key!r} has unsupported dtype {dt}")
+        if b - a != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dt][2] or a < 0 or base + b > size:
+            raise KDError(f"corrupt shard {path}: tensor {key!r} extends past the end of the file "
+                          f"(truncated download?)" if base + b > size else
+                          f"corrupt shard {path}: tensor {key!r} has inconsistent size")
+        out[key] = TensorInfo(key, path, dt, shape, base + a, base + b)
+    return out
+
+
+class WeightFiles:
+    """All tensors of a model directory (index.json or every model*.safetensors), read by byte range."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                wmap = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise KDError(f"corrupt index {index}") from None
+            files = sorted(set(wmap.values()))
+            for f in files:
+                if not (self.dir / f).exists():
+                    raise KDError(f"missing shard {self.dir / f} (listed in {index.name})")
+        else:
+            files = sorted(p.name for p in self.dir.glob("model*.safetensors"))
+            wmap = None
+        if not files:
+            raise KDError(f"no safetensors weights in {self.dir}")
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            self.tensors.update(read_header(self.dir / f))
+        if wmap is not None:
+            missing = [k for k, f in wmap.items() if k not in self.tensors]
+            if missing:
+                raise KDError(f"shard {self.dir / wmap[missing[0]]} lacks tensor {missing[0]!r} listed in the index")
+        self.files = [self.dir / f for f in files]
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+        self._fds: dict[Path, int] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        return self.tensors[key]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def _pread(self, info: TensorInfo, start: int, n: int, out: memoryview) -> None:
+        fd = self._fd(info.file)
+        got = 0
+        while got < n:
+            chunk = os.pread(fd, min(n - got, 1 << 30), start + got)
+            if not chunk:
+                raise KDError(f"corrupt shard {info.file}: unexpected end of file reading {info.key!r}")
+            out[got:got + len(chunk)] = chunk
+            got += len(chunk)
+        with self._lock:
+            self.bytes_read += n
+
+    def read_np(self, key: str) -> np.ndarray:
+        info = self.tensors[key]
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        self._pread(info, info.start, info.nbytes, memoryview(buf))
+        return buf.view(_DTYPES[info.dtype][0]).reshape(info.shape)
+
+    def read_rows_np(self, key: str, rows: Sequence[int]) -> np.ndarray:
+        """Rows (first-axis slices) `rows` of a tensor, stacked in the given order; contiguous runs = one read."""
+        info = self.tensors[key]
+        rb = info.row_bytes
+        rows = [int(r) for r in rows]
+        buf = np.empty(len(rows) * rb, dtype=np.uint8)
+        mv = memoryview(buf)
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            self._pread(info, info.start + rows[i] * rb, (j - i) * rb, mv[i * rb:j * rb])
+            i = j
+        return buf.view(_DTYPES[info.dtype][0]).reshape((len(rows),) + info.shape[1:])
+
+    def to_mx(self, key: str, arr: np.ndarray):
+        import mlx.core as mx
+
+        a = mx.array(arr)
+        name = _DTYPES[self.tensors[key].dtype][1]
+        if name == "bfloat16":
+            a = a.view(mx.bfloat16)
+        return a
+
+    def read(self, key: str):
+        return self.to_mx(key, self.read_np(key))
+
+    def read_rows(self, key: str, rows: Sequence[int]):
+        return self.to_mx(key, self.read_rows_np(key, rows))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def check_readable(files: Iterable[Path]) -> None:
+    for f in files:
+        read_header(f)
