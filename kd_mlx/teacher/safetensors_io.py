@@ -200,3 +200,80 @@ class WeightFiles:
 def check_readable(files: Iterable[Path]) -> None:
     for f in files:
         read_header(f)
+
+
+_MX_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "int32": "I32",
+             "uint8": "U8", "int8": "I8", "int64": "I64", "uint16": "U16", "int16": "I16", "bool": "BOOL",
+             "float64": "F64", "uint64": "U64"}
+
+
+def st_dtype(mx_dtype, override: str | None = None) -> str:
+    """safetensors dtype name of an MLX dtype (`override` e.g. "F8_E4M3" for fp8 bytes held as uint8)."""
+    return override or _MX_TO_ST[str(mx_dtype).rsplit(".", 1)[-1]]
+
+
+class StreamingShardWriter:
+    """Write a safetensors file whose layout is fixed up front, filling tensors (or rows of them) in any order.
+
+    Memory stays bounded by what the caller holds: the header (names, dtypes, shapes) is written first, data goes
+    in with `pwrite` at the computed offsets. The file is written under a temporary name and renamed by
+    `close()` only when every byte has been written (nothing half-written survives a crash)."""
+
+    def __init__(self, path: str | Path, layout: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        header: dict = {"__metadata__": metadata or {"format": "mlx"}}
+        off = 0
+        self.entries: dict[str, tuple[int, int, int]] = {}  # key -> (start, nbytes, row_bytes)
+        for key, dt, shape in layout:
+            n = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dt][2]
+            header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+            self.entries[key] = (off, n, n // shape[0] if shape and shape[0] else n)
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * ((-len(raw)) % 8)  # data aligned to 8 bytes
+        self.base = 8 + len(raw)
+        self.size = self.base + off
+        self.written = 0
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, struct.pack("<Q", len(raw)) + raw, 0)
+        os.ftruncate(self.fd, self.size)
+
+    def write(self, key: str, data: bytes | memoryview | np.ndarray, row: int | None = None) -> None:
+        start, n, rb = self.entries[key]
+        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+        expect = n if row is None else rb
+        if buf.nbytes != expect:
+            raise ValueError(f"{key}: got {buf.nbytes} bytes, expected {expect}")
+        pos = self.base + start + (0 if row is None else row * rb)
+        done = 0
+        while done < expect:
+            done += os.pwrite(self.fd, buf[done:], pos + done)
+        self.written += expect
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        expected = self.size - self.base
+        if self.written != expected:
+            os.unlink(self.tmp)
+            raise KDError(f"{self.path}: only {self.written} of {expected} data bytes were written")
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        if self.tmp.exists():
+            self.tmp.unlink()
+
+
+def mx_to_bytes(a) -> np.ndarray:
+    """The raw bytes of an MLX array (bfloat16 via a uint16 view, numpy has no bfloat16)."""
+    import mlx.core as mx
+
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.asarray(a)

@@ -335,3 +335,105 @@ def tiny_phi_dir(out_dir: str | Path, seed: int = 0, n_layers: int = 2, hidden: 
     write_json_atomic(out / "config.json", config)
     _mark_done(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- HF checkpoints
+
+def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int = 0, hidden: int = 256,
+                               vocab_size: int = 1000, n_layers: int = 2, n_routed_experts: int = 4) -> Path:
+    """A Kimi-K2 checkpoint in Hugging Face layout (per-expert tensors, MLA `kv_b_proj`), bf16 or block-FP8.
+
+    FP8 as in the real release: every linear weight inside the layers stored as float8_e4m3 (`F8_E4M3`) with a
+    float32 `weight_scale_inv` per 128x128 block; embeddings, norms, router and head in bf16."""
+    import mlx.core as mx
+    import numpy as np
+
+    from ..teacher.safetensors_io import StreamingShardWriter, mx_to_bytes, st_dtype
+
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = kimi_k2_tiny_config(vocab_size=vocab_size, n_layers=n_layers, hidden=hidden,
+                              n_routed_experts=n_routed_experts)
+    cfg.update({"intermediate_size": hidden + 64, "moe_intermediate_size": hidden // 2 + 32, "q_lora_rank": 192,
+                "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+                "torch_dtype": "bfloat16"})
+    D, H = hidden, cfg["num_attention_heads"]
+    nope, rope, vd = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    shapes: dict[str, tuple[tuple[int, ...], bool]] = {}  # name -> (shape, is fp8 candidate)
+
+    def lin(name, o, i, q=True):
+        shapes[name] = ((o, i), q)
+
+    shapes["model.embed_tokens.weight"] = ((vocab_size, D), False)
+    for li in range(n_layers):
+        p = f"model.layers.{li}"
+        lin(f"{p}.self_attn.q_a_proj.weight", cfg["q_lora_rank"], D)
+        shapes[f"{p}.self_attn.q_a_layernorm.weight"] = ((cfg["q_lora_rank"],), False)
+        lin(f"{p}.self_attn.q_b_proj.weight", H * (nope + rope), cfg["q_lora_rank"])
+        lin(f"{p}.self_attn.kv_a_proj_with_mqa.weight", cfg["kv_lora_rank"] + rope, D)
+        shapes[f"{p}.self_attn.kv_a_layernorm.weight"] = ((cfg["kv_lora_rank"],), False)
+        lin(f"{p}.self_attn.kv_b_proj.weight", H * (nope + vd), cfg["kv_lora_rank"])
+        lin(f"{p}.self_attn.o_proj.weight", D, H * vd)
+        shapes[f"{p}.input_layernorm.weight"] = ((D,), False)
+        shapes[f"{p}.post_attention_layernorm.weight"] = ((D,), False)
+        if li < cfg["first_k_dense_replace"]:
+            I = cfg["intermediate_size"]
+            lin(f"{p}.mlp.gate_proj.weight", I, D)
+            lin(f"{p}.mlp.up_proj.weight", I, D)
+            lin(f"{p}.mlp.down_proj.weight", D, I)
+        else:
+            I = cfg["moe_intermediate_size"]
+            shapes[f"{p}.mlp.gate.weight"] = ((n_routed_experts, D), False)
+            shapes[f"{p}.mlp.gate.e_score_correction_bias"] = ((n_routed_experts,), False)
+            for e in list(range(n_routed_experts)) + ["shared"]:
+                q = f"{p}.mlp.experts.{e}" if e != "shared" else f"{p}.mlp.shared_experts"
+                lin(f"{q}.gate_proj.weight", I, D)
+                lin(f"{q}.up_proj.weight", I, D)
+                lin(f"{q}.down_proj.weight", D, I)
+    shapes["model.norm.weight"] = ((D,), False)
+    shapes["lm_head.weight"] = ((vocab_size, D), False)
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, (shape, q) in shapes.items():
+        if name.endswith("e_score_correction_bias"):
+            a = mx.array(rng.normal(0, 0.1, shape).astype(np.float32))
+            tensors[name] = (a, None)
+            continue
+        if len(shape) == 1:
+            a = mx.array((1 + 0.1 * rng.normal(size=shape)).astype(np.float32)).astype(mx.bfloat16)
+        else:
+            scale = 1.0 if "embed" in name else (4.0 if "lm_head" in name or "gate.weight" in name else 1.0)
+            a = mx.array((rng.normal(size=shape) * scale / np.sqrt(shape[1] if "embed" not in name else 1))
+                         .astype(np.float32)).astype(mx.bfloat16)
+        if fp8 and q:
+            m, n = shape
+            bm = -(-m // 128)
+            bn = -(-n // 128)
+            x = mx.pad(a.astype(mx.float32), ((0, bm * 128 - m), (0, bn * 128 - n))).reshape(bm, 128, bn, 128)
+            s = mx.maximum(mx.abs(x).max(axis=(1, 3)), 1e-8) / 448.0
+            qv = mx.to_fp8((x / s[:, None, :, None]).reshape(bm * 128, bn * 128)[:m, :n])
+            tensors[name] = (qv, "F8_E4M3")
+            tensors[name + "_scale_inv"] = (s.astype(mx.float32), None)
+        else:
+            tensors[name] = (a, None)
+    names = sorted(tensors)
+    half = len(names) // 2
+    wmap = {}
+    for i, group in enumerate([names[:half], names[half:]]):
+        fname = f"model-{i + 1:05d}-of-00002.safetensors"
+        w = StreamingShardWriter(out / fname, [(k, st_dtype(tensors[k][0].dtype, tensors[k][1]),
+                                               tuple(tensors[k][0].shape)) for k in group], metadata={"format": "pt"})
+        for k in group:
+            w.write(k, mx_to_bytes(tensors[k][0]))
+            wmap[k] = fname
+        w.close()
+    write_json_atomic(out / "model.safetensors.index.json", {"metadata": {}, "weight_map": wmap})
+    if fp8:
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}
+    write_json_atomic(out / "config.json", cfg)
+    _mark_done(out)
+    return out
