@@ -1,0 +1,102 @@
+"""The distillation objective on one padded batch, built from kd_mlx.losses:
+
+    total = answer_weight · answer_kl(student A–D at the answer position ‖ teacher A–D)      (× T² inside)
+          + kd_weight     · projected_kl(student at aligned positions ‖ aligned teacher top-k)  (× T² inside)
+          + ce_weight     · cross_entropy(gold answer letter)
+
+Fast path: run the backbone once, gather the hidden states at the few positions the loss reads (answer position +
+aligned KD positions) and apply the LM head only there — the head (hidden × vocab) is the biggest matmul of a small
+model and plain SFT pays it at every position. `objective_reference` computes the full logits and gathers them; a
+test checks that both agree, and `head_split` verifies the split numerically before the fast path is used.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import losses
+
+PART_NAMES = ("answer_kl", "token_kd", "ce")
+
+
+def head_split(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """(backbone(tokens) -> hidden, head(hidden) -> logits) for mlx-lm models shaped `model.model` + `lm_head`
+    (or tied embeddings); None when the model does not look like that or the split does not reproduce
+    `model(tokens)` (e.g. logit soft-capping), in which case the reference path is used."""
+    inner = getattr(model, "model", None)
+    if inner is None or not callable(inner):
+        return None
+    if "lm_head" in model:
+        head = model.lm_head
+    elif hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
+        head = inner.embed_tokens.as_linear
+    else:
+        return None
+
+    def backbone(tokens: mx.array) -> mx.array:
+        return inner(tokens, None)
+
+    try:  # numerical check on a tiny input: the split must equal the model's own forward
+        x = mx.array([[1, 2, 3]], dtype=mx.int32)
+        ref, fast = model(x), head(backbone(x))
+        if ref.shape != fast.shape or not mx.allclose(ref, fast, rtol=1e-4, atol=1e-4).item():
+            return None
+    except Exception:  # any architecture whose backbone does not take (tokens, cache)
+        return None
+    return backbone, head
+
+
+def _parts(answer_logits: mx.array, kd_logits: mx.array | None, batch: tuple, letter_ids: mx.array,
+           cfg: dict) -> tuple[mx.array, mx.array]:
+    _, _, gold, t_ans, _, kd_ids, kd_probs, kd_rest, kd_mask = batch
+    T = float(cfg["temperature"])
+    zero = mx.array(0.0)
+    a_kl = losses.answer_kl(answer_logits, letter_ids, t_ans, temperature=T) if cfg["answer_weight"] else zero
+    if cfg["kd_weight"] and kd_logits is not None:
+        t_kd = losses.projected_kl(kd_logits, kd_ids, kd_probs, kd_rest, mask=kd_mask, temperature=T)
+    else:
+        t_kd = zero
+    letters4 = mx.take(answer_logits, letter_ids, axis=-1)
+    if cfg["ce_weight"]:
+        if cfg.get("ce_over", "vocab") == "choices":
+            ce = losses.cross_entropy(letters4, gold)
+        else:
+            ce = losses.cross_entropy(answer_logits, mx.take(letter_ids, gold))
+    else:
+        ce = zero
+    total = cfg["answer_weight"] * a_kl + cfg["kd_weight"] * t_kd + cfg["ce_weight"] * ce
+    correct = (mx.argmax(letters4, axis=-1) == gold).sum()
+    return total, mx.stack([a_kl, t_kd, ce, correct.astype(mx.float32)])
+
+
+def objective(model: nn.Module, split: tuple[Callable, Callable] | None, batch: tuple, letter_ids: mx.array,
+              cfg: dict) -> tuple[mx.array, mx.array]:
+    """(total loss, [answer_kl, token_kd, ce, n_correct]) for a batch from `Batch.arrays()`."""
+    if split is None:
+        return objective_reference(model, batch, letter_ids, cfg)
+    tokens, lengths, _, _, kd_pos, *_ = batch
+    backbone, head = split
+    hidden = backbone(tokens)  # (B, L, D)
+    B = tokens.shape[0]
+    h_ans = hidden[mx.arange(B), lengths - 1][:, None, :]  # (B, 1, D)
+    use_kd = bool(cfg["kd_weight"]) and kd_pos.shape[1] > 0
+    if use_kd:
+        h_kd = mx.take_along_axis(hidden, kd_pos[..., None], axis=1)  # (B, P, D)
+        logits = head(mx.concatenate([h_kd, h_ans], axis=1))
+        kd_logits, answer_logits = logits[:, :-1], logits[:, -1]
+    else:
+        kd_logits, answer_logits = None, head(h_ans)[:, 0]
+    return _parts(answer_logits, kd_logits, batch, letter_ids, cfg)
+
+
+def objective_reference(model: nn.Module, batch: tuple, letter_ids: mx.array, cfg: dict) -> tuple[mx.array, mx.array]:
+    """Plain version: logits at every position, then gather."""
+    tokens, lengths, _, _, kd_pos, *_ = batch
+    logits = model(tokens)  # (B, L, V)
+    B = tokens.shape[0]
+    answer_logits = logits[mx.arange(B), lengths - 1]
+    kd_logits = mx.take_along_axis(logits, kd_pos[..., None], axis=1) if kd_pos.shape[1] > 0 else None
+    return _parts(answer_logits, kd_logits, batch, letter_ids, cfg)
