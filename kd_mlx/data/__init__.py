@@ -17,7 +17,10 @@ from .loader import (  # noqa: F401
 from .prompt import (  # noqa: F401
     Prompt,
     build_prompt,
+    count_tokens_batch,
+    count_tokens_reference,
     fit_prompt,
+    fit_prompts,
     format_question,
     format_shot,
     header,

@@ -83,17 +83,21 @@ def show_prompt(cfg: dict) -> tuple[Prompt, int | None]:
         raise KDError("--max-tokens needs --tokenizer (tokens are counted with it)")
     cmmlu = load_cmmlu(cfg["data"], skip_bad=cfg["skip_bad"], progress=sys.stderr.isatty())
     _report_skipped(cmmlu)
-    subject = cfg["subject"]
+    tok = load_named_tokenizer(cfg["tokenizer"]) if cfg["tokenizer"] else None
+    return question_prompt(cmmlu, cfg["subject"], int(cfg["index"]), int(cfg["shots"]), tok, cfg["max_tokens"],
+                           bool(cfg["cot"]))
+
+
+def question_prompt(cmmlu: CMMLU, subject: str, index: int, shots: int, tokenizer=None,
+                    max_tokens: int | None = None, cot: bool = False) -> tuple[Prompt, int | None]:
+    """The (fitted) prompt of test row `index` of `subject`, and its token count under `tokenizer` if given."""
     if subject not in cmmlu.test:
         raise KDError(f"subject {subject!r} has no test file in {cmmlu.source}")
     rows = cmmlu.test[subject]
-    index = int(cfg["index"])
     if not 0 <= index < len(rows):
         raise KDError(f"--index {index} out of range: {subject} has {len(rows)} test questions (0..{len(rows) - 1})")
-    tok = load_named_tokenizer(cfg["tokenizer"]) if cfg["tokenizer"] else None
-    count = (lambda s: len(tok.encode(s))) if tok is not None else None
-    prompt = fit_prompt(rows[index], cmmlu.dev.get(subject, []), int(cfg["shots"]), count,
-                        cfg["max_tokens"], cot=bool(cfg["cot"]))
+    count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else None
+    prompt = fit_prompt(rows[index], cmmlu.dev.get(subject, []), shots, count, max_tokens, cot=cot)
     return prompt, (count(prompt.text) if count else None)
 
 

@@ -99,3 +99,39 @@ def fit_prompt(q: Question, dev_examples: Sequence[Question], k: int,
         del shots[drop]
         prompt = build_prompt(q, shots, cot)
     return prompt
+
+
+def count_tokens_batch(tokenizer, texts: Sequence[str], extra_tokens: int = 0) -> list[int]:
+    """Token counts of many texts (+ `extra_tokens` each, e.g. 1 for a BOS) in one call.
+
+    Fast path: the batch encoders of `tokenizers` / `tiktoken` (native threads) behind kd_mlx's tokenizer classes;
+    reference: `tokenizer.encode` per text. Tests check that they agree on real prompts."""
+    texts = list(texts)
+    raw = getattr(tokenizer, "_tok", None)  # HFTokenizer's tokenizers.Tokenizer
+    if raw is not None and hasattr(raw, "encode_batch"):
+        return [len(e.ids) + extra_tokens for e in raw.encode_batch(texts, add_special_tokens=False)]
+    enc = getattr(tokenizer, "_enc", None)  # TiktokenTokenizer's tiktoken.Encoding (specials read as plain text)
+    if enc is not None and hasattr(enc, "encode_ordinary_batch"):
+        return [len(ids) + extra_tokens for ids in enc.encode_ordinary_batch(texts)]
+    return count_tokens_reference(tokenizer, texts, extra_tokens)
+
+
+def count_tokens_reference(tokenizer, texts: Sequence[str], extra_tokens: int = 0) -> list[int]:
+    return [len(tokenizer.encode(t)) + extra_tokens for t in texts]
+
+
+def fit_prompts(questions: Sequence[Question], dev: dict[str, list[Question]], k: int, tokenizer=None,
+                max_tokens: int | None = None, cot: bool = False, extra_tokens: int = 0) -> list[Prompt]:
+    """`fit_prompt` for many questions: the k-shot prompts are counted in one batch and only those over
+    `max_tokens` go through the one-by-one fitting loop. Same result as calling `fit_prompt` per question with
+    `count_tokens = len(tokenizer.encode(text)) + extra_tokens`."""
+    full = [fit_prompt(q, dev.get(q.subject, []), k, None, None, cot) for q in questions]
+    if tokenizer is None or max_tokens is None:
+        return full
+    counts = count_tokens_batch(tokenizer, [p.text for p in full], extra_tokens)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text)) + extra_tokens
+
+    return [p if n <= max_tokens else fit_prompt(q, dev.get(q.subject, []), k, count, max_tokens, cot)
+            for q, p, n in zip(questions, full, counts)]
