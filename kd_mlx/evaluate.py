@@ -119,6 +119,44 @@ def _tile_cache(prefix_cache: list, batch: int) -> list:
     return out
 
 
+def _split_head(model) -> Callable | None:
+    """`f(x, cache, rows, cols) -> logits at (rows, cols)` that runs the LM head only at the read positions.
+
+    mlx-lm models are `model.model` (body) + `lm_head` (or the tied embedding); projecting only the last real token
+    of each row saves the (B, L, vocab) logits tensor (1.3 GB for Phi-1.5 at B=8, L=800 in fp32). Used only if a
+    probe forward gives the same logits as the model's own `__call__` (models that post-process logits, e.g.
+    soft-capping, fail the probe and keep the full forward)."""
+    import mlx.core as mx
+
+    cached = getattr(model, "_kd_split_head", None)
+    if cached is not None:
+        return cached or None
+    body = getattr(model, "model", None)
+    head = getattr(model, "lm_head", None)
+    if head is None and body is not None and hasattr(getattr(body, "embed_tokens", None), "as_linear"):
+        head = body.embed_tokens.as_linear
+    fn = None
+    if body is not None and head is not None:
+        def fn(x, cache, rows, cols):
+            h = body(x, cache=cache)
+            return head(h[rows, cols])
+
+        try:
+            probe = mx.array([[1, 5, 9, 2, 7, 3]])
+            full = model(probe)[0, -1].astype(mx.float32)
+            split = fn(probe, None, mx.array([0]), mx.array([5]))[0].astype(mx.float32)
+            tol = 1e-4 * (1.0 + float(mx.abs(full).max()))
+            if split.shape != full.shape or float(mx.abs(full - split).max()) > tol:
+                fn = None
+        except Exception:  # any architecture that does not follow the body + head layout
+            fn = None
+    try:
+        object.__setattr__(model, "_kd_split_head", fn or False)
+    except Exception:
+        pass
+    return fn
+
+
 @dataclass
 class ScoreStats:
     """What a scoring pass computed: tokens actually run through the model (prefix once + padded suffixes)."""
@@ -151,6 +189,7 @@ def letter_logits_batched(model, seqs: Sequence[Sequence[int]], answer_ids: Sequ
     ids = mx.array(list(answer_ids))
     out = np.zeros((len(seqs), 4), dtype=np.float32)
     can_cache = reuse_prefix and _plain_kv_caches(model) is not None
+    split = _split_head(model)
     for members in _groups(len(seqs), groups if reuse_prefix else None):
         p = 0
         prefix_cache = None
@@ -172,8 +211,11 @@ def letter_logits_batched(model, seqs: Sequence[Sequence[int]], answer_ids: Sequ
             for r, s in enumerate(suffixes):
                 x[r, : len(s)] = s
             cache = _tile_cache(prefix_cache, len(chunk)) if prefix_cache is not None else None
-            logits = model(mx.array(x), cache=cache)
-            last = logits[mx.arange(len(chunk)), mx.array(lengths) - 1]  # (B, V) at each last real token
+            rows, cols = mx.arange(len(chunk)), mx.array(lengths) - 1  # each row's last real token
+            if split is not None:
+                last = split(mx.array(x), cache, rows, cols)
+            else:
+                last = model(mx.array(x), cache=cache)[rows, cols]
             vals = np.array(last[:, ids].astype(mx.float32))
             for r, i in enumerate(chunk):
                 out[i] = vals[r]
