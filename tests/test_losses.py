@@ -1,0 +1,406 @@
+"""Tests for kd_mlx.losses: hand-computed values, fast == reference, gradients vs finite differences, masks."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from kd_mlx import losses as L
+from kd_mlx.utils import KDError
+
+LN3 = math.log(3.0)
+
+
+def f(x) -> float:
+    return float(np.asarray(x))
+
+
+# ------------------------------------------------------------------------------------------------ hand-computed
+# teacher logits [0, ln 3] -> p = [1/4, 3/4]; student logits [0, 0] -> q = [1/2, 1/2]
+T2 = mx.array([[0.0, LN3]])
+S2 = mx.array([[0.0, 0.0]])
+
+
+def test_forward_kl_hand():
+    # 1/4 ln(1/2) + 3/4 ln(3/2) = -0.1732868 + 0.3040988
+    assert f(L.forward_kl(S2, T2)) == pytest.approx(0.1308120, abs=1e-6)
+    assert L.forward_kl_reference(np.array(S2), np.array(T2)) == pytest.approx(0.1308120, abs=1e-6)
+    # identical distributions: 0
+    assert f(L.forward_kl(T2, T2)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_forward_kl_ce_only_hand():
+    # -(1/4 + 3/4) ln(1/2) = ln 2; differs from forward_kl by H(p) = 0.5623351
+    assert f(L.forward_kl_ce_only(S2, T2)) == pytest.approx(0.6931472, abs=1e-6)
+    assert f(L.forward_kl_ce_only(S2, T2) - L.forward_kl(S2, T2)) == pytest.approx(0.5623351, abs=1e-6)
+    assert L.forward_kl_ce_only_reference(np.array(S2), np.array(T2)) == pytest.approx(0.6931472, abs=1e-6)
+
+
+def test_reverse_kl_hand():
+    # 1/2 ln(2) + 1/2 ln(2/3) = 0.3465736 - 0.2027326
+    assert f(L.reverse_kl(S2, T2)) == pytest.approx(0.1438410, abs=1e-6)
+    assert L.reverse_kl_reference(np.array(S2), np.array(T2)) == pytest.approx(0.1438410, abs=1e-6)
+
+
+def test_jsd_hand():
+    # m = [3/8, 5/8]; KL(p||m) = 1/4 ln(2/3) + 3/4 ln(6/5) = 0.0353749; KL(q||m) = 1/2 ln(4/3) + 1/2 ln(4/5) = 0.0322693
+    assert f(L.generalized_jsd(S2, T2, beta=0.5)) == pytest.approx(0.0338221, abs=1e-6)
+    # beta = 0.25: m = 1/4 p + 3/4 q = [7/16, 9/16]
+    # KL(p||m) = 1/4 ln(4/7) + 3/4 ln(4/3) = -0.1399035 + 0.2157616 = 0.0758581
+    # KL(q||m) = 1/2 ln(8/7) + 1/2 ln(8/9) = 0.0667657 - 0.0588915 = 0.0078742
+    # 0.25 * 0.0758581 + 0.75 * 0.0078742 = 0.0248702
+    assert f(L.generalized_jsd(S2, T2, beta=0.25)) == pytest.approx(0.0248702, abs=1e-6)
+    with pytest.raises(KDError):
+        L.generalized_jsd(S2, T2, beta=1.0)
+
+
+def test_temperature_scaling_hand():
+    # T = 2: teacher [0, ln 9]/2 = [0, ln 3] -> p = [1/4, 3/4], student q = [1/2, 1/2]; times T^2 = 4
+    t = mx.array([[0.0, math.log(9.0)]])
+    assert f(L.forward_kl(S2, t, temperature=2.0)) == pytest.approx(4 * 0.1308120, abs=1e-5)
+    assert f(L.reverse_kl(S2, t, temperature=2.0)) == pytest.approx(4 * 0.1438410, abs=1e-5)
+    with pytest.raises(KDError):
+        L.forward_kl(S2, t, temperature=0.0)
+
+
+def test_cross_entropy_hand():
+    # -ln(3/4) and -ln(1/4)
+    logits = mx.array([[0.0, LN3], [0.0, LN3]])
+    assert f(L.cross_entropy(logits, mx.array([1, 0]))) == pytest.approx((0.2876821 + 1.3862944) / 2, abs=1e-6)
+    assert f(L.cross_entropy(logits, mx.array([1, -1]), mask=mx.array([True, False]))) == pytest.approx(
+        0.2876821, abs=1e-6)
+
+
+def test_sparse_topk_kl_hand():
+    s = mx.zeros((1, 3))  # q = 1/3 each
+    ids = mx.array([[0]])
+    lp = mx.array([[math.log(0.5)]])
+    # bucket: 0.5 ln(0.5 / (1/3)) + 0.5 ln(0.5 / (2/3)) = 0.2027326 - 0.1438410
+    assert f(L.sparse_topk_kl(s, ids, lp, tail="bucket")) == pytest.approx(0.0588915, abs=1e-6)
+    # renorm: p^ = [1] -> ln 3
+    assert f(L.sparse_topk_kl(s, ids, lp, tail="renorm")) == pytest.approx(1.0986123, abs=1e-6)
+    # padding slot (id -1) changes nothing
+    ids2 = mx.array([[0, -1]])
+    lp2 = mx.array([[math.log(0.5), -1e30]])
+    assert f(L.sparse_topk_kl(s, ids2, lp2, tail="bucket")) == pytest.approx(0.0588915, abs=1e-6)
+    assert L.sparse_topk_kl_reference(np.zeros((1, 3)), [[0]], [[math.log(0.5)]]) == pytest.approx(0.0588915,
+                                                                                                   abs=1e-6)
+
+
+def test_projected_kl_hand():
+    s = mx.zeros((1, 3))
+    # 0.6 ln(0.6 * 3) + 0.4 ln(0.4 / (2/3)) = 0.3526720 - 0.2043302
+    v = L.projected_kl(s, mx.array([[2, -1]]), mx.array([[0.6, 0.0]]), mx.array([0.4]))
+    assert f(v) == pytest.approx(0.1483418, abs=1e-6)
+    # no remainder and a perfect student: 0
+    s2 = mx.array([[0.0, math.log(3.0), -mx.inf]])  # q = [1/4, 3/4, 0]
+    v2 = L.projected_kl(s2, mx.array([[1, 0]]), mx.array([[0.75, 0.25]]), mx.array([0.0]))
+    assert f(v2) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_uld_hand():
+    # teacher V=2: sorted [0.75, 0.25, (0)]; student V=3 logits [0, 0, ln 2] -> sorted [0.5, 0.25, 0.25]
+    s = mx.array([[0.0, 0.0, math.log(2.0)]])
+    assert f(L.uld_loss(s, T2)) == pytest.approx(0.5, abs=1e-6)
+    # teacher given as top-k log-probs (tail absent): [0.5] vs [0.5, 0.25, 0.25] -> 0 + 0.25 + 0.25
+    assert f(L.uld_loss(s, mx.array([[math.log(0.5)]]), teacher_is_logprobs=True)) == pytest.approx(0.5, abs=1e-6)
+    assert L.uld_loss_reference(np.array(s), np.array(T2)) == pytest.approx(0.5, abs=1e-7)
+
+
+def test_answer_kl_hand():
+    s = mx.array([[5.0, -3.0, 0.0, 0.0, 0.0, 0.0]])  # letters at ids 2..5, uniform among them
+    p = mx.array([[0.7, 0.1, 0.1, 0.1]])
+    # 0.7 ln(2.8) + 0.3 ln(0.4) = 0.7207336 - 0.2748872
+    assert f(L.answer_kl(s, [2, 3, 4, 5], p)) == pytest.approx(0.4458464, abs=1e-6)
+    # unnormalised teacher probs are renormalised
+    assert f(L.answer_kl(s, [2, 3, 4, 5], p * 0.5)) == pytest.approx(0.4458464, abs=1e-6)
+
+
+def test_hidden_mse_hand():
+    proj = L.HiddenProjection(2, 3)
+    proj.proj.weight = mx.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    proj.proj.bias = mx.array([0.0, 0.0, 1.0])
+    hs = mx.array([[1.0, 2.0]])  # -> [1, 2, 4]
+    ht = mx.array([[1.0, 1.0, 1.0]])  # squared errors 0, 1, 9
+    assert f(L.hidden_mse(hs, ht, proj)) == pytest.approx(10 / 3, abs=1e-6)
+    assert L.hidden_mse_reference(np.array(hs), np.array(ht), np.array(proj.proj.weight),
+                                  np.array(proj.proj.bias)) == pytest.approx(10 / 3, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- fast == reference
+def _rand(rng, *shape, scale=2.0):
+    return rng.normal(size=shape).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_dense_fast_equals_reference(T, reduction):
+    rng = np.random.default_rng(0)
+    s, t = _rand(rng, 2, 3, 7), _rand(rng, 2, 3, 7)
+    t[0, 1, 2] = -np.inf  # a teacher zero
+    mask = rng.random((2, 3)) > 0.3
+    for fast, ref, kw in [
+        (L.forward_kl, L.forward_kl_reference, {}),
+        (L.forward_kl_ce_only, L.forward_kl_ce_only_reference, {}),
+        (L.generalized_jsd, L.generalized_jsd_reference, {"beta": 0.3}),
+        (L.uld_loss, L.uld_loss_reference, {}),
+    ]:
+        a = np.array(fast(mx.array(s), mx.array(t), mask=mx.array(mask), temperature=T, reduction=reduction, **kw))
+        b = ref(s, t, mask=mask, temperature=T, reduction=reduction, **kw)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=fast.__name__)
+    # reverse KL against a teacher without zeros (a zero makes it infinite)
+    t2 = _rand(rng, 2, 3, 7)
+    a = np.array(L.reverse_kl(mx.array(s), mx.array(t2), mask=mx.array(mask), temperature=T, reduction=reduction))
+    np.testing.assert_allclose(a, L.reverse_kl_reference(s, t2, mask, T, reduction), rtol=1e-4, atol=1e-5)
+
+
+def test_uld_different_vocab_sizes_fast_equals_reference():
+    rng = np.random.default_rng(1)
+    for vs, vt in [(5, 9), (9, 5)]:
+        s, t = _rand(rng, 3, vs), _rand(rng, 3, vt)
+        for T in (1.0, 1.5):
+            np.testing.assert_allclose(float(L.uld_loss(mx.array(s), mx.array(t), temperature=T)),
+                                       L.uld_loss_reference(s, t, temperature=T), rtol=1e-5, atol=1e-6)
+        lp = np.log(np.sort(rng.dirichlet(np.ones(vt + 4)))[::-1][:vt]).astype(np.float32)[None].repeat(3, 0)
+        for T in (1.0, 2.0):
+            np.testing.assert_allclose(
+                float(L.uld_loss(mx.array(s), mx.array(lp), temperature=T, teacher_is_logprobs=True)),
+                L.uld_loss_reference(s, lp, temperature=T, teacher_is_logprobs=True), rtol=1e-5, atol=1e-6)
+
+
+def _topk(rng, N, V, k):
+    t = _rand(rng, N, V)
+    logp = t - np.log(np.exp(t).sum(-1, keepdims=True))
+    ids = np.argsort(-logp, axis=-1)[:, :k].astype(np.int32)
+    return ids, np.take_along_axis(logp, ids, -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renorm"])
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_sparse_topk_fast_equals_reference(tail, T):
+    rng = np.random.default_rng(2)
+    N, V, k = 6, 11, 4
+    s = _rand(rng, N, V)
+    ids, lp = _topk(rng, N, V, k)
+    ids[1, 3] = -1  # a padding slot
+    lp[1, 3] = -np.inf
+    mask = np.array([1, 1, 0, 1, 1, 1], bool)
+    a = float(L.sparse_topk_kl(mx.array(s), mx.array(ids), mx.array(lp), mx.array(mask), T, tail))
+    b = L.sparse_topk_kl_reference(s, ids, lp, mask, T, tail)
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_sparse_bucket_full_coverage_equals_dense_forward_kl():
+    # when the "top-k" is the whole vocabulary, the bucket form is exactly the dense forward KL
+    rng = np.random.default_rng(3)
+    s, t = _rand(rng, 4, 6), _rand(rng, 4, 6)
+    logp = t - np.log(np.exp(t).sum(-1, keepdims=True))
+    ids = np.tile(np.arange(6), (4, 1))
+    a = float(L.sparse_topk_kl(mx.array(s), mx.array(ids), mx.array(logp.astype(np.float32)), tail="bucket"))
+    assert a == pytest.approx(float(L.forward_kl(mx.array(s), mx.array(t))), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_projected_fast_equals_reference(T):
+    rng = np.random.default_rng(4)
+    N, V, m = 5, 9, 3
+    s = _rand(rng, N, V)
+    ids = np.stack([rng.choice(V, m, replace=False) for _ in range(N)]).astype(np.int32)
+    w = rng.dirichlet(np.ones(m + 1), size=N)
+    probs, rem = w[:, :m].astype(np.float32), w[:, m].astype(np.float32)
+    ids[0, 2], probs[0, 2] = -1, 0.0
+    rem[0] = 1 - probs[0].sum()
+    rem[2] = 0.0
+    probs[2] /= probs[2].sum()
+    mask = np.array([1, 0, 1, 1, 1], bool)
+    a = float(L.projected_kl(mx.array(s), mx.array(ids), mx.array(probs), mx.array(rem), mx.array(mask), T))
+    assert a == pytest.approx(L.projected_kl_reference(s, ids, probs, rem, mask, T), rel=1e-4, abs=1e-6)
+
+
+def test_answer_kl_and_hidden_fast_equal_reference():
+    rng = np.random.default_rng(5)
+    s = _rand(rng, 3, 10)
+    p = rng.dirichlet(np.ones(4), size=3).astype(np.float32)
+    for T in (1.0, 2.0):
+        a = float(L.answer_kl(mx.array(s), [7, 1, 4, 9], mx.array(p), temperature=T))
+        assert a == pytest.approx(L.answer_kl_reference(s, [7, 1, 4, 9], p, temperature=T), rel=1e-4, abs=1e-6)
+    mx.random.seed(0)
+    proj = L.HiddenProjection(4, 6)
+    hs, ht = _rand(rng, 2, 3, 4), _rand(rng, 2, 3, 6)
+    mask = np.array([[1, 1, 0], [0, 1, 1]], bool)
+    a = float(L.hidden_mse(mx.array(hs), mx.array(ht), proj, mx.array(mask)))
+    b = L.hidden_mse_reference(hs, ht, np.array(proj.proj.weight), np.array(proj.proj.bias), mask)
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_cross_entropy_fast_equals_reference_and_mlx():
+    rng = np.random.default_rng(6)
+    x = _rand(rng, 2, 5, 8)
+    y = rng.integers(0, 8, size=(2, 5))
+    mask = rng.random((2, 5)) > 0.2
+    a = float(L.cross_entropy(mx.array(x), mx.array(y), mx.array(mask)))
+    assert a == pytest.approx(L.cross_entropy_reference(x, y, mask), rel=1e-5)
+    ref = nn.losses.cross_entropy(mx.array(x), mx.array(y), reduction="none")  # MLX's own CE as a peer
+    assert a == pytest.approx(float((ref * mx.array(mask)).sum() / mask.sum()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------- gradients vs finite differences
+def _fd_grad(fn, x: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    x = x.astype(np.float64)
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        g[idx] = (fn(xp) - fn(xm)) / (2 * eps)
+    return g
+
+
+def _grad_cases():
+    rng = np.random.default_rng(7)
+    t = _rand(rng, 2, 5)
+    logp = t - np.log(np.exp(t).sum(-1, keepdims=True))
+    ids = np.argsort(-logp, -1)[:, :2].astype(np.int32)
+    lp = np.take_along_axis(logp, ids, -1).astype(np.float32)
+    pids = np.array([[3, 0, -1], [1, 4, 2]], np.int32)
+    pp = np.array([[0.5, 0.2, 0.0], [0.3, 0.3, 0.1]], np.float32)
+    rem = 1 - pp.sum(-1)
+    mask = np.array([True, True])
+    ap = np.array([[.1, .2, .3, .4], [.7, .1, .1, .1]])
+    T = 1.7
+    return [
+        ("forward_kl", lambda s: L.forward_kl(s, mx.array(t), temperature=T),
+         lambda s: L.forward_kl_reference(s, t, temperature=T)),
+        ("ce_only", lambda s: L.forward_kl_ce_only(s, mx.array(t), temperature=T),
+         lambda s: L.forward_kl_ce_only_reference(s, t, temperature=T)),
+        ("reverse_kl", lambda s: L.reverse_kl(s, mx.array(t)), lambda s: L.reverse_kl_reference(s, t)),
+        ("jsd", lambda s: L.generalized_jsd(s, mx.array(t), 0.3), lambda s: L.generalized_jsd_reference(s, t, 0.3)),
+        ("topk_bucket", lambda s: L.sparse_topk_kl(s, mx.array(ids), mx.array(lp), temperature=T),
+         lambda s: L.sparse_topk_kl_reference(s, ids, lp, temperature=T)),
+        ("topk_renorm", lambda s: L.sparse_topk_kl(s, mx.array(ids), mx.array(lp), tail="renorm"),
+         lambda s: L.sparse_topk_kl_reference(s, ids, lp, tail="renorm")),
+        ("projected", lambda s: L.projected_kl(s, mx.array(pids), mx.array(pp), mx.array(rem), mx.array(mask)),
+         lambda s: L.projected_kl_reference(s, pids, pp, rem, mask)),
+        ("uld", lambda s: L.uld_loss(s, mx.array(t[:, :4])), lambda s: L.uld_loss_reference(s, t[:, :4])),
+        ("answer", lambda s: L.answer_kl(s, [4, 0, 2, 1], mx.array(ap), temperature=T),
+         lambda s: L.answer_kl_reference(s, [4, 0, 2, 1], ap, temperature=T)),
+        ("ce", lambda s: L.cross_entropy(s, mx.array([3, 1])), lambda s: L.cross_entropy_reference(s, [3, 1])),
+    ]
+
+
+@pytest.mark.parametrize("case", _grad_cases(), ids=lambda c: c[0])
+def test_gradients_match_finite_differences(case):
+    _, fast, ref = case
+    rng = np.random.default_rng(8)
+    s = _rand(rng, 2, 5, scale=1.0)
+    g = np.array(mx.grad(fast)(mx.array(s)))
+    g_fd = _fd_grad(ref, s)
+    np.testing.assert_allclose(g, g_fd, rtol=1e-3, atol=2e-5)
+
+
+def test_hidden_mse_gradient_wrt_projection_matches_fd():
+    rng = np.random.default_rng(9)
+    hs, ht = _rand(rng, 3, 2, scale=1.0), _rand(rng, 3, 3, scale=1.0)
+    proj = L.HiddenProjection(2, 3)
+    W0, b0 = np.array(proj.proj.weight), np.array(proj.proj.bias)
+
+    def loss_fn(model):
+        return L.hidden_mse(mx.array(hs), mx.array(ht), model)
+
+    _, grads = nn.value_and_grad(proj, loss_fn)(proj)
+    gW = np.array(grads["proj"]["weight"])
+    gW_fd = _fd_grad(lambda W: L.hidden_mse_reference(hs, ht, W, b0), W0)
+    np.testing.assert_allclose(gW, gW_fd, rtol=1e-3, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------------------- masks
+def test_masked_positions_contribute_nothing():
+    rng = np.random.default_rng(10)
+    s, t = _rand(rng, 2, 4, 6), _rand(rng, 2, 4, 6)
+    mask = np.array([[1, 0, 1, 1], [0, 0, 1, 0]], bool)
+    s2 = s.copy()
+    s2[~mask] = rng.normal(size=(int((~mask).sum()), 6)) * 50  # garbage at masked positions
+    s2[0, 1, :] = np.nan
+    for fn in (L.forward_kl, L.reverse_kl, L.forward_kl_ce_only, L.uld_loss):
+        a = float(fn(mx.array(s), mx.array(t), mask=mx.array(mask)))
+        b = float(fn(mx.array(s2), mx.array(t), mask=mx.array(mask)))
+        assert a == pytest.approx(b, rel=1e-6) and math.isfinite(a)
+        # mean over unmasked positions = mean of the unmasked per-position values
+        per = np.array(fn(mx.array(s), mx.array(t), reduction="none"))
+        assert a == pytest.approx(per[mask].mean(), rel=1e-5)
+        # gradient at masked positions is exactly 0 (and not NaN) even with garbage there
+        g = np.array(mx.grad(lambda x: fn(x, mx.array(t), mask=mx.array(mask)))(mx.array(s2)))
+        assert np.all(g[~mask] == 0) and np.all(np.isfinite(g))
+
+
+def test_all_masked_gives_zero_not_nan():
+    s, t = mx.ones((2, 3, 5)), mx.zeros((2, 3, 5))
+    none = mx.zeros((2, 3), dtype=mx.bool_)
+    ids = mx.zeros((2, 3, 2), dtype=mx.int32)
+    lp = mx.full((2, 3, 2), -1.0)
+    vals = [
+        L.forward_kl(s, t, none), L.forward_kl_ce_only(s, t, none), L.reverse_kl(s, t, none),
+        L.generalized_jsd(s, t, 0.5, none), L.uld_loss(s, t, none), L.cross_entropy(s, mx.zeros((2, 3), mx.int32), none),
+        L.sparse_topk_kl(s, ids, lp, none), L.projected_kl(s, ids, mx.exp(lp), mx.zeros((2, 3)), none),
+        L.answer_kl(s[:, 0], [0, 1, 2, 3], mx.full((2, 4), 0.25), mx.zeros((2,), mx.bool_)),
+        L.hidden_mse(s, t, None, none),
+    ]
+    for v in vals:
+        assert float(v) == 0.0
+    g = mx.grad(lambda x: L.forward_kl(x, t, none))(s)
+    assert np.all(np.array(g) == 0)
+
+
+# ------------------------------------------------------------------------------------------------------ mixing
+def test_combine_losses_and_kdloss():
+    a, b = mx.array(2.0), mx.array(3.0)
+    total, parts = L.combine_losses({"ce": a, "forward_kl": b, "uld": mx.array(100.0)},
+                                    {"ce": 0.5, "forward_kl": 2.0, "uld": 0.0})
+    assert float(total) == pytest.approx(7.0) and set(parts) == {"ce", "forward_kl"}
+    with pytest.raises(KDError):
+        L.combine_losses({"ce": a}, {"ce": 1.0, "answer_kl": 1.0})
+    with pytest.raises(KDError):
+        L.KDLoss(weights={"kl": 1.0})
+
+    rng = np.random.default_rng(11)
+    s, t = mx.array(_rand(rng, 1, 3, 6)), mx.array(_rand(rng, 1, 3, 6))
+    y = mx.array([[1, 2, 3]])
+    kd = L.KDLoss(weights={"ce": 1.0, "forward_kl": 0.5, "hidden_mse": 0.1}, temperature=2.0, hidden_dims=(4, 5))
+    hs, ht = mx.array(_rand(rng, 1, 3, 4)), mx.array(_rand(rng, 1, 3, 5))
+    total, parts = kd(student_logits=s, labels=y, teacher_logits=t, student_hidden=hs, teacher_hidden=ht)
+    expect = (float(L.cross_entropy(s, y)) + 0.5 * float(L.forward_kl(s, t, temperature=2.0))
+              + 0.1 * float(L.hidden_mse(hs, ht, kd.projection)))
+    assert float(total) == pytest.approx(expect, rel=1e-5)
+    assert set(parts) == {"ce", "forward_kl", "hidden_mse"}
+    with pytest.raises(KDError):
+        kd(student_logits=s, labels=y)  # teacher inputs missing
+
+
+def test_masked_positions_contribute_nothing_sparse():
+    rng = np.random.default_rng(12)
+    N, V = 4, 8
+    s = _rand(rng, N, V)
+    ids, lp = _topk(rng, N, V, 3)
+    mask = np.array([1, 0, 1, 0], bool)
+    s2 = s.copy()
+    s2[1] = np.nan
+    s2[3] = 1e4
+    probs = np.exp(lp)
+    rem = 1 - probs.sum(-1)
+    t = _rand(rng, N, V)
+    cases = [
+        lambda x: L.sparse_topk_kl(x, mx.array(ids), mx.array(lp), mx.array(mask)),
+        lambda x: L.sparse_topk_kl(x, mx.array(ids), mx.array(lp), mx.array(mask), tail="renorm"),
+        lambda x: L.projected_kl(x, mx.array(ids), mx.array(probs), mx.array(rem), mx.array(mask)),
+        lambda x: L.generalized_jsd(x, mx.array(t), 0.5, mx.array(mask)),
+        lambda x: L.answer_kl(x, [0, 1, 2, 3], mx.full((N, 4), 0.25), mx.array(mask)),
+    ]
+    for fn in cases:
+        a, b = float(fn(mx.array(s))), float(fn(mx.array(s2)))
+        assert math.isfinite(a) and a == pytest.approx(b, rel=1e-6)
+        g = np.array(mx.grad(fn)(mx.array(s2)))
+        assert np.all(g[~mask] == 0) and np.all(np.isfinite(g))
