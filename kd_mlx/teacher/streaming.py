@@ -129,12 +129,13 @@ class _MoERecorder:
         self.records: list[tuple[Any, Any, Any]] = []
 
     def __call__(self, x):
-        inds, scores = self.moe.gate(x)
-        self.records.append((x, inds, scores))
-        if getattr(self.moe, "shared_experts", None) is not None and self.moe.config.n_shared_experts is not None:
-            return self.moe.shared_experts(x)
         import mlx.core as mx
 
+        inds, scores = self.moe.gate(x)
+        # the shared expert's output is kept apart and added with the routed sum in pass B, in the same order as
+        # mlx-lm's `h + (routed + shared)`, so low-precision (bf16) models round exactly as the reference does
+        shared = self.moe.shared_experts(x) if self.moe.config.n_shared_experts is not None else mx.zeros_like(x)
+        self.records.append((x, inds, scores, shared))
         return mx.zeros_like(x)
 
 
@@ -456,7 +457,7 @@ class StreamingTeacher:
         out = {}
         o = 0
         for i, k in owners:
-            out[i] = np.array(logits[o:o + k], dtype=np.float32, copy=True)
+            out[i] = logits[o:o + k].copy()
             o += k
         return out
 
@@ -493,7 +494,7 @@ class StreamingTeacher:
             recs = recorder.records[n_rec:]
             del recorder.records[n_rec:]
             recorder.records.append(tuple(mx.concatenate([r[j] for r in recs], axis=1) if len(recs) > 1
-                                          else recs[0][j] for j in range(3)))
+                                          else recs[0][j] for j in range(4)))
         return out, cache
 
     def _experts(self, li: int, moe, recorder: _MoERecorder, hp, hs, valid, prefetcher: _Prefetcher):
@@ -503,7 +504,7 @@ class StreamingTeacher:
         recs = recorder.records  # [prefix?] + one per micro-batch, in order
         blocks = []  # (x_valid (T, D), inds (T, k), scores (T, k), flat valid index, target)
         targets = ([("p", None)] if hp is not None else []) + [("b", bi) for bi in range(len(hs))]
-        for (kind, bi), (x, inds, scores) in zip(targets, recs):
+        for (kind, bi), (x, inds, scores, shared) in zip(targets, recs):
             Bb, L, D = x.shape
             if kind == "p":
                 idx = np.arange(L)
@@ -511,7 +512,7 @@ class StreamingTeacher:
                 idx = np.nonzero(valid[bi].reshape(-1))[0]
             ii = mx.array(idx.astype(np.int32))
             blocks.append((x.reshape(Bb * L, D)[ii], inds.reshape(Bb * L, -1)[ii], scores.reshape(Bb * L, -1)[ii],
-                           ii, kind, bi))
+                           ii, kind, bi, shared.reshape(Bb * L, D)[ii]))
         recorder.records = []
         X = mx.concatenate([b[0] for b in blocks], axis=0)
         I_np = np.array(mx.concatenate([b[1] for b in blocks], axis=0))
@@ -550,9 +551,9 @@ class StreamingTeacher:
         self.stats.expert_bytes_read += self.files.bytes_read - read0
         # scatter the routed sums back onto the layer outputs
         o = 0
-        for x, inds, scores, ii, kind, bi in blocks:
+        for x, inds, scores, ii, kind, bi, shared in blocks:
             T = x.shape[0]
-            r = R[o:o + T]
+            r = R[o:o + T].astype(shared.dtype) + shared  # = mlx-lm's MoE output: routed + shared
             o += T
             if kind == "p":
                 hp = (hp[0] + r.astype(hp.dtype))[None]
@@ -582,9 +583,9 @@ class StreamingTeacher:
             parts.append(part.astype(mx.float32))
             self._restore(self.head_keys)
         logits = mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        mx.eval(lp)
-        return lp
+        from .reference import log_softmax_np
+
+        return log_softmax_np(logits)
 
     # -------------------------------------------------------------------------------------------- inspect
     def describe(self) -> dict:
