@@ -437,3 +437,151 @@ def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int
     write_json_atomic(out / "config.json", cfg)
     _mark_done(out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- real-width synthetic
+
+KIMI_K2_REAL = {
+    "vocab_size": 163_840, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "num_attention_heads": 64, "num_key_value_heads": 64, "n_routed_experts": 384, "num_experts_per_tok": 8,
+    "n_shared_experts": 1, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+    "bos_token_id": 163584, "eos_token_id": 163585,
+}
+
+
+def _synthetic_layout(config: dict, bits: int, group_size: int):
+    """(name, safetensors dtype, shape) of every tensor of the mlx-lm model for `config`, quantized; nothing is
+    evaluated (MLX shapes of lazy arrays are known without computing them)."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    from ..teacher.safetensors_io import st_dtype
+
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    return [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in tree_flatten(model.parameters())]
+
+
+def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, n_layers: int | None = None,
+                          bits: int = 4, group_size: int = 64, float_dtype: str = "float32", seed: int = 0,
+                          shard_bytes: int = 5 * 2**30, progress: bool = True, **overrides) -> Path:
+    """A Kimi-K2-shaped mlx-lm model at the REAL dimensions (hidden 7168, MLA, 384 experts x 2048, vocab 163,840;
+    `overrides` change any of them), `bits`-bit affine quantized, depth = `n_layers` or the smallest depth reaching
+    `target_bytes` on disk. Written one tensor (stacked experts: one expert) at a time, never holding the model.
+
+    Weights are random with the right scale (dequantized std = 1/sqrt(fan_in)), so it runs like a model but says
+    nothing. `float_dtype` is the dtype of scales, biases and norms: float32 keeps CPU compute in fp32 (fast on
+    Linux CPUs), bfloat16 is what real MLX checkpoints use."""
+    import mlx.core as mx  # noqa: F401  (MLX must be importable: the layout comes from mlx-lm's classes)
+    import numpy as np
+
+    from ..teacher.safetensors_io import StreamingShardWriter
+
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    base = dict(kimi_k2_tiny_config(), **KIMI_K2_REAL)
+    base.update(overrides)
+    base["torch_dtype"] = float_dtype
+
+    def layout_for(n):
+        cfg = dict(base, num_hidden_layers=n)
+        lay = _synthetic_layout(cfg, bits, group_size)
+        return cfg, lay
+
+    def nbytes(lay):
+        from ..teacher.safetensors_io import _DTYPES
+        return sum(int(np.prod(s, dtype=np.int64)) * _DTYPES[dt][2] for _, dt, s in lay)
+
+    if n_layers is None:
+        if target_bytes is None:
+            raise KDError("give n_layers or target_bytes")
+        n_layers = base["first_k_dense_replace"] + 1
+        while nbytes(layout_for(n_layers)[1]) < target_bytes:
+            n_layers += 1
+    cfg, layout = layout_for(n_layers)
+    # float tensors of the layout are float32 in the lazy model: store them as `float_dtype`
+    fdt = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[float_dtype]
+    layout = [(k, fdt if dt == "F32" and not k.endswith("e_score_correction_bias") else dt, s) for k, dt, s in layout]
+    cfg["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    cfg["quantization_config"] = dict(cfg["quantization"])
+
+    shards: list[list] = [[]]
+    size = 0
+    from ..teacher.safetensors_io import _DTYPES
+    for e in layout:
+        b = int(np.prod(e[2], dtype=np.int64)) * _DTYPES[e[1]][2]
+        if shards[-1] and size + b > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += b
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    levels = 2**bits
+    spread = np.sqrt((levels**2 - 1) / 12.0)  # std of a uniform code in 0..levels-1
+
+    def as_dtype(x: np.ndarray, dt: str) -> np.ndarray:
+        if dt == "BF16":
+            return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return x.astype(_DTYPES[dt][0])
+
+    def fan_in_std(name: str, in_dim: int) -> float:
+        if "embed_tokens" in name:
+            return 1.0
+        if name.startswith("lm_head"):
+            return 4.0 / np.sqrt(in_dim)
+        return 1.0 / np.sqrt(in_dim)
+
+    shapes = {k: (dt, s) for k, dt, s in layout}
+    total = nbytes(layout)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="synthetic teacher")
+    n = len(shards)
+    wmap = {}
+    for i, entries in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        w = StreamingShardWriter(out / fname, entries)
+        try:
+            for k, dt, shape in entries:
+                wmap[k] = fname
+                rows = shape[0] if len(shape) == 3 else 1  # stacked experts / MLA heads: one slice at a time
+                row_shape = shape[1:] if len(shape) == 3 else shape
+                for r in range(rows):
+                    if k.endswith(".weight") and dt == "U32":
+                        data = rng.integers(0, 2**32, size=row_shape, dtype=np.uint32)
+                    elif k.endswith((".scales", ".biases")):
+                        wk = k.rsplit(".", 1)[0] + ".weight"
+                        in_dim = row_shape[-1] * group_size
+                        s = fan_in_std(wk, in_dim) / spread * (1 + 0.1 * rng.standard_normal(row_shape))
+                        data = s if k.endswith(".scales") else -(levels - 1) / 2 * s
+                    elif k.endswith("e_score_correction_bias"):
+                        data = 0.1 * rng.standard_normal(row_shape)
+                    elif len(row_shape) == 1:  # norms
+                        data = 1 + 0.1 * rng.standard_normal(row_shape)
+                    else:  # unquantized matrices (router, small MLA parts)
+                        scale = 3.0 if k.endswith("gate.weight") else 1.0
+                        data = rng.standard_normal(row_shape, dtype=np.float32) * scale / np.sqrt(row_shape[-1])
+                    data = as_dtype(np.asarray(data), dt)
+                    w.write(k, data, row=r if len(shape) == 3 else None)
+                    if bar:
+                        bar.update(data.nbytes)
+                    del data
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+    if bar:
+        bar.close()
+    write_json_atomic(out / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
+    kimi_tokenizer_dir(out)
+    write_json_atomic(out / "config.json", cfg)
+    _mark_done(out)
+    return out
