@@ -1,0 +1,315 @@
+"""Teacher vs baseline vs distilled on CMMLU: a Markdown report with PNG plots.
+
+    python -m kd_mlx.report res_teacher/ res_baseline/ res_distilled/ --run run/ --out report/
+
+Reads each RESULTS/summary.json written by `python -m kd_mlx.eval`, and RUN/metrics.jsonl (one JSON object per
+line with "step" and loss keys) when `--run` is given. Writes REPORT/report.md, REPORT/categories.png,
+REPORT/subject_deltas.png, REPORT/reliability.png, REPORT/training.png (with --run and metrics) and
+REPORT/config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .utils import KDError, atomic_path, cli_errors, format_bytes, load_yaml_config, merge_config, write_json_atomic
+
+MODELS = ("teacher", "baseline", "distilled")
+COLORS = {"teacher": "#4c72b0", "baseline": "#999999", "distilled": "#dd8452"}
+CATEGORY_ORDER = ["STEM", "Humanities", "Social Science", "Other", "China specific"]
+
+
+def load_summary(results: str | os.PathLike) -> dict:
+    """RESULTS/summary.json as written by kd_mlx.eval (KDError naming the problem otherwise)."""
+    p = Path(results)
+    f = p / "summary.json" if p.is_dir() else p
+    if not f.is_file():
+        raise KDError(f"no summary.json in {p} (run python -m kd_mlx.eval --out {p} first)")
+    try:
+        s = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise KDError(f"{f} is not valid JSON: {e}") from None
+    for key in ("overall", "subjects", "categories"):
+        if key not in s:
+            raise KDError(f"{f} has no {key!r}: not a kd_mlx.eval summary")
+    return s
+
+
+def load_metrics(run: str | os.PathLike | None) -> list[dict]:
+    """RUN/metrics.jsonl rows that have a "step" (bad lines skipped); [] when the run or the file is absent."""
+    if run is None:
+        return []
+    f = Path(run) / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interrupted run
+        if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
+            rows.append(r)
+    return rows
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def targets(s: dict[str, dict]) -> dict:
+    """The headline figures: distilled overall as a fraction of the teacher's, and its gain over the baseline."""
+    t, b, d = (s[m]["overall"] for m in MODELS)
+    return {
+        "distilled_over_teacher": d / t if t else None,
+        "gain_over_baseline_points": d - b,
+        "teacher_minus_baseline_points": t - b,
+        # share of the teacher-baseline gap that distillation closed
+        "gap_closed": (d - b) / (t - b) if t != b else None,
+    }
+
+
+def _throughput(s: dict) -> tuple[float | None, float | None]:
+    th = s.get("throughput") or {}
+    return th.get("questions_per_s"), th.get("prompt_tokens_per_s")
+
+
+# --------------------------------------------------------------------------------------------------- plots
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def plot_categories(s: dict[str, dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cats = [c for c in CATEGORY_ORDER if any(c in s[m]["categories"] for m in MODELS)]
+    cats += sorted({c for m in MODELS for c in s[m]["categories"]} - set(cats))
+    labels = ["Overall"] + cats
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(1.4 * len(labels) + 2, 4))
+    for k, m in enumerate(MODELS):
+        vals = [s[m]["overall"]] + [s[m]["categories"].get(c, np.nan) for c in cats]
+        ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=m, color=COLORS[m])
+    ax.axhline(25, color="k", lw=0.8, ls=":", label="chance (25%)")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("CMMLU accuracy by category")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_subject_deltas(s: dict[str, dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    common = sorted(set(s["distilled"]["subjects"]) & set(s["baseline"]["subjects"]))
+    deltas = sorted(((s["distilled"]["subjects"][k] - s["baseline"]["subjects"][k], k) for k in common))
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.2 * len(deltas) + 1)))
+    ax.barh([k for _, k in deltas], [d for d, _ in deltas],
+            color=["#55a868" if d >= 0 else "#c44e52" for d, _ in deltas])
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("distilled − baseline (points)")
+    ax.set_title("Per-subject change from distillation")
+    ax.tick_params(axis="y", labelsize=7)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_reliability(s: dict[str, dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="perfect calibration")
+    for m in MODELS:
+        cal = s[m].get("calibration") or {}
+        pts = [(b["confidence"], b["accuracy"]) for b in cal.get("bins", []) if b.get("count")]
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=COLORS[m], label=f"{m} (ECE {_fmt(cal.get('ece'), 3)})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max letter probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram")
+    ax.legend(fontsize=8, loc="upper left")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def loss_keys(rows: list[dict]) -> list[str]:
+    keys = {k for r in rows for k, v in r.items() if "loss" in k and isinstance(v, (int, float))}
+    return sorted(keys)
+
+
+def plot_training(rows: list[dict], path: Path) -> bool:
+    """Loss curves against step (one line per numeric key containing "loss"); False if nothing to plot."""
+    import matplotlib.pyplot as plt
+
+    keys = loss_keys(rows)
+    if not keys:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training curves")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------------------------------- markdown
+def render_markdown(s: dict[str, dict], paths: dict[str, str], metrics: list[dict], plots: list[str],
+                    run: str | None) -> str:
+    from .data import subject_table
+
+    table = subject_table()
+    tg = targets(s)
+    out = ["# CMMLU: teacher vs baseline vs distilled", ""]
+    out += ["| | teacher | baseline | distilled |", "|---|---|---|---|"]
+    out.append("| results | " + " | ".join(f"`{paths[m]}`" for m in MODELS) + " |")
+    out.append("| model | " + " | ".join(f"`{(s[m].get('model') or {}).get('path', '?')}`" for m in MODELS) + " |")
+    out.append("| shots | " + " | ".join(str(s[m].get("shots", "?")) for m in MODELS) + " |")
+    out.append("| questions | " + " | ".join(str(s[m].get("n_questions", "?")) for m in MODELS) + " |")
+    subj_sets = [set(s[m]["subjects"]) for m in MODELS]
+    if not (subj_sets[0] == subj_sets[1] == subj_sets[2]):
+        out += ["", "**Warning:** the three results cover different subjects; overall figures are not comparable."]
+    ns = [s[m].get("n") for m in MODELS]
+    if all(ns) and not (ns[0] == ns[1] == ns[2]):
+        out += ["", "**Warning:** the three results have different question counts per subject."]
+
+    out += ["", "## Targets", "", "| figure | value |", "|---|---|"]
+    out.append(f"| distilled / teacher (overall) | {_fmt(100 * tg['distilled_over_teacher'] if tg['distilled_over_teacher'] is not None else None, 1)}% |")
+    out.append(f"| distilled − baseline (overall) | {tg['gain_over_baseline_points']:+.2f} points |")
+    out.append(f"| teacher − baseline (overall) | {tg['teacher_minus_baseline_points']:+.2f} points |")
+    gc = tg["gap_closed"]
+    out.append(f"| share of the teacher−baseline gap closed | {_fmt(100 * gc if gc is not None else None, 1)}% |")
+
+    out += ["", "## Overall and categories (accuracy, %)", "",
+            "| | teacher | baseline | distilled | distilled − baseline |", "|---|---|---|---|---|"]
+    out.append("| **Overall** | " + " | ".join(f"**{_fmt(s[m]['overall'])}**" for m in MODELS)
+               + f" | **{s['distilled']['overall'] - s['baseline']['overall']:+.2f}** |")
+    cats = [c for c in CATEGORY_ORDER if any(c in s[m]["categories"] for m in MODELS)]
+    cats += sorted({c for m in MODELS for c in s[m]["categories"]} - set(cats))
+    for c in cats:
+        v = [s[m]["categories"].get(c) for m in MODELS]
+        d = f"{v[2] - v[1]:+.2f}" if v[1] is not None and v[2] is not None else "–"
+        out.append(f"| {c} | " + " | ".join(_fmt(x) for x in v) + f" | {d} |")
+
+    out += ["", "## Calibration", "", "| | teacher | baseline | distilled |", "|---|---|---|---|"]
+    for key, label in (("ece", "ECE (10 bins)"), ("brier", "Brier")):
+        out.append(f"| {label} | " + " | ".join(_fmt((s[m].get("calibration") or {}).get(key), 4) for m in MODELS) + " |")
+
+    out += ["", "## Throughput and memory", "", "| | teacher | baseline | distilled |", "|---|---|---|---|"]
+    qps = [_throughput(s[m])[0] for m in MODELS]
+    tps = [_throughput(s[m])[1] for m in MODELS]
+    out.append("| questions/s | " + " | ".join(_fmt(x, 3) for x in qps) + " |")
+    out.append("| prompt tokens/s | " + " | ".join(_fmt(x, 1) for x in tps) + " |")
+    for key, label in (("mlx_peak_bytes", "MLX peak memory"), ("peak_rss_bytes", "process peak RSS")):
+        vals = [(s[m].get("memory") or {}).get(key) for m in MODELS]
+        out.append(f"| {label} | " + " | ".join(format_bytes(v) if v is not None else "–" for v in vals) + " |")
+    kinds = [(s[m].get("model") or {}).get("kind", "?") for m in MODELS]
+    out.append("| executor | " + " | ".join(kinds) + " |")
+    if qps[0] and qps[2]:
+        out += ["", f"Student/teacher speed ratio (distilled q/s ÷ teacher q/s): **{qps[2] / qps[0]:.2f}×**."]
+
+    out += ["", "## Training", ""]
+    if run is None:
+        out.append("No run given (`--run RUN`).")
+    elif not metrics:
+        out.append(f"No metrics in `{run}` (metrics.jsonl missing or empty).")
+    else:
+        keys = loss_keys(metrics)
+        last = metrics[-1]
+        out.append(f"{len(metrics)} metric rows from `{run}/metrics.jsonl`, last step {last['step']}.")
+        if keys:
+            out += ["", "| loss | first | last | min |", "|---|---|---|---|"]
+            for k in keys:
+                vals = [r[k] for r in metrics if isinstance(r.get(k), (int, float))]
+                out.append(f"| {k} | {_fmt(vals[0], 4)} | {_fmt(vals[-1], 4)} | {_fmt(min(vals), 4)} |")
+
+    out += ["", "## Plots", ""]
+    out += [f"![{p}]({p})" for p in plots]
+
+    out += ["", "## Subjects (accuracy, %)", "",
+            "| subject | 中文 | categories | teacher | baseline | distilled | distilled − baseline |",
+            "|---|---|---|---|---|---|---|"]
+    for k in sorted(set().union(*subj_sets)):
+        v = [s[m]["subjects"].get(k) for m in MODELS]
+        d = f"{v[2] - v[1]:+.2f}" if v[1] is not None and v[2] is not None else "–"
+        info = table.get(k, {})
+        out.append(f"| {k} | {info.get('zh', '')} | {', '.join(info.get('categories', []))} | "
+                   + " | ".join(_fmt(x) for x in v) + f" | {d} |")
+    return "\n".join(out) + "\n"
+
+
+def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str | None = None) -> Path:
+    """Write REPORT/report.md and its PNG plots; return the report path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    paths = {"teacher": teacher, "baseline": baseline, "distilled": distilled}
+    s = {m: load_summary(p) for m, p in paths.items()}
+    for m in MODELS:
+        if s[m]["overall"] is None:
+            raise KDError(f"{paths[m]}/summary.json has no overall score (empty evaluation?)")
+    if run is not None and not Path(run).exists():
+        raise KDError(f"run directory not found: {run}")
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    plots = ["categories.png", "subject_deltas.png", "reliability.png"]
+    plot_categories(s, outp / plots[0])
+    plot_subject_deltas(s, outp / plots[1])
+    plot_reliability(s, outp / plots[2])
+    metrics = load_metrics(run)
+    if metrics and plot_training(metrics, outp / "training.png"):
+        plots.append("training.png")
+    md = render_markdown(s, paths, metrics, plots, run)
+    with atomic_path(outp / "report.md") as tmp:
+        tmp.write_text(md, encoding="utf-8")
+    write_json_atomic(outp / "targets.json", {"overall": {m: s[m]["overall"] for m in MODELS}, **targets(s)})
+    return outp / "report.md"
+
+
+DEFAULTS: dict[str, Any] = {"run": None, "out": None}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("results_teacher")
+@click.argument("results_baseline")
+@click.argument("results_distilled")
+@click.option("--config", "config_file", type=click.Path(), default=None, help="YAML config; flags override it.")
+@click.option("--run", default=None, help="Training run directory (RUN/metrics.jsonl) for training curves.")
+@click.option("--out", default=None, help="Report directory.")
+@cli_errors
+def main(results_teacher, results_baseline, results_distilled, config_file, **flags) -> None:
+    """Report teacher vs baseline vs distilled CMMLU results (Markdown + PNG)."""
+    cfg = merge_config(load_yaml_config(config_file), flags, DEFAULTS)
+    if not cfg["out"]:
+        raise KDError("missing --out")
+    path = build_report(results_teacher, results_baseline, results_distilled, cfg["out"], cfg["run"])
+    write_json_atomic(Path(cfg["out"]) / "config.json",
+                      {**cfg, "teacher": results_teacher, "baseline": results_baseline, "distilled": results_distilled})
+    tg = json.loads((Path(cfg["out"]) / "targets.json").read_text())
+    ratio = tg["distilled_over_teacher"]
+    click.echo(f"overall teacher {tg['overall']['teacher']:.2f} | baseline {tg['overall']['baseline']:.2f} | "
+               f"distilled {tg['overall']['distilled']:.2f} (" + (f"{100 * ratio:.1f}% of teacher, " if ratio else "")
+               + f"{tg['gain_over_baseline_points']:+.2f} points over baseline)")
+    click.echo(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()
