@@ -386,7 +386,7 @@ def load_eval_model(model: str, adapters: str | None = None, memory_budget: int 
             from .teacher import StreamingTeacher
         except ImportError as e:
             raise KDError(f"the streaming teacher is not available ({e})") from None
-        teacher = StreamingTeacher(path, memory_budget)
+        teacher = StreamingTeacher(path, memory_budget, trust_remote_code=trust_remote_code)
         config = dict(getattr(teacher, "config", None) or json.loads((path / "config.json").read_text()))
         return EvalModel("streaming", teacher, tokenizer, config, path, bos)
 

@@ -65,6 +65,10 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
+def _pct(frac: float | None) -> str:
+    return "–" if frac is None else f"{100 * frac:.1f}%"
+
+
 def targets(s: dict[str, dict]) -> dict:
     """The headline figures: distilled overall as a fraction of the teacher's, and its gain over the baseline."""
     t, b, d = (s[m]["overall"] for m in MODELS)
@@ -192,11 +196,11 @@ def render_markdown(s: dict[str, dict], paths: dict[str, str], metrics: list[dic
         out += ["", "**Warning:** the three results have different question counts per subject."]
 
     out += ["", "## Targets", "", "| figure | value |", "|---|---|"]
-    out.append(f"| distilled / teacher (overall) | {_fmt(100 * tg['distilled_over_teacher'] if tg['distilled_over_teacher'] is not None else None, 1)}% |")
+    out.append(f"| distilled / teacher (overall) | {_pct(tg['distilled_over_teacher'])} |")
     out.append(f"| distilled − baseline (overall) | {tg['gain_over_baseline_points']:+.2f} points |")
     out.append(f"| teacher − baseline (overall) | {tg['teacher_minus_baseline_points']:+.2f} points |")
     gc = tg["gap_closed"]
-    out.append(f"| share of the teacher−baseline gap closed | {_fmt(100 * gc if gc is not None else None, 1)}% |")
+    out.append(f"| share of the teacher−baseline gap closed | {_pct(gc)} |")
 
     out += ["", "## Overall and categories (accuracy, %)", "",
             "| | teacher | baseline | distilled | distilled − baseline |", "|---|---|---|---|---|"]

@@ -325,3 +325,26 @@ def test_cli_bad_input_one_line(peaked_phi, fixture_data, tmp_path, case):
     assert {"missing_data": "nope", "unknown_subject": "alchemy", "bad_shots": "shots",
             "missing_model": "nomodel"}[case] in lines[0]
     assert not (tmp_path / "r" / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+@pytest.mark.slow
+def test_streaming_teacher_eval_equals_in_memory(fixture_data, tmp_path):
+    """The teacher path (StreamingTeacher under a budget, prefix passed once per group) gives the in-memory
+    mlx-lm results on a tiny Kimi-K2-shaped model with the Kimi-format tokenizer."""
+    from kd_mlx.data import load_cmmlu
+    from kd_mlx.evaluate import evaluate_model, load_eval_model
+    from kd_mlx.testing.models import tiny_kimi_k2_dir
+
+    d = tiny_kimi_k2_dir(tmp_path / "kimi", n_layers=2)
+    cm = load_cmmlu(fixture_data)
+    qs = [q for s in sorted(cm.test) for q in cm.test[s]]
+    mem = load_eval_model(str(d))
+    streamed = load_eval_model(str(d), memory_budget=4 * 2**20)
+    assert mem.kind == "mlx" and streamed.kind == "streaming"
+    a = evaluate_model(mem, qs, cm.dev, shots=5, batch_size=4, progress=False)
+    b = evaluate_model(streamed, qs, cm.dev, shots=5, batch_size=4, progress=False)
+    assert [r.prediction for r in a.questions] == [r.prediction for r in b.questions]
+    np.testing.assert_allclose([r.probs for r in a.questions], [r.probs for r in b.questions], atol=1e-4)
+    assert a.summary["overall"] == b.summary["overall"]
+    assert max(max(r.probs) for r in a.questions) > 0.4  # not uniform: the comparison means something
