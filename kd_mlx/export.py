@@ -209,6 +209,8 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
         raise KDError(f"evaluation summary not found: {summary_path}")
     summary = _read_json(summary_path, "evaluation summary") if summary_path else None
     train_cfg_path, train_cfg = find_training_config(adapters_dir)
+    best_path = adapters_dir / "best.json"  # the trainer's validation figures at the kept step
+    best = _read_json(best_path, "best-step record") if best_path.is_file() else None
 
     try:
         model, config = load_model(student_dir, lazy=True)
@@ -261,6 +263,7 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
             "adapters_sha256": sha256_file(adapters_dir / "adapters.safetensors"),
             "adapter_config": adapter_cfg,
             "training_config": train_cfg,
+            "best_step": best,
             "eval_summary": summary,
             "fused_layers": n_fused,
             "quantization": quant,
@@ -392,6 +395,9 @@ def model_card(name: str, record: dict) -> str:
               f"Adapters: `adapters.safetensors` sha256 `{record.get('adapters_sha256')}`.", "",
               "Adapter configuration (`adapter_config.json`, exactly as trained):", "", "```json",
               json.dumps(record.get("adapter_config"), indent=1, ensure_ascii=False), "```", ""]
+    if record.get("best_step") is not None:
+        lines += ["Validation at the kept step (`best.json`):", "", "```json",
+                  json.dumps(record["best_step"], indent=1, ensure_ascii=False), "```", ""]
     if record.get("training_config") is not None:
         lines += ["Training run configuration (`config.json` of the run, exactly as trained):", "", "```json",
                   json.dumps(record["training_config"], indent=1, ensure_ascii=False), "```", ""]
@@ -604,7 +610,7 @@ def cli() -> None:
 
 
 @cli.command("build", help="Fuse adapters into the student, optionally quantize, write an mlx-lm model dir.")
-@click.option("--student", help="Student model: directory or hub id (e.g. microsoft/phi-1_5 converted to MLX).")
+@click.option("--student", help="Student model: directory or hub id (default: the \"model\" in adapter_config.json).")
 @click.option("--adapters", type=click.Path(), help="Adapters dir in mlx-lm's format (e.g. RUN/best).")
 @click.option("--out", type=click.Path(), help="Output model directory.")
 @click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the fused weights to 4 or 8 bits.")
@@ -619,9 +625,14 @@ def cli() -> None:
 @cli_errors
 def build_cmd(ctx: click.Context, config_file: str | None, **_: Any) -> None:
     cfg = merge_config(load_yaml_config(config_file), _explicit(ctx, list(EXPORT_DEFAULTS)), EXPORT_DEFAULTS)
-    for key in ("student", "adapters", "out"):
+    for key in ("adapters", "out"):
         if not cfg[key]:
             raise KDError(f"--{key} is required")
+    if not cfg["student"]:
+        # kd_mlx.train records the student it trained in adapter_config.json ("model")
+        cfg["student"] = check_adapters_dir(cfg["adapters"])[1].get("model")
+        if not cfg["student"] or cfg["student"] == "None":
+            raise KDError("--student is required (the adapters' adapter_config.json does not name their model)")
     quantize = int(cfg["quantize"]) if cfg["quantize"] else None
     cfg["quantize"] = quantize
     res = export_model(cfg["student"], cfg["adapters"], cfg["out"], quantize=quantize,

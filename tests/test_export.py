@@ -99,19 +99,21 @@ def _lora_model(student_dir: Path, seed: int):
     return model
 
 
-def _save_adapters(model, best: Path, run_config: dict | None = None) -> Path:
+def _save_adapters(model, best: Path, run_config: dict | None = None, student: Path | None = None) -> Path:
     """Write adapters exactly as mlx-lm's trainer does: trainable params + adapter_config.json."""
     from mlx.utils import tree_flatten
 
     best.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(best / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
     (best / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA_CONFIG}, indent=1))
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA_CONFIG,
+         **({"model": str(student)} if student else {})}, indent=1))
     if run_config is not None:
         (best.parent / "config.json").write_text(json.dumps(run_config, indent=1))
     return best
 
 
+BEST = {"step": 300, "val_loss": 1.234, "val_acc": 0.375}
 RUN_CONFIG = {"student": "tiny-phi", "loss": "forward_kl", "alpha": 0.5, "temperature": 2.0, "learning_rate": 3e-4,
               "iters": 1234, "seed": 7, "lora_rank": 4}
 # as kd_mlx.evaluate writes it: percentages, per-subject question counts
@@ -122,7 +124,8 @@ SUMMARY = {"overall": 31.25, "categories": {"STEM": 30.0, "Humanities": 32.5},
 @pytest.fixture(scope="module")
 def run_dir(student, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("run")
-    _save_adapters(_lora_model(student, seed=1), run / "best", RUN_CONFIG)
+    _save_adapters(_lora_model(student, seed=1), run / "best", RUN_CONFIG, student)
+    (run / "best" / "best.json").write_text(json.dumps(BEST))
     (run / "eval").mkdir()
     (run / "eval" / "summary.json").write_text(json.dumps(SUMMARY))
     return run
@@ -184,6 +187,7 @@ def test_model_directory_and_card(student, exported):
     assert json.dumps(RUN_CONFIG, indent=1) in card and '"rank": 4' in card
     record = json.loads((exported / "kd_mlx_export.json").read_text(encoding="utf-8"))
     assert record["training_config"] == RUN_CONFIG and record["eval_summary"] == SUMMARY
+    assert record["best_step"] == BEST and '"val_acc": 0.375' in card
     assert record["fused_layers"] == 12 and record["added_chat_template"] is True
     _, tok = load(str(exported))
     assert tok.has_chat_template
@@ -352,7 +356,8 @@ def test_export_cli_with_yaml_config(student, run_dir, tmp_path):
 
     out = tmp_path / "m"
     cfg = tmp_path / "export.yaml"
-    cfg.write_text(f"student: {student}\nadapters: {run_dir / 'best'}\nout: {tmp_path / 'ignored'}\n"
+    # no student: taken from the adapters' adapter_config.json ("model", as kd_mlx.train writes it)
+    cfg.write_text(f"adapters: {run_dir / 'best'}\nout: {tmp_path / 'ignored'}\n"
                    "quantize: '8'\ngroup_size: 64\n")
     for _ in range(2):  # second time replaces the first (atomically)
         r = CliRunner().invoke(cli, ["--config", str(cfg), "--out", str(out), "--overwrite"])
@@ -360,6 +365,7 @@ def test_export_cli_with_yaml_config(student, run_dir, tmp_path):
     record = json.loads((out / EXPORT_RECORD).read_text())
     assert record["config"]["out"] == str(out) and record["config"]["quantize"] == 8
     assert record["config"]["group_size"] == 64 and record["quantization"]["bits"] == 8
+    assert record["config"]["student"] == str(student)
     assert not (tmp_path / "ignored").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -420,3 +426,32 @@ def test_server_answers_chat_completions(exported):
     assert 1 <= reply["usage"]["completion_tokens"] <= 4
     model, tok = load(str(exported))
     assert msg["content"] == generate(model, tok, prompt=PROMPT, max_tokens=reply["usage"]["completion_tokens"])
+
+
+def test_export_dtype_cast(student, run_dir, tmp_path):
+    """--dtype float16: weights and config.json say float16; logits stay close to the fp32 export (fp16 rounding)."""
+    from mlx_lm.utils import load_model
+
+    from kd_mlx.export import export_model
+
+    out = export_model(str(student), run_dir / "best", tmp_path / "f16", dtype="float16").path
+    w = mx.load(str(out / "model.safetensors"))
+    assert {v.dtype for v in w.values()} == {mx.float16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    ids = mx.array([_prompt_ids(PROMPT, student)])
+    m16, _ = load_model(out)
+    m32, _ = load_model(export_model(str(student), run_dir / "best", tmp_path / "f32").path)
+    m16.set_dtype(mx.float32)  # compare the rounding of the weights, not fp16 arithmetic on CPU
+    assert mx.abs(m16(ids) - m32(ids)).max().item() <= 0.05
+
+
+def test_serve_bad_model_dir_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from kd_mlx.export import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing")])
+    assert r.exit_code == 1 and "model directory not found" in r.output and len(r.output.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["serve", str(tmp_path / "empty"), "--port", "8081"])
+    assert r.exit_code == 1 and "config.json missing" in r.output
