@@ -66,6 +66,16 @@ def test_streamed_equals_in_memory_under_budget_smaller_than_model(which, reques
     assert max(float(np.exp(o).max()) for o in out) > 20 / 100_512
 
 
+@pytest.mark.parametrize("kernel,dequant_min", [("gather", 16), ("dense", 1), ("dense", 10**9)],
+                         ids=["gather-mlx-lm-switchglu", "dense-dequantized", "dense-quantized-matmul"])
+def test_expert_kernels_agree_with_mlx_lm(kimi4, kernel, dequant_min):
+    """Both MoE kernels (mlx-lm's SwitchGLU gather kernels; per-expert dense, dequantized or not) == reference."""
+    seqs = _seqs(8, (12, 7))
+    pos = [[len(s) - 1] for s in seqs]
+    t = StreamingTeacher(kimi4, 4_000_000, expert_kernel=kernel, dequant_min_tokens=dequant_min)
+    _check_equal(t.logprobs_at(seqs, pos), reference_logprobs_at(kimi4, seqs, pos))
+
+
 def test_moe_reads_only_routed_experts(kimi32):
     """Bytes read from stacked expert tensors == (experts some token chose) x (bytes per expert), per layer."""
     seq = _seqs(2, (3,))

@@ -147,7 +147,8 @@ class StreamingTeacher:
     prefix) as a numpy array (len(positions[i]), vocab), or `reduce(that array)`."""
 
     def __init__(self, model_dir: str | Path, memory_budget: int | None = None, *, trust_remote_code: bool = False,
-                 prefetch: bool = True, max_block: int = 512, progress: bool = False):
+                 prefetch: bool = True, max_block: int = 512, progress: bool = False,
+                 expert_kernel: str | None = None, dequant_min_tokens: int = 16):
         from mlx.utils import tree_flatten
 
         self.model_dir = resolve_model_path(str(model_dir))
@@ -157,6 +158,16 @@ class StreamingTeacher:
         self.arch = Arch(self.model, self.config)
         self.memory_budget = memory_budget
         self.max_block = max_block
+        import mlx.core as mx
+
+        # MoE kernels: mlx-lm's SwitchGLU (gather_mm/gather_qmm: the fast path on Metal/CUDA) or per-expert dense
+        # matmuls (the fast path on CPU, where gather_mm runs one matrix-vector product per token)
+        if expert_kernel is None:
+            expert_kernel = "dense" if mx.default_device() == mx.cpu else "gather"
+        if expert_kernel not in ("gather", "dense"):
+            raise KDError(f"expert_kernel must be 'gather' or 'dense', not {expert_kernel!r}")
+        self.expert_kernel = expert_kernel
+        self.dequant_min_tokens = dequant_min_tokens
         self.progress = progress
         self._tokenizer = None
         keys = lm.param_keys
@@ -207,7 +218,10 @@ class StreamingTeacher:
         t0 = time.perf_counter()
         read0 = self.files.bytes_read
         results: list = [None] * len(seqs)
-        old_cache_limit = mx.set_cache_limit(0)  # freed buffers go back to the OS: the budget is about RSS too
+        # a small MLX buffer cache: freed buffers mostly go back to the OS (the budget is about RSS too), without
+        # paying fresh page faults for every intermediate
+        cap = (self.memory_budget // 8) if self.memory_budget else 1 << 30
+        old_cache_limit = mx.set_cache_limit(cap)
         prefetcher = _Prefetcher(self.plan.prefetch_layers or self.plan.prefetch_experts)
         try:
             for chunk in self._chunks(seqs, pre):
@@ -538,13 +552,16 @@ class StreamingTeacher:
             local = np.full(int(I_np.max()) + 1, -1, dtype=np.int32)
             local[grp] = np.arange(len(grp), dtype=np.int32)
             t, j = np.nonzero(np.isin(I_np, grp))
-            tt = mx.array(t.astype(np.int32))
-            y = switch(X[tt], mx.array(local[I_np[t, j]])[:, None])  # (n, 1, D)
-            contrib = y[:, 0, :].astype(mx.float32) * S[tt, mx.array(j.astype(np.int32))][:, None]
-            R = R.at[tt].add(contrib)
-            mx.eval(R)
+            if self.expert_kernel == "gather":  # mlx-lm's own SwitchGLU (gather_mm / gather_qmm)
+                tt = mx.array(t.astype(np.int32))
+                y = switch(X[tt], mx.array(local[I_np[t, j]])[:, None])  # (n, 1, D)
+                contrib = y[:, 0, :].astype(mx.float32) * S[tt, mx.array(j.astype(np.int32))][:, None]
+                R = R.at[tt].add(contrib)
+                mx.eval(R)
+            else:
+                R = self._experts_dense(switch, grp, local, I_np, t, j, X, S, R)
             self._restore(keys)
-            del y, contrib
+            contrib = y = None
             if fut is None and gi + 1 < len(groups):
                 fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
             self.stats.experts_loaded += len(grp)
@@ -565,6 +582,46 @@ class StreamingTeacher:
                 hs[bi] = flat.reshape(Bb, L, D)
                 mx.eval(hs[bi])
         return hp, hs
+
+    def _experts_dense(self, switch, grp, local, I_np, t, j, X, S, R):
+        """Per-expert dense matmuls over the tokens routed to each expert (the CPU fast path: MLX's CPU gather_mm
+        does one matrix-vector product per token). Same maths as SwitchGLU: down(act(up(x), gate(x)));
+        4-bit experts with many tokens are dequantized first (fp32 BLAS is ~30x faster than CPU quantized_matmul)."""
+        import mlx.core as mx
+
+        e_of = local[I_np[t, j]]
+        order = np.argsort(e_of, kind="stable")
+        bounds = np.searchsorted(e_of[order], np.arange(len(grp) + 1))
+
+        def proj(lin, e: int, x):
+            if "scales" in lin:  # QuantizedSwitchLinear
+                if x.shape[0] >= self.dequant_min_tokens:
+                    w = mx.dequantize(lin["weight"][e], lin["scales"][e], lin.get("biases")[e]
+                                      if lin.get("biases") is not None else None, lin.group_size, lin.bits,
+                                      mode=lin.mode)
+                    y = x @ w.T
+                else:
+                    y = mx.quantized_matmul(x, lin["weight"][e], lin["scales"][e],
+                                            lin.get("biases")[e] if lin.get("biases") is not None else None,
+                                            transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
+            else:
+                y = x @ lin["weight"][e].T
+            if "bias" in lin:
+                y = y + lin["bias"][e]
+            return y
+
+        for e in range(len(grp)):
+            sel = order[bounds[e]:bounds[e + 1]]
+            if not len(sel):
+                continue
+            tt = mx.array(t[sel].astype(np.int32))
+            x = X[tt]
+            h = switch.activation(proj(switch.up_proj, e, x), proj(switch.gate_proj, e, x))
+            y = proj(switch.down_proj, e, h)
+            contrib = y.astype(mx.float32) * S[tt, mx.array(j[sel].astype(np.int32))][:, None]
+            R = R.at[tt].add(contrib)
+            mx.eval(R)
+        return R
 
     def _head(self, x):
         """Log-softmax over the full vocabulary of `x` (n, D), reading the head `head_rows` vocabulary rows at a time."""

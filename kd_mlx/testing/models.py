@@ -461,16 +461,17 @@ def _synthetic_layout(config: dict, bits: int, group_size: int):
 
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    if bits is not None:
+        nn.quantize(model, group_size=group_size, bits=bits,
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
     return [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in tree_flatten(model.parameters())]
 
 
 def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, n_layers: int | None = None,
-                          bits: int = 4, group_size: int = 64, float_dtype: str = "float32", seed: int = 0,
+                          bits: int | None = 4, group_size: int = 64, float_dtype: str = "float32", seed: int = 0,
                           shard_bytes: int = 5 * 2**30, progress: bool = True, **overrides) -> Path:
     """A Kimi-K2-shaped mlx-lm model at the REAL dimensions (hidden 7168, MLA, 384 experts x 2048, vocab 163,840;
-    `overrides` change any of them), `bits`-bit affine quantized, depth = `n_layers` or the smallest depth reaching
+    `overrides` change any of them), `bits`-bit affine quantized (None: unquantized `float_dtype`), depth = `n_layers` or the smallest depth reaching
     `target_bytes` on disk. Written one tensor (stacked experts: one expert) at a time, never holding the model.
 
     Weights are random with the right scale (dequantized std = 1/sqrt(fan_in)), so it runs like a model but says
@@ -507,8 +508,9 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     # float tensors of the layout are float32 in the lazy model: store them as `float_dtype`
     fdt = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[float_dtype]
     layout = [(k, fdt if dt == "F32" and not k.endswith("e_score_correction_bias") else dt, s) for k, dt, s in layout]
-    cfg["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-    cfg["quantization_config"] = dict(cfg["quantization"])
+    if bits is not None:
+        cfg["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+        cfg["quantization_config"] = dict(cfg["quantization"])
 
     shards: list[list] = [[]]
     size = 0
@@ -522,7 +524,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
         size += b
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    levels = 2**bits
+    levels = 2**(bits or 4)
     spread = np.sqrt((levels**2 - 1) / 12.0)  # std of a uniform code in 0..levels-1
 
     def as_dtype(x: np.ndarray, dt: str) -> np.ndarray:
@@ -566,8 +568,9 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
                     elif len(row_shape) == 1:  # norms
                         data = 1 + 0.1 * rng.standard_normal(row_shape)
                     else:  # unquantized matrices (router, small MLA parts)
-                        scale = 3.0 if k.endswith("gate.weight") else 1.0
-                        data = rng.standard_normal(row_shape, dtype=np.float32) * scale / np.sqrt(row_shape[-1])
+                        std = 3.0 / np.sqrt(row_shape[-1]) if k.endswith("gate.weight") else \
+                            fan_in_std(k, row_shape[-1])
+                        data = rng.standard_normal(row_shape, dtype=np.float32) * std
                     data = as_dtype(np.asarray(data), dt)
                     w.write(k, data, row=r if len(shape) == 3 else None)
                     if bar:

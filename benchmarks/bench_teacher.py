@@ -1,0 +1,378 @@
+"""Benchmark the streaming teacher (issue 3), all parts in one run; every figure is a ratio to a peer measured here.
+
+(a) a synthetic real-width Kimi-K2 (4-bit) >= 1.25x this machine's RAM on disk, budget 4 GiB, real CMMLU prompts:
+    peak MLX memory, peak RSS, bytes read, wall time; ratio to max(raw sequential read of the same bytes,
+    in-memory compute of the same tokens with mlx-lm's own layers, weights resident).
+(b) a model that fits (reduced-width Kimi-K2-shaped MoE): streaming vs plain `mlx_lm.utils.load_model` + forward,
+    and vs a naive reload-each-layer-per-sequence executor (AirLLM-style).
+(c) 5-shot prompts of one subject with and without prefix sharing.
+
+    source scripts/setup_env.sh
+    python benchmarks/bench_teacher.py --work-dir ../kd_bench --budget 4GiB --questions-a 2 --questions-b 8
+    python benchmarks/bench_teacher.py --parts bc          # skip the big model
+
+Each measurement runs in a child process (its own peak RSS); shard pages are dropped from the page cache
+(posix_fadvise DONTNEED) before cold measurements. KD_MLX_CMMLU points at the real CMMLU (default ../shared/cmmlu).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+GiB = 2**30
+
+# The model that fits for (b)/(c): Kimi-K2-shaped (MLA, 1 dense + MoE layers, real vocab), reduced width, fp32
+# weights: on Linux CPUs MLX's 4-bit matmul with fp32 activations runs at ~1.5 GFLOP/s against ~50 for fp32 (measured
+# here), which would make (b) a 4-bit-kernel benchmark; all three executors use the same kernels either way.
+FIT_OVERRIDES = {"hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 512,
+                 "n_routed_experts": 32, "num_experts_per_tok": 8, "num_attention_heads": 16,
+                 "num_key_value_heads": 16, "q_lora_rank": 384, "kv_lora_rank": 256}
+
+
+def peak_rss() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+def drop_cache(model_dir: Path) -> None:
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cmmlu_dir() -> Path:
+    p = Path(os.environ.get("KD_MLX_CMMLU", REPO.parent / "shared" / "cmmlu"))
+    if not (p / "test").is_dir():
+        raise click.ClickException(f"real CMMLU not found at {p} (set KD_MLX_CMMLU)")
+    return p
+
+
+def cmmlu_prompts(n: int, shots: int, subject: str) -> list[tuple[str, str]]:
+    """(prefix, suffix) of the first n test questions of `subject` with `shots` dev shots (official prompt)."""
+    from kd_mlx.data import load_cmmlu
+    from kd_mlx.data.prompt import build_prompt
+
+    c = load_cmmlu(cmmlu_dir())
+    qs = c.test[subject][:n]
+    return [(p.prefix, p.suffix) for p in (build_prompt(q, c.dev[subject][:shots]) for q in qs)]
+
+
+# ------------------------------------------------------------------------------------------------ children
+def child(kind: str, args: dict) -> dict:
+    import mlx.core as mx
+
+    from kd_mlx.teacher import StreamingTeacher
+    from kd_mlx.tokenizer import load_tokenizer
+
+    model = Path(args["model"])
+    tok = load_tokenizer(model)
+    prompts = args["prompts"]
+    seqs = [tok.encode(p + s) for p, s in prompts]
+    pos = [[len(s) - 1] for s in seqs]
+    out: dict = {"kind": kind, "tokens": sum(map(len, seqs))}
+    if args.get("cold"):
+        drop_cache(model)
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    if kind == "stream":
+        t = StreamingTeacher(model, args["budget"])
+        if args.get("prefix"):
+            pre = tok.encode(prompts[0][0])
+            sfx = [tok.encode(s) for _, s in prompts]
+            assert all(tok.encode(p + s) == pre + x for (p, s), x in zip(prompts, sfx)), "prefix does not split"
+            res = t.logprobs_at(sfx, [[len(x) - 1] for x in sfx], prefix=pre)
+            out["tokens_computed"] = len(pre) + sum(map(len, sfx))
+        else:
+            res = t.logprobs_at(seqs, pos)
+            out["tokens_computed"] = out["tokens"]
+        out.update(bytes_read=t.stats.bytes_read, expert_bytes_read=t.stats.expert_bytes_read,
+                   io_wait_s=t.stats.io_wait_s, chunks=t.stats.chunks, plan=t.plan.describe(),
+                   experts_per_layer=t.stats.per_layer_experts, model_bytes=t.files.total_bytes)
+    elif kind == "mlxlm":
+        from kd_mlx.teacher.loading import load_in_memory
+        from kd_mlx.teacher.reference import reference_logprobs_at
+
+        m, _ = load_in_memory(model)
+        out["load_s"] = time.perf_counter() - t0
+        res = reference_logprobs_at(model, seqs, pos, model=m)
+    elif kind == "naive":
+        res, nbytes = naive_reload(model, seqs, pos)
+        out["bytes_read"] = nbytes
+    elif kind == "inmem_layers":
+        out.update(inmem_layer_compute(model, seqs, args["layers"]))
+        res = None
+    elif kind == "raw":
+        n = raw_read(model, args["bytes"])
+        out["bytes_read"] = n
+        res = None
+    else:
+        raise ValueError(kind)
+    out["wall_s"] = time.perf_counter() - t0
+    out["peak_mlx"] = int(mx.get_peak_memory())
+    out["peak_rss"] = peak_rss()
+    if res is not None:
+        lp = np.stack([np.asarray(r).reshape(-1, np.asarray(r).shape[-1])[-1] for r in res])
+        np.save(args["save"], lp)
+    return out
+
+
+def raw_read(model: Path, nbytes: int, block: int = 64 << 20) -> int:
+    """Sequential read of `nbytes` from the shards, in file order: the disk's own pace for those bytes."""
+    done = 0
+    buf = bytearray(block)
+    for f in sorted(model.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as fh:
+            while done < nbytes:
+                n = fh.readinto(buf)
+                if not n:
+                    break
+                done += n
+        if done >= nbytes:
+            break
+    return done
+
+
+def naive_reload(model_dir: Path, seqs, pos):
+    """AirLLM-style baseline: per sequence, per layer, read the whole layer (all experts) from disk, run, free."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.base import create_attention_mask
+
+    from kd_mlx.teacher.loading import build_skeleton
+    from kd_mlx.teacher.reference import log_softmax_np
+    from kd_mlx.teacher.streaming import Arch
+
+    lm = build_skeleton(model_dir)
+    model, files = lm.model, lm.files
+    arch = Arch(model, lm.config)
+    lazy = dict(tree_flatten(model.parameters()))
+
+    def install(prefix):
+        keys = [k for k in lazy if k.startswith(prefix)]
+        model.update(tree_unflatten([(k, files.read(k)) for k in keys]))
+        return keys
+
+    def restore(keys):
+        model.update(tree_unflatten([(k, lazy[k]) for k in keys]))
+        mx.clear_cache()
+
+    out = []
+    for s, p in zip(seqs, pos):
+        keys = install(arch.embed_prefix + ".")
+        h = arch.embed(mx.array([s]))
+        mx.eval(h)
+        restore(keys)
+        for i, layer in enumerate(arch.layers):
+            keys = install(f"model.layers.{i}.")
+            h = layer(h, create_attention_mask(h, None, return_array=arch.mask_array), None)
+            mx.eval(h)
+            restore(keys)
+        keys = install(arch.norm_prefix + ".") + install(arch.head_prefix + ".")
+        logits = arch.apply_head(arch.norm(h[:, mx.array(p)]))[0].astype(mx.float32)
+        out.append(log_softmax_np(logits))
+        restore(keys)
+    return out, files.bytes_read
+
+
+def inmem_layer_compute(model_dir: Path, seqs, layers: list[int]) -> dict:
+    """Compute time of mlx-lm's own layers with their weights already resident, one forward per prompt (as
+    mlx-lm runs), for the listed layers; inputs are the real hidden states of the prompts."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models.base import create_attention_mask
+
+    from kd_mlx.teacher.loading import build_skeleton
+    from kd_mlx.teacher.streaming import Arch
+
+    lm = build_skeleton(model_dir)
+    model, files = lm.model, lm.files
+    arch = Arch(model, lm.config)
+    keys_all = [k for k, _ in tree_flatten(model.parameters())]
+    emb = [k for k in keys_all if k.startswith(arch.embed_prefix + ".")]
+    model.update(tree_unflatten([(k, files.read(k)) for k in emb]))
+    hs = [arch.embed(mx.array([s])) for s in seqs]
+    mx.eval(hs)
+    times = {}
+    for i in sorted(layers):
+        keys = [k for k in keys_all if k.startswith(f"model.layers.{i}.")]
+        model.update(tree_unflatten([(k, files.read(k)) for k in keys]))  # resident before the clock starts
+        mx.eval([v for _, v in tree_flatten(arch.layers[i].parameters())])
+        t0 = time.perf_counter()
+        new = []
+        for h in hs:
+            o = arch.layers[i](h, create_attention_mask(h, None, return_array=arch.mask_array), None)
+            mx.eval(o)
+            new.append(o)
+        times[i] = time.perf_counter() - t0
+        hs = new
+        arch.layers[i].update(tree_unflatten([(k[len(f"model.layers.{i}."):], mx.zeros((1,))) for k in keys]))
+        mx.clear_cache()
+    return {"layer_compute_s": times}
+
+
+def run_child(kind: str, args: dict) -> dict:
+    tmp = Path(args["work"]) / f"child_{kind}_{os.getpid()}.json"
+    cmd = [sys.executable, __file__, "--child", kind, "--child-args", json.dumps(args), "--child-out", str(tmp)]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if r.returncode != 0:
+        raise click.ClickException(f"child {kind} failed:\n{r.stdout[-3000:]}")
+    res = json.loads(tmp.read_text())
+    tmp.unlink()
+    return res
+
+
+def gb(n) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+# ------------------------------------------------------------------------------------------------ parts
+def part_a(work: Path, budget: int, n_q: int, shots: int, subject: str, size: int | None) -> dict:
+    from kd_mlx.testing.models import synthetic_kimi_k2_dir
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    target = size or int(1.25 * ram)
+    model = synthetic_kimi_k2_dir(work / "kimi_real_30g", target_bytes=target)
+    cfg = json.loads((model / "config.json").read_text())
+    disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    prompts = cmmlu_prompts(n_q, shots, subject)
+    common = {"model": str(model), "prompts": prompts, "work": str(work)}
+    s = run_child("stream", {**common, "budget": budget, "cold": True, "save": str(work / "a_stream.npy")})
+    raw = run_child("raw", {**common, "bytes": s["bytes_read"], "cold": True})
+    n_layers = cfg["num_hidden_layers"]
+    comp = run_child("inmem_layers", {**common, "layers": [0, 1]})
+    t = {int(k): v for k, v in comp["layer_compute_s"].items()}
+    compute = t[0] + (n_layers - 1) * t[1]  # layers 1.. are identical MoE layers
+    limit = max(raw["wall_s"], compute)
+    return {"model_bytes_on_disk": disk, "ram_bytes": ram, "disk_over_ram": disk / ram, "layers": n_layers,
+            "budget": budget, "questions": n_q, "shots": shots, "tokens": s["tokens"],
+            "stream_wall_s": s["wall_s"], "stream_peak_mlx": s["peak_mlx"], "stream_peak_rss": s["peak_rss"],
+            "peak_over_budget": s["peak_mlx"] / budget, "rss_over_budget": s["peak_rss"] / budget,
+            "bytes_read": s["bytes_read"], "expert_bytes_read": s["expert_bytes_read"],
+            "io_wait_s": s["io_wait_s"], "raw_read_wall_s": raw["wall_s"],
+            "raw_read_GBps": raw["bytes_read"] / raw["wall_s"] / 1e9,
+            "inmem_compute_s_layer0": t[0], "inmem_compute_s_moe_layer": t[1], "inmem_compute_s_total": compute,
+            "ratio_to_limit": s["wall_s"] / limit, "limit_is": "disk" if raw["wall_s"] >= compute else "compute",
+            "plan": s["plan"], "experts_per_layer": s["experts_per_layer"]}
+
+
+def fit_model(work: Path) -> Path:
+    from kd_mlx.testing.models import synthetic_kimi_k2_dir
+
+    return synthetic_kimi_k2_dir(work / "kimi_fit", n_layers=5, bits=None, progress=False, **FIT_OVERRIDES)
+
+
+def part_b(work: Path, n_q: int, subject: str) -> dict:
+    model = fit_model(work)
+    disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    prompts = cmmlu_prompts(n_q, 0, subject)
+    common = {"model": str(model), "prompts": prompts, "work": str(work)}
+    budget = disk // 3
+    run_child("raw", {**common, "bytes": disk})  # warm the page cache: the model fits, all three read from RAM
+    s = run_child("stream", {**common, "budget": budget, "save": str(work / "b_stream.npy")})
+    m = run_child("mlxlm", {**common, "save": str(work / "b_mlxlm.npy")})
+    nv = run_child("naive", {**common, "save": str(work / "b_naive.npy")})
+    a, b, c = (np.load(work / f"b_{k}.npy") for k in ("stream", "mlxlm", "naive"))
+    return {"model_bytes_on_disk": disk, "budget": budget, "questions": n_q, "tokens": s["tokens"],
+            "stream_wall_s": s["wall_s"], "stream_peak_mlx": s["peak_mlx"], "stream_peak_rss": s["peak_rss"],
+            "stream_bytes_read": s["bytes_read"],
+            "mlxlm_wall_s": m["wall_s"], "mlxlm_load_s": m["load_s"], "mlxlm_peak_mlx": m["peak_mlx"],
+            "mlxlm_peak_rss": m["peak_rss"], "naive_wall_s": nv["wall_s"], "naive_bytes_read": nv["bytes_read"],
+            "naive_peak_mlx": nv["peak_mlx"],
+            "speedup_vs_naive": nv["wall_s"] / s["wall_s"], "stream_over_mlxlm": s["wall_s"] / m["wall_s"],
+            "max_abs_diff_stream_vs_mlxlm": float(np.abs(a - b).max()),
+            "max_abs_diff_naive_vs_mlxlm": float(np.abs(c - b).max()),
+            "same_argmax": bool((a.argmax(1) == b.argmax(1)).all())}
+
+
+def part_c(work: Path, n_q: int, shots: int, subject: str) -> dict:
+    model = fit_model(work)
+    prompts = cmmlu_prompts(n_q, shots, subject)
+    disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    common = {"model": str(model), "prompts": prompts, "work": str(work), "budget": disk // 3}
+    shared = run_child("stream", {**common, "prefix": True, "save": str(work / "c_shared.npy")})
+    full = run_child("stream", {**common, "save": str(work / "c_full.npy")})
+    a, b = np.load(work / "c_shared.npy"), np.load(work / "c_full.npy")
+    return {"questions": n_q, "shots": shots, "tokens_full": full["tokens_computed"],
+            "tokens_shared": shared["tokens_computed"],
+            "token_ratio": shared["tokens_computed"] / full["tokens_computed"],
+            "wall_full_s": full["wall_s"], "wall_shared_s": shared["wall_s"],
+            "wall_ratio": shared["wall_s"] / full["wall_s"], "max_abs_diff": float(np.abs(a - b).max())}
+
+
+@click.command()
+@click.option("--work-dir", default=str(REPO.parent / "kd_bench"), show_default=True,
+              help="where the synthetic models are written (needs ~1.3x RAM of disk for part a)")
+@click.option("--parts", default="abc", show_default=True)
+@click.option("--budget", default="4GiB", show_default=True)
+@click.option("--size-a", default=None, help="size of the big model (default 1.25x RAM)")
+@click.option("--questions-a", type=int, default=2, show_default=True)
+@click.option("--shots-a", type=int, default=0, show_default=True)
+@click.option("--questions-b", type=int, default=8, show_default=True)
+@click.option("--questions-c", type=int, default=6, show_default=True)
+@click.option("--subject", default="chinese_history", show_default=True)
+@click.option("--json-out", default=None)
+@click.option("--child", default=None, hidden=True)
+@click.option("--child-args", default=None, hidden=True)
+@click.option("--child-out", default=None, hidden=True)
+def main(work_dir, parts, budget, size_a, questions_a, shots_a, questions_b, questions_c, subject, json_out,
+         child, child_args, child_out):
+    if child:
+        res = globals()["child"](child, json.loads(child_args))
+        Path(child_out).write_text(json.dumps(res))
+        return
+    from kd_mlx.utils import linux_blas_advice, parse_bytes
+
+    if (adv := linux_blas_advice()):
+        print(adv)
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"command": " ".join(sys.argv), "cpu_count": os.cpu_count()}
+    if "b" in parts:
+        r = report["b"] = part_b(work, questions_b, subject)
+        print(f"(b) model that fits ({gb(r['model_bytes_on_disk'])}), {r['questions']} CMMLU prompts, "
+              f"{r['tokens']} tokens, streaming budget {gb(r['budget'])}:")
+        print(f"    streaming {r['stream_wall_s']:.1f} s (peak MLX {gb(r['stream_peak_mlx'])}, RSS "
+              f"{gb(r['stream_peak_rss'])}) | mlx-lm load+forward {r['mlxlm_wall_s']:.1f} s (load "
+              f"{r['mlxlm_load_s']:.1f} s, peak MLX {gb(r['mlxlm_peak_mlx'])}) | naive reload "
+              f"{r['naive_wall_s']:.1f} s (read {gb(r['naive_bytes_read'])} vs {gb(r['stream_bytes_read'])})")
+        print(f"    speedup vs naive {r['speedup_vs_naive']:.2f}x (goal >= 2x); streaming/mlx-lm "
+              f"{r['stream_over_mlxlm']:.2f}x; max |stream - mlx-lm| {r['max_abs_diff_stream_vs_mlxlm']:.2e}")
+    if "c" in parts:
+        r = report["c"] = part_c(work, questions_c, 5, subject)
+        print(f"(c) {r['questions']} questions 5-shot: tokens computed {r['tokens_shared']} shared vs "
+              f"{r['tokens_full']} recomputed = {r['token_ratio']:.3f}x (goal <= 0.25x); wall "
+              f"{r['wall_shared_s']:.1f} vs {r['wall_full_s']:.1f} s = {r['wall_ratio']:.3f}x; "
+              f"max |diff| {r['max_abs_diff']:.2e}")
+    if "a" in parts:
+        r = report["a"] = part_a(work, parse_bytes(budget), questions_a, shots_a, subject,
+                                 parse_bytes(size_a) if size_a else None)
+        print(f"(a) synthetic real-width Kimi-K2: {gb(r['model_bytes_on_disk'])} on disk = "
+              f"{r['disk_over_ram']:.2f}x RAM, {r['layers']} layers; {r['questions']} CMMLU prompts "
+              f"({r['tokens']} tokens), budget {gb(r['budget'])}")
+        print(f"    wall {r['stream_wall_s']:.1f} s; peak MLX {gb(r['stream_peak_mlx'])} = "
+              f"{r['peak_over_budget']:.2f}x budget (goal <= 1.1x); peak RSS {gb(r['stream_peak_rss'])}; "
+              f"read {gb(r['bytes_read'])} (experts {gb(r['expert_bytes_read'])}); io wait {r['io_wait_s']:.1f} s")
+        print(f"    raw sequential read of those bytes {r['raw_read_wall_s']:.1f} s ({r['raw_read_GBps']:.2f} GB/s); "
+              f"in-memory compute {r['inmem_compute_s_total']:.1f} s (mlx-lm layers, weights resident); "
+              f"ratio to max = {r['ratio_to_limit']:.2f}x (goal <= 1.25x; limit is {r['limit_is']})")
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1, default=str)[:4000])
+
+
+if __name__ == "__main__":
+    main()
