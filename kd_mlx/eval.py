@@ -30,6 +30,8 @@ from .utils import cli_errors, linux_blas_advice, load_yaml_config, merge_config
 @click.option("--limit", type=int, default=None, help="At most this many questions per subject.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype (auto: float32 on CPU, the checkpoint's on GPU).")
+@click.option("--dequantize/--no-dequantize", default=None,
+              help="Run a quantized model dequantized (default: yes on CPU, where quantized matmul is slow).")
 @click.option("--bos/--no-bos", default=None, help="Prepend BOS (default: the tokenizer config's add_bos_token).")
 @click.option("--reuse-prefix/--no-reuse-prefix", default=None, help="Share the few-shot prefix KV cache (default on).")
 @click.option("--reference", is_flag=True, default=None, help="Plain one-question-at-a-time loop (slow; for checks).")
