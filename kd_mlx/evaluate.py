@@ -402,7 +402,10 @@ def load_eval_model(model: str, adapters: str | None = None, memory_budget: int 
         a = Path(adapters)
         if not (a / "adapter_config.json").exists() or not (a / "adapters.safetensors").exists():
             raise KDError(f"adapter directory {a} needs adapter_config.json and adapters.safetensors")
-        net = load_adapters(net, str(a))
+        try:
+            net = load_adapters(net, str(a))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise KDError(f"cannot apply adapters {a} to {path}: {str(e).splitlines()[0]}") from None
     on_cpu = mx.default_device() == mx.cpu
     if dequantize is None:
         # CPU quantized matmul runs at ~3 GFLOP/s, dequantized fp32 through BLAS ~100x faster; on GPU keep 4-bit

@@ -348,3 +348,62 @@ def test_streaming_teacher_eval_equals_in_memory(fixture_data, tmp_path):
     np.testing.assert_allclose([r.probs for r in a.questions], [r.probs for r in b.questions], atol=1e-4)
     assert a.summary["overall"] == b.summary["overall"]
     assert max(max(r.probs) for r in a.questions) > 0.4  # not uniform: the comparison means something
+
+
+def test_adapters_from_training_are_applied(peaked_phi, fixture_data, loaded, tmp_path):
+    """LoRA adapters in mlx-lm's format (RUN/best/adapters.safetensors + adapter_config.json) change the scores
+    exactly as the LoRA model computed directly."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    from kd_mlx.evaluate import DEFAULTS, run_eval
+
+    model, _ = load_model(peaked_phi)
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.fc2"]}
+    linear_to_lora_layers(model, 2, lora)
+    mx.random.seed(7)
+    params = {k: mx.random.normal(v.shape) * 0.5 for k, v in tree_flatten(model.parameters())
+              if k.endswith(("lora_a", "lora_b"))}
+    model.load_weights(list(params.items()), strict=False)
+    best = tmp_path / "run" / "best"
+    best.mkdir(parents=True)
+    mx.save_safetensors(str(best / "adapters.safetensors"), params)
+    (best / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2,
+                                                          "lora_parameters": lora}))
+    run_eval(dict(DEFAULTS, model=str(peaked_phi), adapters=str(best), data=str(fixture_data), shots=0,
+                  subjects="anatomy,arts", out=str(tmp_path / "res")), progress=False)
+    changed = 0
+    for subject in ("anatomy", "arts"):
+        rows = list(csv.DictReader(open(tmp_path / "res" / "subjects" / f"{subject}.csv", encoding="utf-8")))
+        for row in rows:
+            text = official_prompt(subject, [], TEST[subject][int(row["index"])])
+            with_lora = direct_letter_logits(model, loaded.tokenizer, text)
+            base = direct_letter_logits(loaded.model, loaded.tokenizer, text)
+            probs = np.exp(with_lora - with_lora.max()) / np.exp(with_lora - with_lora.max()).sum()
+            np.testing.assert_allclose([float(row[f"prob_{c}"]) for c in LETTERS], probs, atol=1e-4)
+            assert row["prediction"] == LETTERS[int(with_lora.argmax())]
+            changed += int(np.abs(with_lora - base).max() > 1e-2)
+    assert changed > 0  # the adapters really move the logits
+    r = _cli(["--model", str(peaked_phi), "--adapters", str(tmp_path / "nowhere"), "--data", str(fixture_data),
+              "--out", str(tmp_path / "r2"), "--quiet"])
+    assert r.exit_code == 1 and "adapter" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_dequantized_cpu_path_equals_quantized(fixture_data, tmp_path):
+    """On CPU a quantized model runs dequantized in fp32 (fast path); it agrees with MLX's quantized matmul."""
+    from kd_mlx.data import load_cmmlu
+    from kd_mlx.evaluate import evaluate_model, load_eval_model
+    from kd_mlx.testing.models import tiny_kimi_k2_dir
+
+    d = tiny_kimi_k2_dir(tmp_path / "kimi4", bits=4, n_layers=2)
+    cm = load_cmmlu(fixture_data)
+    qs = [q for s in sorted(cm.test) for q in cm.test[s]]
+    deq = load_eval_model(str(d), dequantize=True)
+    quant = load_eval_model(str(d), dequantize=False)
+    assert "QuantizedLinear" not in repr(deq.model) and "Quantized" in repr(quant.model)
+    a = evaluate_model(deq, qs, cm.dev, shots=0, progress=False)
+    b = evaluate_model(quant, qs, cm.dev, shots=0, progress=False)
+    np.testing.assert_allclose([r.probs for r in a.questions], [r.probs for r in b.questions], atol=1e-4)
+    assert [r.prediction for r in a.questions] == [r.prediction for r in b.questions]
