@@ -407,3 +407,21 @@ def test_dequantized_cpu_path_equals_quantized(fixture_data, tmp_path):
     b = evaluate_model(quant, qs, cm.dev, shots=0, progress=False)
     np.testing.assert_allclose([r.probs for r in a.questions], [r.probs for r in b.questions], atol=1e-4)
     assert [r.prediction for r in a.questions] == [r.prediction for r in b.questions]
+
+
+def test_eval_on_a_split_of_splits_json(peaked_phi, fixture_data, tmp_path):
+    """--splits/--split evaluates exactly the split's questions (here: the held-out test split)."""
+    from kd_mlx.data import load_cmmlu, make_splits
+
+    splits = make_splits(load_cmmlu(fixture_data), seed=0, val=0.3, test=0.3)
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    r = _cli(["--model", str(peaked_phi), "--data", str(fixture_data), "--splits", str(tmp_path / "splits.json"),
+              "--split", "test", "--shots", "0", "--out", str(tmp_path / "r"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    got = set()
+    for f in (tmp_path / "r" / "subjects").iterdir():
+        got |= {row["id"] for row in csv.DictReader(open(f, encoding="utf-8"))}
+    assert got == set(splits["test"]) and 0 < len(got) < 9
+    r = _cli(["--model", str(peaked_phi), "--data", str(fixture_data), "--split", "val", "--out",
+              str(tmp_path / "r2"), "--quiet"])
+    assert r.exit_code == 1 and "--splits" in r.output
