@@ -10,6 +10,7 @@ from .loader import (  # noqa: F401
     Question,
     SkippedRow,
     content_hash,
+    content_key,
     load_cmmlu,
     parse_csv,
     subject_table,
@@ -27,3 +28,10 @@ from .prompt import (  # noqa: F401
     subject_zh,
 )
 from .splits import SPLIT_NAMES, check_no_leak, load_splits, make_splits, split_questions  # noqa: F401
+
+__all__ = [
+    "CMMLU", "HUB_REPO", "LETTERS", "Question", "SkippedRow", "content_hash", "content_key", "load_cmmlu",
+    "parse_csv", "subject_table", "Prompt", "build_prompt", "count_tokens_batch", "count_tokens_reference",
+    "fit_prompt", "fit_prompts", "format_question", "format_shot", "header", "subject_zh", "SPLIT_NAMES",
+    "check_no_leak", "load_splits", "make_splits", "split_questions",
+]
