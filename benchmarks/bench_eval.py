@@ -3,6 +3,10 @@
     source scripts/setup_env.sh
     python benchmarks/bench_eval.py                       # real SmolLM2-135M, real CMMLU 5-shot, 3 subjects x 6
     python benchmarks/bench_eval.py --model PHI_DIR --subjects arts,anatomy --limit 10 --batch-size 8
+    python benchmarks/bench_eval.py --no-reuse-prefix     # batching alone (no shared-prefix cache)
+
+Measured here (Linux x86_64, 2 shared cores, OpenBLAS preloaded, default command): plain 0.074 q/s, kd_mlx.eval
+0.203 q/s, 2.73x, 18/18 predictions equal (max prob difference 3e-6); 18 questions, mean prompt 845 tokens.
 
 Both sides score the same questions with the same loaded model (on CPU: dequantized, fp32) under the official
 protocol. The plain loop does what CMMLU's script does: build the fitted prompt, tokenize it whole, one full forward
@@ -56,7 +60,9 @@ def plain_official_loop(em, questions, dev, shots: int, max_tokens: int) -> tupl
 @click.option("--shots", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-tokens", type=int, default=2048, show_default=True)
-def main(model, data, subjects, limit, shots, batch_size, max_tokens) -> None:
+@click.option("--reuse-prefix/--no-reuse-prefix", default=True, show_default=True,
+              help="kd_mlx.eval side: share the few-shot prefix KV cache (off: batching alone).")
+def main(model, data, subjects, limit, shots, batch_size, max_tokens, reuse_prefix) -> None:
     import mlx.core as mx
 
     from kd_mlx.evaluate import _peak_rss_bytes, evaluate_model, load_eval_model, select_questions, softmax4
@@ -79,7 +85,7 @@ def main(model, data, subjects, limit, shots, batch_size, max_tokens) -> None:
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     fast = evaluate_model(em, questions, dev, shots=shots, max_tokens=max_tokens, batch_size=batch_size,
-                          progress=True)
+                          reuse_prefix=reuse_prefix, progress=True)
     fast_s = time.perf_counter() - t0
     fast_peak = mx.get_peak_memory()
 
@@ -99,7 +105,7 @@ def main(model, data, subjects, limit, shots, batch_size, max_tokens) -> None:
     print(f"  CMMLU {data}: subjects {subjects}, {n} test questions, {shots}-shot, "
           f"mean prompt {th['mean_prompt_tokens']:.0f} tokens (max {max(r.n_tokens for r in fast.questions)}), "
           f"mean shots kept {th['mean_shots']:.2f}")
-    print(f"  kd_mlx.eval: batch {batch_size}, prefix reuse; computed {th['computed_tokens']} tokens "
+    print(f"  kd_mlx.eval: batch {batch_size}, prefix reuse {'on' if reuse_prefix else 'off'}; computed {th['computed_tokens']} tokens "
           f"({th['padded_tokens']} padding) for {th['prompt_tokens']} prompt tokens")
     print(f"  plain loop: {plain_tokens} tokens, one full forward per question")
     print("results:")
