@@ -176,6 +176,20 @@ def _groups(n: int, groups: Sequence[Any] | None) -> list[list[int]]:
     return list(by.values())
 
 
+def _length_batches(members: list[int], lengths: Sequence[int], batch_size: int,
+                    min_fill: float = 0.75) -> list[list[int]]:
+    """Longest first, at most `batch_size` per batch, and a new batch whenever the next sequence is shorter than
+    `min_fill` x the batch's width: padding stays under ~25% of the computed tokens."""
+    order = sorted(members, key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and lengths[i] >= min_fill * lengths[batches[-1][0]]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def letter_logits_batched(model, seqs: Sequence[Sequence[int]], answer_ids: Sequence[int], *,
                           groups: Sequence[Any] | None = None, batch_size: int = 8, reuse_prefix: bool = True,
                           pad_id: int = 0, on_item: Callable[[], None] | None = None,
@@ -200,10 +214,7 @@ def letter_logits_batched(model, seqs: Sequence[Sequence[int]], answer_ids: Sequ
                 prefix_cache = _prefix_cache(model, seqs[members[0]][:p])
                 stats.prefix_tokens += p
                 stats.computed_tokens += p
-        # longest first: similar lengths share a batch, so little padding
-        order = sorted(members, key=lambda i: -len(seqs[i]))
-        for b0 in range(0, len(order), batch_size):
-            chunk = order[b0: b0 + batch_size]
+        for chunk in _length_batches(members, [len(s) - p for s in seqs], batch_size):
             suffixes = [list(seqs[i][p:]) for i in chunk]
             lengths = [len(s) for s in suffixes]
             width = max(lengths)
@@ -234,7 +245,8 @@ def letter_logits_streaming(teacher, seqs: Sequence[Sequence[int]], answer_ids: 
     """The same scores through `kd_mlx.teacher.StreamingTeacher.logprobs_at` (models larger than memory).
 
     Returns the full-vocab log-probs of A-D at the last token: they differ from the logits by one constant per
-    question, so argmax and the softmax over the four letters are the same."""
+    question, so argmax and the softmax over the four letters are the same. One `logprobs_at` call per prefix
+    group (one pass over the weights); `batch_size` is accepted for symmetry and unused."""
     stats = stats if stats is not None else ScoreStats()
     ids = list(answer_ids)
     out = np.zeros((len(seqs), 4), dtype=np.float32)
@@ -249,9 +261,9 @@ def letter_logits_streaming(teacher, seqs: Sequence[Sequence[int]], answer_ids: 
         prefix = list(seqs[members[0]][:p]) if p > 0 else None
         stats.prefix_tokens += p
         stats.computed_tokens += p
-        order = sorted(members, key=lambda i: -len(seqs[i]))
-        for b0 in range(0, len(order), batch_size):
-            chunk = order[b0: b0 + batch_size]
+        # one call per group: each call streams the weights from disk once, and the teacher fits its own
+        # micro-batches to the memory budget (so `batch_size` does not apply here)
+        for chunk in [members]:
             suffixes = [list(seqs[i][p:]) for i in chunk]
             res = teacher.logprobs_at(suffixes, [[len(s) - 1] for s in suffixes], prefix=prefix, reduce=reduce)
             for r, i in enumerate(chunk):

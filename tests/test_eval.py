@@ -256,6 +256,15 @@ def test_batched_and_prefix_reuse_equal_reference(loaded, fixture_data):
             assert stats.padded_tokens > 0
 
 
+def test_length_batches_by_hand():
+    from kd_mlx.evaluate import _length_batches
+
+    lengths = [100, 40, 90, 80, 74, 30, 35, 76]
+    # longest first: 100, 90, 80, 76 (>= 75) | 74, ... (< 0.75*100 -> new batch) 74 | 40, 35, 30
+    assert _length_batches(list(range(8)), lengths, 4) == [[0, 2, 3, 7], [4], [1, 6, 5]]
+    assert _length_batches(list(range(8)), lengths, 2) == [[0, 2], [3, 7], [4], [1, 6], [5]]
+
+
 def test_padding_value_does_not_matter(loaded, fixture_data):
     from kd_mlx.evaluate import answer_token_ids, letter_logits_batched
 
