@@ -299,3 +299,21 @@ def test_tiny_phi_student_loads_in_mlx_lm(tmp_path):
     seqs, pos = [tok.encode("def f(x):\n    return x")], [[0, 3]]
     _check_equal(StreamingTeacher(d, None).logprobs_at(seqs, pos), reference_logprobs_at(d, seqs, pos))
     assert os.path.exists(d / "config.json")
+
+
+def test_synthetic_teacher_writer_small(tmp_path):
+    """The real-width generator at toy width: a loadable mlx-lm 4-bit model of the asked depth / size."""
+    from mlx_lm.utils import load_model
+
+    from kd_mlx.testing.models import synthetic_kimi_k2_dir
+
+    small = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "n_routed_experts": 16,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 128, "kv_lora_rank": 64,
+             "vocab_size": 100_512}
+    d = synthetic_kimi_k2_dir(tmp_path / "syn", target_bytes=12_000_000, progress=False, **small)
+    cfg = json.loads((d / "config.json").read_text())
+    size = json.loads((d / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert size >= 12_000_000 and cfg["quantization"]["bits"] == 4
+    load_model(d)  # names, shapes and quantization as mlx-lm expects
+    seqs, pos = _seqs(9, (6,)), [[5]]
+    _check_equal(StreamingTeacher(d, 8_000_000).logprobs_at(seqs, pos), reference_logprobs_at(d, seqs, pos))
