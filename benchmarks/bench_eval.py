@@ -5,8 +5,10 @@
     python benchmarks/bench_eval.py --model PHI_DIR --subjects arts,anatomy --limit 10 --batch-size 8
     python benchmarks/bench_eval.py --no-reuse-prefix     # batching alone (no shared-prefix cache)
 
-Measured here (Linux x86_64, 2 shared cores, OpenBLAS preloaded, default command): plain 0.074 q/s, kd_mlx.eval
-0.203 q/s, 2.73x, 18/18 predictions equal (max prob difference 3e-6); 18 questions, mean prompt 845 tokens.
+Measured here (Linux x86_64, 2 shared cores, OpenBLAS preloaded, default command): plain 0.075 q/s, kd_mlx.eval
+0.233 q/s, 3.11x, 18/18 predictions equal (max prob difference 2.5e-6); 18 questions, mean prompt 845 tokens,
+5,201 tokens computed for 15,207 prompt tokens. With --no-reuse-prefix --limit 3 (batching alone, before
+length bucketing) 0.55x: on CPU batching brings no extra FLOP/s, the gain is the shared prefix.
 
 Both sides score the same questions with the same loaded model (on CPU: dequantized, fp32) under the official
 protocol. The plain loop does what CMMLU's script does: build the fitted prompt, tokenize it whole, one full forward
