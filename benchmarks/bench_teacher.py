@@ -11,6 +11,19 @@
     python benchmarks/bench_teacher.py --work-dir ../kd_bench --budget 4GiB --questions-a 2 --questions-b 8
     python benchmarks/bench_teacher.py --parts bc          # skip the big model
 
+Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, MLX 0.32 CPU + OpenBLAS, disk
+~0.5-0.7 GB/s), `--questions-a 2 --questions-b 8 --questions-c 10` (c also with 30):
+(a) 31.5 GiB synthetic 4-bit Kimi-K2 (1.34x RAM, 4 layers: 1 dense + 3 MoE at real width), budget 4 GiB, 2 CMMLU
+    prompts (441 tokens): wall 737 s; peak MLX 1.54 GiB (0.39x budget), peak RSS 3.21 GiB (0.80x budget); read
+    7.4 GiB (6.2 GiB experts: the synthetic router picked ~80 of 384 experts per layer); raw read of those bytes
+    16.4 s; in-memory compute with mlx-lm's layers 1033 s (extrapolated from layer 0 and one MoE layer) -> 0.71x
+    the limit (compute-bound: CPU 4-bit matmul ~1.5 GFLOP/s).
+(b) 2.15 GiB fp32 reduced-width Kimi-K2, 8 prompts (1605 tokens), budget 0.72 GiB: streaming 19.1 s, mlx-lm
+    load + forward 121 s, naive reload-per-sequence 120 s (17.2 GiB read vs 1.5 GiB) -> 6.3x faster than naive;
+    max |stream - mlx-lm| 3.2e-5, same argmax.
+(c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
+    wall 52.9 vs 144.7 s = 0.37x); the ratio tends to suffix/(prefix+suffix) ~ 0.23 over a whole subject.
+
 Each measurement runs in a child process (its own peak RSS); shard pages are dropped from the page cache
 (posix_fadvise DONTNEED) before cold measurements. KD_MLX_CMMLU points at the real CMMLU (default ../shared/cmmlu).
 """
