@@ -72,8 +72,12 @@ def test_expert_kernels_agree_with_mlx_lm(kimi4, kernel, dequant_min):
     """Both MoE kernels (mlx-lm's SwitchGLU gather kernels; per-expert dense, dequantized or not) == reference."""
     seqs = _seqs(8, (12, 7))
     pos = [[len(s) - 1] for s in seqs]
-    t = StreamingTeacher(kimi4, 4_000_000, expert_kernel=kernel, dequant_min_tokens=dequant_min)
-    _check_equal(t.logprobs_at(seqs, pos), reference_logprobs_at(kimi4, seqs, pos))
+    ref = reference_logprobs_at(kimi4, seqs, pos)
+    for deq_layers in (False, True):  # attention/dense linears: quantized_matmul or dequantized fp32 (CPU path)
+        t = StreamingTeacher(kimi4, 4_000_000, expert_kernel=kernel, dequant_min_tokens=dequant_min,
+                             dequantize_layers=deq_layers)
+        assert any(t.plan.dequant_layers) == deq_layers
+        _check_equal(t.logprobs_at(seqs, pos), ref)
 
 
 def test_moe_reads_only_routed_experts(kimi32):
