@@ -17,7 +17,10 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     prompts (441 tokens): wall 737 s; peak MLX 1.54 GiB (0.39x budget), peak RSS 3.21 GiB (0.80x budget); read
     7.4 GiB (6.2 GiB experts: the synthetic router picked ~80 of 384 experts per layer); raw read of those bytes
     16.4 s; in-memory compute with mlx-lm's layers 1033 s (extrapolated from layer 0 and one MoE layer) -> 0.71x
-    the limit (compute-bound: CPU 4-bit matmul ~1.5 GFLOP/s).
+    the limit (compute-bound: CPU 4-bit matmul ~1.5 GFLOP/s). With the later CPU fast path (MoE layers' attention
+    and shared expert dequantized to fp32; the dense layer 0 stays 4-bit, its fp32 copy would not leave half the
+    budget free): wall 457 s (0.44x the limit), peak MLX 1.44 GiB, peak RSS 3.22 GiB; its log-probs differ from
+    the quantized-kernel run by max 1.1e-4 (same argmax) at this width.
 (b) 2.15 GiB fp32 reduced-width Kimi-K2, 8 prompts (1605 tokens), budget 0.72 GiB: streaming 19.1 s, mlx-lm
     load + forward 121 s, naive reload-per-sequence 120 s (17.2 GiB read vs 1.5 GiB) -> 6.3x faster than naive;
     max |stream - mlx-lm| 3.2e-5, same argmax.
