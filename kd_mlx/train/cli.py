@@ -1,0 +1,92 @@
+"""CLI: train a student on the teacher's store, resume a run, or sweep hyper-parameters.
+
+    python -m kd_mlx.train --student DIR|HUB_ID --store STORE --data CMMLU_DIR --splits splits.json \\
+        [--teacher-tokenizer DIR] [--config configs/train_phi15.yaml] --out RUN
+    python -m kd_mlx.train --resume RUN            # continue from RUN/last (settings from RUN/config.json)
+    python -m kd_mlx.train sweep --config configs/train_sweep.yaml --grid temperature=1,2 \\
+        --grid answer_weight=0.5,0.9 --steps 50 --out SWEEP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..utils import KDError, cli_errors, linux_blas_advice, load_yaml_config, merge_config
+from .run import DEFAULTS
+
+_COMMON = [
+    click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (flags win)."),
+    click.option("--student", help="Student model directory or hub id (mlx-lm architecture)."),
+    click.option("--store", help="Teacher logits store (python -m kd_mlx.teacher dump)."),
+    click.option("--data", help="CMMLU directory (dev/ test/) or hub id."),
+    click.option("--splits", help="splits.json (python -m kd_mlx.data split)."),
+    click.option("--teacher-tokenizer", "teacher_tokenizer", help="Teacher tokenizer directory."),
+    click.option("--out", help="Run directory."),
+    click.option("--steps", type=int, help="Optimizer steps."),
+    click.option("--fine-tune-type", "fine_tune_type", type=click.Choice(["lora", "dora", "full"])),
+    click.option("--learning-rate", "learning_rate", type=float),
+    click.option("--batch-size", "batch_size", type=int),
+    click.option("--seed", type=int),
+]
+
+
+def _with_common(fn):
+    for opt in reversed(_COMMON):
+        fn = opt(fn)
+    return fn
+
+
+def _cfg(config_path: str | None, flags: dict, base: dict | None = None) -> dict:
+    file_cfg = load_yaml_config(config_path)
+    defaults = dict(DEFAULTS)
+    if base:
+        defaults.update({k: v for k, v in base.items() if k in DEFAULTS})
+    return merge_config(file_cfg, flags, defaults)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@_with_common
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.pass_context
+@cli_errors
+def main(ctx, config_path, resume, no_progress, **flags):
+    """Distil the teacher's store into a student (LoRA/DoRA/full), with validation and checkpoints."""
+    if ctx.invoked_subcommand is not None:
+        if config_path or resume or any(v is not None for v in flags.values()):
+            raise KDError(f"put options after the subcommand: python -m kd_mlx.train {ctx.invoked_subcommand} ...")
+        return
+    from .run import run_training
+
+    if advice := linux_blas_advice():
+        click.echo(advice, err=True)
+    base = None
+    if resume:
+        cfg_file = Path(resume) / "config.json"
+        if not cfg_file.is_file():
+            raise KDError(f"cannot resume {resume}: no config.json there")
+        base = json.loads(cfg_file.read_text(encoding="utf-8"))
+        if flags.get("out") and Path(flags["out"]).resolve() != Path(resume).resolve():
+            raise KDError("--resume RUN continues RUN in place: --out must be RUN or left out")
+        flags["out"] = resume
+    cfg = _cfg(config_path, flags, base)
+    summary = run_training(cfg, resume=bool(resume), progress=not no_progress)
+    click.echo(json.dumps(summary, ensure_ascii=False))
+
+
+@main.command("sweep")
+@_with_common
+@click.option("--grid", multiple=True, required=True, help="KEY=V1,V2,... (repeatable): the values to try.")
+@click.option("--no-progress", is_flag=True)
+@cli_errors
+def sweep_cmd(config_path, grid, no_progress, **flags):
+    """Short trials over a grid, ranked by validation accuracy; prints a table and writes OUT/sweep.json."""
+    from .run import format_sweep_table, parse_grid, run_sweep
+
+    cfg = _cfg(config_path, flags)
+    trials = run_sweep(cfg, parse_grid(grid), progress=not no_progress)
+    click.echo(format_sweep_table(trials))
+    click.echo(f"wrote {Path(cfg['out']) / 'sweep.json'}")
