@@ -1,0 +1,844 @@
+"""The logits store: what the student learns from. This module is the only owner of its on-disk format.
+
+Layout of a store directory::
+
+    STORE/
+      manifest.json                  written last, atomically: identity, encoding, k, row ids, shards + sha256
+      shard-000-000000.safetensors   N questions each (fixed shard size), ragged arrays flattened with offsets
+      shard-000-000001.safetensors   ("000" is the writer's rank: one writer per rank, rank-major order)
+      ...
+
+Every shard is a plain safetensors file (readable by `safetensors`, `mx.load`, numpy) written by our own
+deterministic writer: tensors in name order, header JSON with sorted keys, no timestamps. Identical inputs
+therefore give byte-identical shards, which is what makes "kill -9, rerun the same command" produce exactly
+the store an uninterrupted run produces: finished shards are found on disk (they only ever appear through an
+atomic rename), the pending rows are recomputed, and the manifest is rebuilt from the shards.
+
+Per question (row) a shard holds:
+
+- `answer_logprobs` (Q, 4) float32: full-vocab log-probs of the tokens "A".."D" at the answer position
+- `labels` (Q,) int8: gold answer 0..3 (-1 unknown)
+- `token_ids` (T,) int32 + `token_splits` (Q+1,) int64: the teacher's prompt token ids
+- `char_offsets` (T, 2) int32: (start, end) character offsets of each token in the prompt text
+- `positions` (P,) int32 + `position_splits` (Q+1,) int64: token indices that carry a top-k row; the row at
+  position i is the teacher's distribution of token i+1 (for the last prompt token: of the answer)
+- the top-k payload, in one of the value encodings below
+- `hidden` (Q, d) optional pooled final hidden state (float32 for `fp32`, else float16)
+
+Value encodings (top-k log-probs and their token ids; bytes per top-k row at k=32 in brackets):
+
+- `fp32`   exact reference: int32 ids, float32 log-probs [256]
+- `fp16`   ids packed as 3 bytes (uint24, vocab < 16.7M), float16 log-probs [160]
+- `q8`     uint24 ids; log-probs as uint8 steps below the row's top-1 value (kept as float32) with a per-row
+           float16 step = (top1 - min) / 255 [134]
+- `q8rice` the same uint8 values, but the ids of each row sorted ascending and their gaps Rice-coded (one
+           parameter per question; unary and remainder bit streams kept apart so both decode vectorised);
+           the rank order is recovered from the decoded values [~90, depends on the ids]
+
+Decoded rows are always returned sorted by log-prob, descending (ties: lower id first). The encoding error
+of the lossy encodings is measured in tests/test_store.py and benchmarks/bench_store.py, not assumed.
+
+CLI: `python -m kd_mlx.store verify STORE` (checksums, counts, NaN/Inf; exit 1 and one line per problem) and
+`python -m kd_mlx.store show STORE --id QID` (JSON).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .utils import KDError, sha256_file, write_json_atomic
+
+FORMAT = "kd_mlx.store"
+VERSION = 1
+ENCODINGS = ("fp32", "fp16", "q8", "q8rice")
+MANIFEST = "manifest.json"
+_SHARD_RE = re.compile(r"^shard-(\d{3})-(\d{6})\.safetensors$")
+_TMP_PREFIX = ".tmp-"
+# identity keys every store has; the dump adds teacher/tokenizer/template/shots/positions/...
+REQUIRED_IDENTITY = ("k", "encoding")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class StoreRecord:
+    """One question's teacher targets (see the module docstring for the meaning of each field)."""
+
+    id: str
+    answer_logprobs: np.ndarray  # (4,) float32, log-probs under the full vocab
+    token_ids: np.ndarray  # (n,) int32
+    offsets: np.ndarray  # (n, 2) int32 char offsets into the prompt text
+    positions: np.ndarray  # (p,) int32 token indices with a top-k row
+    topk_ids: np.ndarray  # (p, k) int32, sorted by log-prob descending
+    topk_logprobs: np.ndarray  # (p, k) float32
+    hidden: np.ndarray | None = None  # (d,) float32
+    label: int = -1  # gold answer 0..3, -1 if unknown
+
+    @property
+    def answer_probs(self) -> np.ndarray:
+        """The 4-way answer distribution (renormalised over A-D)."""
+        a = self.answer_logprobs.astype(np.float64)
+        e = np.exp(a - a.max())
+        return (e / e.sum()).astype(np.float32)
+
+    def to_json(self, max_positions: int | None = None) -> dict:
+        p = len(self.positions) if max_positions is None else min(max_positions, len(self.positions))
+        return {
+            "id": self.id,
+            "label": "ABCD"[self.label] if 0 <= self.label < 4 else None,
+            "answer_logprobs": [float(x) for x in self.answer_logprobs],
+            "answer_probs": [float(x) for x in self.answer_probs],
+            "num_tokens": int(len(self.token_ids)),
+            "token_ids": [int(x) for x in self.token_ids],
+            "offsets": [[int(a), int(b)] for a, b in self.offsets],
+            "num_positions": int(len(self.positions)),
+            "topk": [
+                {"position": int(self.positions[i]),
+                 "ids": [int(x) for x in self.topk_ids[i]],
+                 "logprobs": [round(float(x), 6) for x in self.topk_logprobs[i]]}
+                for i in range(p)
+            ],
+            "hidden_dim": None if self.hidden is None else int(self.hidden.shape[-1]),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a small deterministic safetensors writer/reader (the format is 8 bytes of header length, a JSON header,
+# then raw little-endian data); the `safetensors` package reads what we write (tested)
+
+_DT_TO_ST = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int32"): "I32",
+             np.dtype("int64"): "I64", np.dtype("uint8"): "U8", np.dtype("int8"): "I8",
+             np.dtype("uint32"): "U32"}
+_ST_TO_DT = {v: k for k, v in _DT_TO_ST.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` (in name order) with a sorted-key header: the same input gives the same bytes."""
+    header: dict[str, Any] = {}
+    blobs = []
+    pos = 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if a.dtype not in _DT_TO_ST:
+            raise TypeError(f"unsupported dtype {a.dtype} for {name}")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        b = a.tobytes()
+        header[name] = {"dtype": _DT_TO_ST[a.dtype], "shape": list(a.shape), "data_offsets": [pos, pos + len(b)]}
+        blobs.append(b)
+        pos += len(b)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    h = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    h += b" " * (-len(h) % 8)  # pad so the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """(tensor entries, metadata, data start) of a safetensors file; KDError if it is not one."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file too short")
+            n = int.from_bytes(raw, "little")
+            if n > 100_000_000:
+                raise ValueError("header length is implausible")
+            h = f.read(n)
+            if len(h) < n:
+                raise ValueError("header truncated")
+        header = json.loads(h.decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise KDError(f"{path.name}: not a readable safetensors file ({e})") from None
+    meta = header.pop("__metadata__", {}) or {}
+    return header, meta, 8 + n
+
+
+class _Shard:
+    """Memory-mapped view of one shard: arrays are sliced from the file without reading it whole."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries, self.meta, self.start = read_safetensors_header(path)
+        self._f = open(path, "rb")
+        size = os.fstat(self._f.fileno()).st_size
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.size = size
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        a = self._cache.get(name)
+        if a is None:
+            e = self.entries.get(name)
+            if e is None:
+                raise KDError(f"{self.path.name}: missing tensor {name}")
+            dt = _ST_TO_DT.get(e["dtype"])
+            b0, b1 = e["data_offsets"]
+            count = int(np.prod(e["shape"])) if e["shape"] else 1
+            if dt is None or self.start + b1 > self.size or b1 - b0 != count * dt.itemsize:
+                raise KDError(f"{self.path.name}: tensor {name} has a bad header entry")
+            a = np.frombuffer(self._mm, dtype=dt.newbyteorder("<"), count=count,
+                              offset=self.start + b0).reshape(e["shape"]) if count else np.zeros(e["shape"], dt)
+            self._cache[name] = a
+        return a
+
+    def close(self) -> None:
+        self._cache.clear()
+        try:
+            if self._mm is not None:
+                self._mm.close()
+        except BufferError:  # arrays handed out still point into the map; the GC closes it later
+            pass
+        self._f.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# value encodings
+
+
+def _pack_u24(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 24):
+        raise KDError("token id outside 0..16,777,215 cannot be packed as uint24 (use --encoding fp32)")
+    b = ids.astype("<u4").reshape(*ids.shape, 1).view(np.uint8)  # (..., 4) little-endian bytes
+    return np.ascontiguousarray(b[..., :3]).reshape(*ids.shape[:-1], ids.shape[-1] * 3)
+
+
+def _unpack_u24(b: np.ndarray, k: int) -> np.ndarray:
+    b = np.asarray(b, dtype=np.uint8).reshape(-1, k, 3)
+    full = np.zeros((b.shape[0], k, 4), np.uint8)
+    full[..., :3] = b
+    return full.view("<u4").reshape(b.shape[0], k).astype(np.int32)
+
+
+def _quantise_q8(lps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of log-probs -> (uint8 steps below top-1, top-1 float32, step float16). Non-finite rows: top1=NaN."""
+    lps = np.asarray(lps, np.float32)
+    rows = lps.shape[0]
+    finite = np.isfinite(lps).all(axis=1)
+    safe = np.where(finite[:, None], lps, 0.0).astype(np.float32)
+    top1 = safe.max(axis=1) if rows else np.zeros(0, np.float32)
+    gap = (top1 - safe.min(axis=1)) if rows else np.zeros(0, np.float32)
+    step = np.maximum(gap / 255.0, 2.0 ** -14).astype(np.float16)
+    # the step is stored as float16: round it up when needed so the smallest value still fits in 255 steps
+    short = step.astype(np.float32) * 255.0 < gap
+    step[short] = np.nextafter(step[short], np.float16(np.inf))
+    q = np.rint((top1[:, None] - safe) / step.astype(np.float32)[:, None])
+    q = np.clip(q, 0, 255).astype(np.uint8)
+    top1 = np.where(finite, top1, np.nan).astype(np.float32)
+    return q, top1, step
+
+
+def _dequantise_q8(q: np.ndarray, top1: np.ndarray, step: np.ndarray) -> np.ndarray:
+    return (top1[:, None].astype(np.float32) - q.astype(np.float32) * step.astype(np.float32)[:, None])
+
+
+def _sort_by_value(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plain reference: rows sorted by log-prob descending, ties by id ascending (what every decoder returns)."""
+    out_i, out_v = np.array(ids, np.int32, copy=True), np.array(lps, np.float32, copy=True)
+    for r in range(len(out_i)):
+        order = sorted(range(out_i.shape[1]), key=lambda j: (-float(lps[r, j]), int(ids[r, j])))
+        out_i[r], out_v[r] = np.asarray(ids[r])[order], np.asarray(lps[r])[order]
+    return out_i, out_v
+
+
+def _sort_rows_by_value(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # vectorised version of _sort_by_value: primary key -value, secondary key id (ids < 2^24 fit exactly)
+    if ids.size == 0:
+        return ids.astype(np.int32), lps.astype(np.float32)
+    o1 = np.argsort(ids, axis=1, kind="stable")
+    v1 = np.take_along_axis(lps, o1, 1)
+    o2 = np.argsort(-v1, axis=1, kind="stable")
+    order = np.take_along_axis(o1, o2, 1)
+    return np.take_along_axis(ids, order, 1).astype(np.int32), np.take_along_axis(lps, order, 1).astype(np.float32)
+
+
+def _rice_encode(deltas: np.ndarray) -> tuple[int, bytes, bytes]:
+    """Rice code of non-negative ints with the best parameter b: (b, unary stream, remainder stream)."""
+    d = deltas.astype(np.int64).ravel()
+    if d.size == 0:
+        return 0, b"", b""
+    costs = [int((d >> b).sum()) + d.size * (1 + b) for b in range(25)]
+    b = int(np.argmin(costs))
+    qs = d >> b
+    # unary: q zeros then a terminating one
+    ends = np.cumsum(qs + 1) - 1
+    bits = np.zeros(int(ends[-1]) + 1, np.uint8)
+    bits[ends] = 1
+    unary = np.packbits(bits).tobytes()
+    if b:
+        r = d & ((1 << b) - 1)
+        rbits = ((r[:, None] >> np.arange(b - 1, -1, -1)) & 1).astype(np.uint8)
+        rem = np.packbits(rbits.ravel()).tobytes()
+    else:
+        rem = b""
+    return b, unary, rem
+
+
+def _rice_decode(b: int, unary: np.ndarray, rem: np.ndarray, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, np.int64)
+    ends = np.flatnonzero(np.unpackbits(unary))[:n]
+    if len(ends) < n:
+        raise KDError("corrupt q8rice id stream (too few codes)")
+    qs = np.diff(ends, prepend=-1) - 1
+    d = qs.astype(np.int64) << b
+    if b:
+        rbits = np.unpackbits(rem)[: n * b]
+        if len(rbits) < n * b:
+            raise KDError("corrupt q8rice id stream (remainders truncated)")
+        d |= rbits.reshape(n, b).astype(np.int64) @ (1 << np.arange(b - 1, -1, -1, dtype=np.int64))
+    return d
+
+
+def encode_topk(encoding: str, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Encode per-question top-k rows [(ids (p,k), logprobs (p,k)), ...] into flat shard tensors."""
+    if encoding not in ENCODINGS:
+        raise KDError(f"unknown encoding {encoding!r} (choose from {', '.join(ENCODINGS)})")
+    k = rows[0][0].shape[1] if rows else 0
+    ids = np.concatenate([r[0] for r in rows]).astype(np.int64) if rows else np.zeros((0, k), np.int64)
+    lps = np.concatenate([r[1] for r in rows]).astype(np.float32) if rows else np.zeros((0, k), np.float32)
+    if encoding == "fp32":
+        return {"topk_ids": ids.astype(np.int32), "topk_logprobs": lps}
+    if encoding == "fp16":
+        return {"topk_ids_u24": _pack_u24(ids), "topk_logprobs_f16": lps.astype(np.float16)}
+    if encoding == "q8":
+        q, top1, step = _quantise_q8(lps)
+        return {"topk_ids_u24": _pack_u24(ids), "topk_q8": q, "topk_top1": top1, "topk_step": step}
+    # q8rice: sort each row by id, code the gaps; values follow the id order
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 24):
+        raise KDError("token id outside 0..16,777,215 cannot be stored with q8rice (use --encoding fp32)")
+    order = np.argsort(ids, axis=1, kind="stable")
+    sids = np.take_along_axis(ids, order, 1)
+    slps = np.take_along_axis(lps, order, 1)
+    if sids.size and (np.diff(sids, axis=1) <= 0).any():
+        raise KDError("q8rice needs distinct token ids within a top-k row")
+    q, top1, step = _quantise_q8(slps)
+    bs, un, re_, un_off, re_off = [], [], [], [0], [0]
+    start = 0
+    for r in rows:
+        p = len(r[0])
+        s = sids[start:start + p]
+        start += p
+        deltas = np.diff(s, axis=1, prepend=-1) - 1 if p else np.zeros((0, k), np.int64)
+        b, u, rm = _rice_encode(deltas)
+        bs.append(b)
+        un.append(u)
+        re_.append(rm)
+        un_off.append(un_off[-1] + len(u))
+        re_off.append(re_off[-1] + len(rm))
+    return {"topk_q8": q, "topk_top1": top1, "topk_step": step, "rice_b": np.array(bs, np.uint8),
+            "rice_unary": np.frombuffer(b"".join(un), np.uint8), "rice_unary_splits": np.array(un_off, np.int64),
+            "rice_rem": np.frombuffer(b"".join(re_), np.uint8), "rice_rem_splits": np.array(re_off, np.int64)}
+
+
+def decode_topk(encoding: str, get: Callable[[str], np.ndarray], k: int, qi: int, r0: int, r1: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode rows r0:r1 (those of question `qi` of the shard) -> (ids (p,k) int32, logprobs (p,k) float32)."""
+    if encoding == "fp32":
+        ids = np.asarray(get("topk_ids")[r0:r1], np.int32)
+        lps = np.asarray(get("topk_logprobs")[r0:r1], np.float32)
+        return ids, lps  # stored already in rank order: exact
+    if encoding == "fp16":
+        ids = _unpack_u24(get("topk_ids_u24")[r0:r1], k)
+        lps = get("topk_logprobs_f16")[r0:r1].astype(np.float32)
+        return _sort_rows_by_value(ids, lps)
+    lps = _dequantise_q8(get("topk_q8")[r0:r1], get("topk_top1")[r0:r1], get("topk_step")[r0:r1])
+    if encoding == "q8":
+        ids = _unpack_u24(get("topk_ids_u24")[r0:r1], k)
+        return _sort_rows_by_value(ids, lps)
+    if encoding == "q8rice":
+        us, rs = get("rice_unary_splits"), get("rice_rem_splits")
+        d = _rice_decode(int(get("rice_b")[qi]), get("rice_unary")[us[qi]:us[qi + 1]],
+                         get("rice_rem")[rs[qi]:rs[qi + 1]], (r1 - r0) * k)
+        ids = (np.cumsum(d.reshape(r1 - r0, k) + 1, axis=1) - 1) if r1 > r0 else np.zeros((0, k), np.int64)
+        return _sort_rows_by_value(ids.astype(np.int32), lps)
+    raise KDError(f"unknown encoding {encoding!r} in store")
+
+
+def topk_bytes(tensors: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the top-k payload among a shard's tensors (for bytes-per-position figures)."""
+    return sum(int(a.nbytes) for n, a in tensors.items() if n.startswith(("topk_", "rice_")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# identity / manifest helpers
+
+
+def identity_hash(identity: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=True).encode()).hexdigest()[:16]
+
+
+def _identity_mismatch(path: Path, stored: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    keys = sorted(set(stored) | set(new))
+    diff = [k for k in keys if stored.get(k) != new.get(k)]
+    if not diff:
+        return None
+    k = diff[0]
+    more = f" (and {len(diff) - 1} more: {', '.join(diff[1:])})" if len(diff) > 1 else ""
+    return (f"store {path} was written with {k}={stored.get(k)!r} but this run has {k}={new.get(k)!r}{more}; "
+            f"refusing to mix them: use another --out or the original settings")
+
+
+def _shard_name(rank: int, index: int) -> str:
+    return f"shard-{rank:03d}-{index:06d}.safetensors"
+
+
+def _list_shards(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if _SHARD_RE.match(p.name)) if path.is_dir() else []
+
+
+def _shard_info(p: Path) -> tuple[dict, list[str], dict]:
+    entries, meta, _ = read_safetensors_header(p)
+    try:
+        identity = json.loads(meta["identity"])
+        ids = json.loads(meta["ids"])
+        counts = json.loads(meta["counts"])
+    except (KeyError, ValueError):
+        raise KDError(f"{p}: shard metadata missing or unreadable (not written by kd_mlx.store?)") from None
+    return identity, ids, counts
+
+
+def build_manifest(path: str | os.PathLike) -> dict:
+    """(Re)build and atomically write manifest.json from the shard files on disk (rank-major order).
+
+    Deterministic: it depends only on the shards' bytes. A multi-rank dump calls this once, after every rank
+    closed its writer with `write_manifest=False`."""
+    path = Path(path)
+    shards = _list_shards(path)
+    if not shards:
+        raise KDError(f"no shards in {path}: nothing to finalise")
+    identity = shard_size = None
+    ids: list[str] = []
+    entries = []
+    for p in shards:
+        ident, sids, counts = _shard_info(p)
+        _, meta, _ = read_safetensors_header(p)
+        if identity is None:
+            identity, shard_size = ident, int(meta.get("shard_size", 0))
+        elif (msg := _identity_mismatch(path, identity, ident)) is not None:
+            raise KDError(f"{p.name}: {msg}")
+        ids.extend(sids)
+        entries.append({"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size, "rows": len(sids),
+                        **{k: int(v) for k, v in counts.items()}})
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise KDError(f"store {path}: question {dup} appears in more than one shard")
+    manifest = {
+        "format": FORMAT, "version": VERSION, "identity": identity, "identity_hash": identity_hash(identity),
+        "encoding": identity["encoding"], "k": identity["k"], "shard_size": shard_size,
+        "num_rows": len(ids), "num_tokens": sum(e["tokens"] for e in entries),
+        "num_positions": sum(e["positions"] for e in entries), "shards": entries, "ids": ids,
+    }
+    write_json_atomic(path / MANIFEST, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writer
+
+
+class StoreWriter:
+    """Buffers records and writes fixed-size shards atomically (temporary name, fsync, rename).
+
+    Resumable: on start it finds this rank's finished shards, checks their identity against `identity`
+    (a mismatch is refused with one line naming the key) and exposes their ids in `done_ids`; the caller skips
+    those and feeds the rest *in the same order*, so shard i always holds questions i*N..(i+1)*N-1 and a rerun
+    after kill -9 reproduces the uninterrupted store byte for byte. Appending new questions to a finished store
+    with the same identity starts a new shard. `close()` writes the last (partial) shard, then the manifest."""
+
+    def __init__(self, path: str | os.PathLike, identity: Mapping[str, Any], shard_size: int = 256,
+                 rank: int = 0):
+        self.path = Path(path)
+        self.identity = json.loads(json.dumps(dict(identity), sort_keys=True))  # plain JSON types only
+        for key in REQUIRED_IDENTITY:
+            if key not in self.identity:
+                raise KDError(f"store identity lacks {key!r}")
+        if self.identity["encoding"] not in ENCODINGS:
+            raise KDError(f"unknown encoding {self.identity['encoding']!r} (choose from {', '.join(ENCODINGS)})")
+        self.k = int(self.identity["k"])
+        if shard_size < 1:
+            raise KDError("shard size must be at least 1")
+        self.shard_size = int(shard_size)
+        self.rank = int(rank)
+        if self.path.exists() and not self.path.is_dir():
+            raise KDError(f"store path {self.path} exists and is not a directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for p in self.path.iterdir():  # leftovers of an interrupted write: never complete, always redone
+            if p.name.startswith(_TMP_PREFIX + f"{self.rank:03d}") or (p.name.startswith(".manifest.json.")
+                                                                       and p.name.endswith(".tmp")):
+                p.unlink()
+        self.done_ids: set[str] = set()
+        self._next_index = 0
+        man = self.path / MANIFEST
+        if man.exists():
+            try:
+                m = json.loads(man.read_text(encoding="utf-8"))
+            except ValueError:
+                raise KDError(f"{man} is not valid JSON") from None
+            if m.get("format") != FORMAT:
+                raise KDError(f"{self.path} is not a kd_mlx store (manifest format {m.get('format')!r})")
+            if (msg := _identity_mismatch(self.path, m.get("identity", {}), self.identity)) is not None:
+                raise KDError(msg)
+            self.done_ids.update(m.get("ids", []))
+        mine = []
+        for p in _list_shards(self.path):
+            ident, ids, _ = _shard_info(p)
+            if (msg := _identity_mismatch(self.path, ident, self.identity)) is not None:
+                raise KDError(msg)
+            _, meta, _ = read_safetensors_header(p)
+            if int(meta.get("shard_size", self.shard_size)) != self.shard_size:
+                raise KDError(f"store {self.path} uses shard size {meta.get('shard_size')}, this run "
+                              f"{self.shard_size}; use the same --shard-size to resume")
+            self.done_ids.update(ids)
+            if int(_SHARD_RE.match(p.name).group(1)) == self.rank:
+                mine.append(int(_SHARD_RE.match(p.name).group(2)))
+        if mine and mine != list(range(len(mine))):
+            raise KDError(f"store {self.path}: rank {self.rank} shards are not numbered 0..{len(mine) - 1}")
+        self._next_index = len(mine)
+        self._buf: list[StoreRecord] = []
+        self._hidden_dim: int | None = None
+        self._closed = False
+
+    def add(self, rec: StoreRecord) -> None:
+        if rec.id in self.done_ids or any(r.id == rec.id for r in self._buf):
+            raise KDError(f"question {rec.id} is already in the store {self.path}")
+        p = len(rec.positions)
+        if rec.topk_ids.shape != (p, self.k) or rec.topk_logprobs.shape != (p, self.k):
+            raise KDError(f"{rec.id}: top-k arrays must be ({p}, {self.k}), got {rec.topk_ids.shape} / "
+                          f"{rec.topk_logprobs.shape}")
+        if np.shape(rec.answer_logprobs) != (4,):
+            raise KDError(f"{rec.id}: answer_logprobs must have 4 values")
+        if np.shape(rec.offsets) != (len(rec.token_ids), 2):
+            raise KDError(f"{rec.id}: offsets must be ({len(rec.token_ids)}, 2)")
+        hd = None if rec.hidden is None else int(np.shape(rec.hidden)[-1])
+        want = self.identity.get("hidden_dim", 0) or None
+        if hd != want:
+            raise KDError(f"{rec.id}: hidden state of size {hd}, the store's identity says {want}")
+        self._buf.append(rec)
+        if len(self._buf) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        recs, self._buf = self._buf, []
+        tensors = shard_tensors(recs, self.identity["encoding"], self.k)
+        counts = {"tokens": int(len(tensors["token_ids"])), "positions": int(len(tensors["positions"]))}
+        meta = {"format": FORMAT, "version": str(VERSION), "identity": json.dumps(self.identity, sort_keys=True),
+                "ids": json.dumps([r.id for r in recs], ensure_ascii=True), "counts": json.dumps(counts),
+                "shard_size": str(self.shard_size)}
+        name = _shard_name(self.rank, self._next_index)
+        tmp = self.path / f"{_TMP_PREFIX}{self.rank:03d}-{name}"
+        write_safetensors(tmp, tensors, meta)
+        os.replace(tmp, self.path / name)
+        self.done_ids.update(r.id for r in recs)
+        self._next_index += 1
+
+    def close(self, write_manifest: bool = True) -> dict | None:
+        """Write the pending rows, then (rank 0 / single writer) the manifest. Returns the manifest."""
+        if self._closed:
+            return None
+        self._flush()
+        self._closed = True
+        if write_manifest and _list_shards(self.path):
+            return build_manifest(self.path)
+        return None
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # on an error keep the finished shards (resumable) but do not write a partial shard or a manifest
+        if exc_type is None:
+            self.close()
+
+
+def shard_tensors(recs: Sequence[StoreRecord], encoding: str, k: int) -> dict[str, np.ndarray]:
+    """The flat tensors of one shard (ragged arrays concatenated, with (Q+1,) split offsets)."""
+    def splits(lengths):
+        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    t: dict[str, np.ndarray] = {
+        "answer_logprobs": np.stack([np.asarray(r.answer_logprobs, np.float32) for r in recs]),
+        "labels": np.array([r.label for r in recs], np.int8),
+        "token_ids": np.concatenate([np.asarray(r.token_ids, np.int32) for r in recs]),
+        "token_splits": splits([len(r.token_ids) for r in recs]),
+        "char_offsets": np.concatenate([np.asarray(r.offsets, np.int32).reshape(-1, 2) for r in recs]),
+        "positions": np.concatenate([np.asarray(r.positions, np.int32) for r in recs]),
+        "position_splits": splits([len(r.positions) for r in recs]),
+    }
+    t.update(encode_topk(encoding, [(np.asarray(r.topk_ids).reshape(-1, k), np.asarray(r.topk_logprobs).reshape(-1, k))
+                                    for r in recs]))
+    if recs[0].hidden is not None:
+        t["hidden"] = np.stack([np.asarray(r.hidden, np.float32) for r in recs]).astype(
+            np.float32 if encoding == "fp32" else np.float16)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reader
+
+
+class TopKStore:
+    """Read a finished store: `.manifest`, `.ids`, `len()`, `store[qid]` (random access), ordered iteration."""
+
+    def __init__(self, path: str | os.PathLike, max_open: int = 8):
+        self.path = Path(path)
+        man = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise KDError(f"store not found: {self.path}")
+        if not man.exists():
+            raise KDError(f"{self.path} has no manifest.json: not a finished store (rerun the dump to finish it)")
+        try:
+            self.manifest = json.loads(man.read_text(encoding="utf-8"))
+        except ValueError:
+            raise KDError(f"{man} is not valid JSON") from None
+        if self.manifest.get("format") != FORMAT:
+            raise KDError(f"{self.path} is not a kd_mlx store")
+        if self.manifest.get("version", 0) > VERSION:
+            raise KDError(f"{self.path} has store version {self.manifest['version']}; this kd_mlx reads {VERSION}")
+        self.identity: dict = self.manifest["identity"]
+        self.encoding: str = self.manifest["encoding"]
+        self.k: int = int(self.manifest["k"])
+        self.ids: list[str] = list(self.manifest["ids"])
+        self._where: dict[str, tuple[int, int]] = {}
+        i = 0
+        for si, sh in enumerate(self.manifest["shards"]):
+            for row in range(sh["rows"]):
+                self._where[self.ids[i]] = (si, row)
+                i += 1
+        self._open: dict[int, _Shard] = {}
+        self._max_open = max_open
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, qid: str) -> bool:
+        return qid in self._where
+
+    def _shard(self, si: int) -> _Shard:
+        s = self._open.get(si)
+        if s is None:
+            if len(self._open) >= self._max_open:  # small FIFO of open maps
+                self._open.pop(next(iter(self._open))).close()
+            s = _Shard(self.path / self.manifest["shards"][si]["file"])
+            self._open[si] = s
+        return s
+
+    def __getitem__(self, qid: str) -> StoreRecord:
+        try:
+            si, row = self._where[qid]
+        except KeyError:
+            raise KDError(f"question {qid} is not in the store {self.path}") from None
+        return self._record(self._shard(si), row, qid)
+
+    def _record(self, sh: _Shard, row: int, qid: str) -> StoreRecord:
+        ts, ps = sh["token_splits"], sh["position_splits"]
+        t0, t1, p0, p1 = int(ts[row]), int(ts[row + 1]), int(ps[row]), int(ps[row + 1])
+        ids, lps = decode_topk(self.encoding, sh.__getitem__, self.k, row, p0, p1)
+        hidden = np.asarray(sh["hidden"][row], np.float32) if "hidden" in sh else None
+        return StoreRecord(
+            id=qid, answer_logprobs=np.array(sh["answer_logprobs"][row], np.float32),
+            token_ids=np.array(sh["token_ids"][t0:t1], np.int32), offsets=np.array(sh["char_offsets"][t0:t1], np.int32),
+            positions=np.array(sh["positions"][p0:p1], np.int32), topk_ids=ids, topk_logprobs=lps,
+            hidden=hidden, label=int(sh["labels"][row]))
+
+    def __iter__(self) -> Iterator[StoreRecord]:
+        i = 0
+        for si, sh in enumerate(self.manifest["shards"]):
+            s = self._shard(si)
+            for row in range(sh["rows"]):
+                yield self._record(s, row, self.ids[i])
+                i += 1
+
+    def close(self) -> None:
+        for s in self._open.values():
+            s.close()
+        self._open.clear()
+
+    def __enter__(self) -> "TopKStore":
+        return self
+
+    def __exit__(self, *a) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verification
+
+
+def verify_store(path: str | os.PathLike) -> list[str]:
+    """Every problem found, one line each (empty list = the store is sound)."""
+    path = Path(path)
+    problems: list[str] = []
+    if not path.is_dir():
+        return [f"{path}: store directory not found"]
+    man = path / MANIFEST
+    if not man.exists():
+        return [f"{path}: no manifest.json (unfinished dump: rerun the same command to finish it)"]
+    try:
+        m = json.loads(man.read_text(encoding="utf-8"))
+    except ValueError as e:
+        return [f"{MANIFEST}: not valid JSON ({e})"]
+    if m.get("format") != FORMAT:
+        return [f"{MANIFEST}: format is {m.get('format')!r}, expected {FORMAT!r}"]
+    for key in ("identity", "encoding", "k", "shards", "ids"):
+        if key not in m:
+            problems.append(f"{MANIFEST}: missing key {key!r}")
+    if problems:
+        return problems
+    if identity_hash(m["identity"]) != m.get("identity_hash"):
+        problems.append(f"{MANIFEST}: identity_hash does not match the identity")
+    listed = {s["file"] for s in m["shards"]}
+    for p in sorted(path.iterdir()):
+        if p.name.startswith(_TMP_PREFIX) or p.name.endswith(".tmp"):
+            problems.append(f"{p.name}: leftover temporary file of an interrupted write")
+        elif _SHARD_RE.match(p.name) and p.name not in listed:
+            problems.append(f"{p.name}: shard not listed in the manifest (interrupted append? rerun the dump)")
+    if len(set(m["ids"])) != len(m["ids"]):
+        problems.append(f"{MANIFEST}: duplicate question ids")
+    if sum(s["rows"] for s in m["shards"]) != len(m["ids"]) or m.get("num_rows") != len(m["ids"]):
+        problems.append(f"{MANIFEST}: shard row counts do not add up to the {len(m['ids'])} ids")
+    enc, k = m["encoding"], int(m["k"])
+    i0 = 0
+    for sh in m["shards"]:
+        name = sh["file"]
+        ids = m["ids"][i0:i0 + sh["rows"]]
+        i0 += sh["rows"]
+        p = path / name
+        if not p.exists():
+            problems.append(f"{name}: missing")
+            continue
+        if sha256_file(p) != sh["sha256"]:
+            problems.append(f"{name}: sha256 mismatch (file changed or corrupted)")
+        try:
+            s = _Shard(p)
+        except KDError as e:
+            problems.append(str(e))
+            continue
+        try:
+            problems.extend(_verify_shard(s, sh, ids, enc, k, m["identity"]))
+        except (KDError, ValueError, IndexError) as e:
+            problems.append(f"{name}: unreadable ({e})")
+        finally:
+            s.close()
+    return problems
+
+
+def _verify_shard(s: _Shard, sh: dict, ids: list[str], enc: str, k: int, identity: dict) -> list[str]:
+    name = s.path.name
+    out = []
+    try:
+        meta_ids = json.loads(s.meta.get("ids", "null"))
+        meta_ident = json.loads(s.meta.get("identity", "null"))
+    except ValueError:
+        return [f"{name}: metadata is not valid JSON"]
+    if meta_ids != ids:
+        out.append(f"{name}: row ids differ from the manifest")
+    if meta_ident != identity:
+        out.append(f"{name}: identity differs from the manifest")
+    q = len(ids)
+    ts, ps = s["token_splits"], s["position_splits"]
+    checks = [
+        (s["answer_logprobs"].shape == (q, 4), "answer_logprobs shape"),
+        (s["labels"].shape == (q,), "labels shape"),
+        (len(ts) == q + 1 and ts[0] == 0 and (np.diff(ts) >= 0).all() and ts[-1] == len(s["token_ids"]),
+         "token splits"),
+        (len(ps) == q + 1 and ps[0] == 0 and (np.diff(ps) >= 0).all() and ps[-1] == len(s["positions"]),
+         "position splits"),
+        (s["char_offsets"].shape == (len(s["token_ids"]), 2), "char_offsets shape"),
+        (int(ts[-1]) == sh.get("tokens"), "token count vs manifest"),
+        (int(ps[-1]) == sh.get("positions"), "position count vs manifest"),
+    ]
+    out += [f"{name}: bad {what}" for ok, what in checks if not ok]
+    if out:
+        return out
+    bad = int((~np.isfinite(s["answer_logprobs"])).sum())
+    if bad:
+        out.append(f"{name}: {bad} non-finite answer log-probs")
+    if "hidden" in s and (n := int((~np.isfinite(s["hidden"].astype(np.float32))).sum())):
+        out.append(f"{name}: {n} non-finite hidden values")
+    # positions must index into the question's tokens
+    for qi in range(q):
+        pos = s["positions"][ps[qi]:ps[qi + 1]]
+        if len(pos) and (pos.min() < 0 or pos.max() >= ts[qi + 1] - ts[qi]):
+            out.append(f"{name}: {ids[qi]} has positions outside its {ts[qi + 1] - ts[qi]} tokens")
+    nonfinite = 0
+    for qi in range(q):
+        tids, lps = decode_topk(enc, s.__getitem__, k, qi, int(ps[qi]), int(ps[qi + 1]))
+        nonfinite += int((~np.isfinite(lps)).sum())
+        if tids.shape != (ps[qi + 1] - ps[qi], k):
+            out.append(f"{name}: {ids[qi]} top-k has shape {tids.shape}")
+        elif len(tids) and (tids.min() < 0):
+            out.append(f"{name}: {ids[qi]} has negative top-k ids")
+    if nonfinite:
+        out.append(f"{name}: {nonfinite} non-finite top-k log-probs")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI: python -m kd_mlx.store verify|show
+
+
+def _cli():
+    import click
+
+    from .utils import cli_errors
+
+    @click.group(help="Inspect and check a kd_mlx logits store.")
+    def group() -> None:
+        pass
+
+    @group.command("verify", help="Check checksums, counts, shapes and NaN/Inf; exit 1 with one line per problem.")
+    @click.argument("store", type=click.Path())
+    @cli_errors
+    def verify_cmd(store: str) -> None:
+        problems = verify_store(store)
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+        if problems:
+            raise SystemExit(1)
+        m = json.loads((Path(store) / MANIFEST).read_text(encoding="utf-8"))
+        click.echo(f"ok: {m['num_rows']} questions, {m['num_positions']} top-k rows (k={m['k']}, "
+                   f"{m['encoding']}), {len(m['shards'])} shards")
+
+    @group.command("show", help="Print one question's record as JSON.")
+    @click.argument("store", type=click.Path())
+    @click.option("--id", "qid", required=True, help="question id (see manifest.json 'ids')")
+    @click.option("--max-positions", type=int, default=None, help="print at most this many top-k rows")
+    @cli_errors
+    def show_cmd(store: str, qid: str, max_positions: int | None) -> None:
+        with TopKStore(store) as st:
+            click.echo(json.dumps(st[qid].to_json(max_positions), ensure_ascii=False, indent=1))
+
+    return group
+
+
+def main() -> None:
+    _cli()(prog_name="python -m kd_mlx.store")
+
+
+if __name__ == "__main__":
+    main()
