@@ -110,7 +110,11 @@ def _temper_logprobs(logp: mx.array, temperature: float, axis: int = -1) -> mx.a
     if temperature == 1.0:
         return logp
     z = logp / temperature
-    return z - mx.logsumexp(z, axis=axis, keepdims=True)
+    lse = mx.logsumexp(z, axis=axis, keepdims=True)
+    # an all −inf row (a padding row: no ids, no remainder) must stay −inf, not −inf − (−inf) = NaN: the NaN would
+    # be hidden by `where` in the forward value but reach the student's gradient (0 · NaN) in the backward pass
+    lse = mx.where(mx.isinf(lse), mx.zeros_like(lse), lse)
+    return z - lse
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,7 +338,8 @@ def sparse_topk_kl(student_logits: mx.array, topk_ids, topk_logprobs, mask=None,
     if tail == "bucket":
         per = _sparse_kl_core(student_logits, ids, lp, _log_tail_from_logprobs(lp), temperature)
     else:
-        lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+        lse = mx.logsumexp(lp, axis=-1, keepdims=True)
+        lp = lp - mx.where(mx.isinf(lse), mx.zeros_like(lse), lse)  # all-padding row: stays −inf, not NaN
         per = _sparse_kl_core(student_logits, ids, lp, None, temperature)
     return reduce_masked(per, mask, reduction)
 
@@ -349,7 +354,7 @@ def _sparse_reference_one(s_logits: np.ndarray, ids, probs: np.ndarray, tail_p: 
     if temperature != 1.0:
         w = [p ** (1.0 / temperature) if p > 0 else 0.0 for p in ps]
         z = sum(w)
-        ps = [x / z for x in w]
+        ps = [x / z for x in w] if z > 0 else w  # an empty row (padding) stays empty
     acc = 0.0
     listed = set()
     for (i, _), p in zip(cats, ps):
@@ -377,7 +382,8 @@ def sparse_topk_kl_reference(student_logits, topk_ids, topk_logprobs, mask=None,
                                              temperature)
         else:
             z = sum(probs)
-            per[idx] = _sparse_reference_one(s[idx], ids[idx], np.array(probs) / z, None, temperature)
+            per[idx] = _sparse_reference_one(s[idx], ids[idx], np.array(probs) / (z if z > 0 else 1.0), None,
+                                             temperature)
     return _reduce_masked_np(per, mask, reduction)
 
 

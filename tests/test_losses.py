@@ -404,3 +404,35 @@ def test_masked_positions_contribute_nothing_sparse():
         assert math.isfinite(a) and a == pytest.approx(b, rel=1e-6)
         g = np.array(mx.grad(fn)(mx.array(s2)))
         assert np.all(g[~mask] == 0) and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_padding_rows_give_finite_gradients(temperature):
+    # padding rows as the alignment emits them (every id −1, remainder 0), masked or not: at T != 1 tempering an
+    # all −inf row used to give −inf − (−inf) = NaN, hidden in the value by `where` but leaking into the gradient
+    rng = np.random.default_rng(21)
+    N, V = 5, 9
+    s = _rand(rng, N, V)
+    ids, lp = _topk(rng, N, V, 3)
+    probs = np.exp(lp)
+    rem = 1 - probs.sum(-1)
+    pad = np.array([0, 1, 0, 1, 0], bool)
+    ids[pad], lp[pad], probs[pad], rem[pad] = -1, -np.inf, 0.0, 0.0
+    mask = ~pad
+    cases = [
+        (lambda x, m: L.projected_kl(x, mx.array(ids), mx.array(probs), mx.array(rem), m, temperature),
+         lambda m: L.projected_kl_reference(s, ids, probs, rem, m, temperature)),
+        (lambda x, m: L.sparse_topk_kl(x, mx.array(ids), mx.array(lp), m, temperature),
+         lambda m: L.sparse_topk_kl_reference(s, ids, lp, m, temperature)),
+        (lambda x, m: L.sparse_topk_kl(x, mx.array(ids), mx.array(lp), m, temperature, tail="renorm"),
+         lambda m: L.sparse_topk_kl_reference(s, ids, lp, m, temperature, tail="renorm")),
+    ]
+    for fast, ref in cases:
+        v = float(fast(mx.array(s), mx.array(mask)))
+        assert math.isfinite(v) and v == pytest.approx(ref(mask), rel=1e-4, abs=1e-6)
+        g = np.array(mx.grad(lambda x: fast(x, mx.array(mask)))(mx.array(s)))
+        assert np.all(np.isfinite(g)) and np.all(g[pad] == 0) and np.any(g[mask] != 0)
+    # unmasked padding rows (projected_kl: an empty target) are finite too and add nothing to the gradient
+    fast = cases[0][0]
+    g = np.array(mx.grad(lambda x: fast(x, None))(mx.array(s)))
+    assert np.all(np.isfinite(g)) and np.all(g[pad] == 0)
