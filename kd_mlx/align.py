@@ -1,0 +1,375 @@
+"""Cross-tokenizer alignment: the teacher's top-k next-token distributions expressed over the student's vocabulary.
+
+Teacher (Kimi-K2, tiktoken, whole Chinese words) and student (Phi-1.5, GPT-2 byte-level BPE, ~2.2 tokens per
+Chinese character) cut the same text differently. A teacher row is usable for the student only where both have
+read exactly the same text and are about to predict the token that starts at the same place:
+
+1. **Aligned boundaries.** The teacher row at token i is the distribution of token i+1, whose text starts at
+   character c = end of token i. It is used when c lies in the text both prompts share (`c >= region_start`), the
+   teacher's token i ends cleanly at c (it does not end inside a multi-byte character) and a student token j1 > 0
+   starts cleanly at c − shift (student token j1−1 ends there). Char offsets follow `kd_mlx.tokenizer`: byte-level
+   pieces of one character share that character's span, so "token k−1 ends where token k starts" holds exactly
+   when the boundary falls between characters, i.e. byte positions are compared, and the several GPT-2 tokens of
+   one Chinese character never create a boundary inside it. The student's logits at j = j1 − 1 are the target.
+2. **Projection (vocabulary level, precomputed once per tokenizer pair).** Each teacher candidate maps to the
+   student token that would begin it: the student's first token of the candidate's bytes encoded on their own.
+   Candidates that are not valid UTF-8 (pieces of a character) fall back to the longest student token that is a
+   byte prefix of them; special/control tokens on either side, and empty tokens, map to nothing (−1).
+   Probabilities of candidates mapping to the same student id are summed; the mass outside the top-k and the
+   mass of unmappable candidates is kept as an explicit remainder, so that `probs.sum(-1) + rest == 1`.
+   `kd_mlx.losses.projected_kl` compares that remainder with the student's mass outside the listed ids.
+
+What the projection assumes (and where it is only approximate):
+
+- **Context-free first token.** The student token that begins a candidate is computed from the candidate alone.
+  In context the student's BPE also sees the text after the candidate: for the teacher's candidate "中国" the
+  student in context may produce a longer or differently merged first token of the following characters, and for a
+  candidate "hel" (of "hello") the student would really emit "hello". The mapped token is always a byte prefix of
+  the candidate (tested), so it is the student's first step towards the same text, never a different text.
+- **Leading spaces.** GPT-2 and tiktoken both attach a single leading space to the following word (" the"), so
+  word candidates keep their meaning. A teacher candidate that is whitespace alone (" ", "\\n\\n") maps to the
+  student's whitespace token, although before a word the student would fold the space into the word token
+  (" 中"); where the teacher splits "A. " + "中国" the student has no boundary after the space, so that position is
+  simply not aligned. Phi's 38 added whitespace tokens (2-31 spaces, 2-9 tabs) are ordinary targets.
+- **Same tokenizer → identity.** When both tokenizers have the same fingerprint the map is the identity, every
+  clean boundary aligns, ids are returned unchanged (in top-k order) and probs = exp(logprobs) exactly.
+- Only the top-k of the teacher is known: the tail outside it is not redistributed (it is the remainder).
+
+`align_record` (vectorised numpy) has `align_record_reference` (plain loops) beside it; tests check they agree.
+The vocabulary map is cached as `vocabmap-<teacher fp>-<student fp>-v1.npz` under `$KD_MLX_CACHE` (default
+~/.cache/kd_mlx), keyed by both tokenizer fingerprints and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .utils import KDError, atomic_path
+
+VOCABMAP_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("KD_MLX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                                          or os.path.expanduser("~/.cache"), "kd_mlx")
+    return Path(base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vocabulary map
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def special_token_ids(tok) -> set[int]:
+    """Ids of a tokenizer's special/control tokens (never alignment targets nor sources)."""
+    specials = getattr(tok, "_specials", None)  # TiktokenTokenizer: reserved + named specials
+    if isinstance(specials, dict):
+        return {int(i) for i in specials.values()}
+    raw = getattr(tok, "_tok", None)  # HFTokenizer: added tokens flagged special (Phi's whitespace ones are not)
+    if raw is not None and hasattr(raw, "get_added_tokens_decoder"):
+        return {int(i) for i, t in raw.get_added_tokens_decoder().items() if getattr(t, "special", False)}
+    return set()
+
+
+def _token_bytes_table(tok) -> list[bytes]:
+    out = []
+    for i in range(tok.vocab_size):
+        try:
+            out.append(tok.token_bytes(i))
+        except Exception:  # a hole in the id range (padded vocabularies)
+            out.append(b"")
+    return out
+
+
+class _PrefixIndex:
+    """The longest student token that is a byte prefix of some bytes (the fallback for partial characters)."""
+
+    def __init__(self, student_bytes: Sequence[bytes], excluded: set[int]):
+        self.by_bytes: dict[bytes, int] = {}
+        for i, b in enumerate(student_bytes):
+            if b and i not in excluded and b not in self.by_bytes:  # first (lowest) id wins for duplicates
+                self.by_bytes[b] = i
+        self.max_len = max((len(b) for b in self.by_bytes), default=0)
+
+    def longest_prefix(self, b: bytes) -> int:
+        for n in range(min(len(b), self.max_len), 0, -1):
+            sid = self.by_bytes.get(b[:n])
+            if sid is not None:
+                return sid
+        return -1
+
+
+def _first_token(ids: Sequence[int], b: bytes, student_bytes: Sequence[bytes], excluded: set[int],
+                 prefix: _PrefixIndex) -> int:
+    """The student's first token of a candidate's encoding, if it is a genuine byte prefix; else the fallback."""
+    if ids:
+        sid = int(ids[0])
+        if sid not in excluded and 0 <= sid < len(student_bytes) and student_bytes[sid] \
+                and b.startswith(student_bytes[sid]):
+            return sid
+    return prefix.longest_prefix(b)
+
+
+def _decode_or_none(b: bytes) -> str | None:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _encode_many(student_tok, texts: list[str]) -> list[list[int]]:
+    """Batch encoding through the native batch encoders behind kd_mlx's tokenizer classes, else one by one."""
+    raw = getattr(student_tok, "_tok", None)
+    if raw is not None and hasattr(raw, "encode_batch"):
+        return [e.ids for e in raw.encode_batch(texts, add_special_tokens=False)]
+    enc = getattr(student_tok, "_enc", None)
+    if enc is not None and hasattr(enc, "encode_ordinary_batch"):
+        return enc.encode_ordinary_batch(texts)
+    return [student_tok.encode(t) for t in texts]
+
+
+def build_student_ids(teacher_tok, student_tok) -> np.ndarray:
+    """(V_teacher,) int32: the student token that begins each teacher token (−1 = unmappable). Batched encoding."""
+    t_bytes = _token_bytes_table(teacher_tok)
+    s_bytes = _token_bytes_table(student_tok)
+    t_special, s_special = special_token_ids(teacher_tok), special_token_ids(student_tok)
+    prefix = _PrefixIndex(s_bytes, s_special)
+    out = np.full(len(t_bytes), -1, np.int32)
+    texts, text_ids = [], []
+    for tid, b in enumerate(t_bytes):
+        if not b or tid in t_special:
+            continue
+        s = _decode_or_none(b)
+        if s is None:
+            out[tid] = prefix.longest_prefix(b)
+        else:
+            texts.append(s)
+            text_ids.append(tid)
+    for tid, ids in zip(text_ids, _encode_many(student_tok, texts)):
+        out[tid] = _first_token(ids, t_bytes[tid], s_bytes, s_special, prefix)
+    return out
+
+
+def student_id_reference(teacher_tok, student_tok, tid: int, _cache: dict | None = None) -> int:
+    """Plain per-token version of `build_student_ids` (one `encode` call per token), for the tests."""
+    key = (id(teacher_tok), id(student_tok))
+    if _cache is not None and key in _cache:
+        s_bytes, s_special, t_special, prefix = _cache[key]
+    else:
+        s_bytes = _token_bytes_table(student_tok)
+        s_special, t_special = special_token_ids(student_tok), special_token_ids(teacher_tok)
+        prefix = _PrefixIndex(s_bytes, s_special)
+        if _cache is not None:
+            _cache[key] = (s_bytes, s_special, t_special, prefix)
+    b = teacher_tok.token_bytes(tid)
+    if not b or tid in t_special:
+        return -1
+    s = _decode_or_none(b)
+    if s is None:
+        return prefix.longest_prefix(b)
+    return _first_token(student_tok.encode(s), b, s_bytes, s_special, prefix)
+
+
+@dataclass
+class VocabMap:
+    """Teacher id → student id (the student token that begins the teacher token), one entry per teacher id."""
+
+    student_id: np.ndarray  # (V_teacher,) int32, −1 = unmappable
+    teacher_fingerprint: str
+    student_fingerprint: str
+    is_identity: bool
+    source: str = "built"  # "built" | "cache" | "identity"
+
+    @property
+    def teacher_vocab_size(self) -> int:
+        return len(self.student_id)
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of teacher ids that map to a student token."""
+        return float((self.student_id >= 0).mean()) if len(self.student_id) else 0.0
+
+    @staticmethod
+    def cache_path(teacher_tok, student_tok, cache_dir: str | os.PathLike | None = None) -> Path:
+        d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        return d / f"vocabmap-{teacher_tok.fingerprint()}-{student_tok.fingerprint()}-v{VOCABMAP_FORMAT}.npz"
+
+    @classmethod
+    def build(cls, teacher_tok, student_tok, cache_dir: str | os.PathLike | None = None,
+              use_cache: bool = True) -> "VocabMap":
+        """The map for this tokenizer pair: identity when both are the same tokenizer, else loaded from the cache
+        (keyed by both fingerprints) or built and cached (atomic write)."""
+        t_fp, s_fp = teacher_tok.fingerprint(), student_tok.fingerprint()
+        if t_fp == s_fp:
+            return cls(np.arange(teacher_tok.vocab_size, dtype=np.int32), t_fp, s_fp, True, "identity")
+        path = cls.cache_path(teacher_tok, student_tok, cache_dir)
+        if use_cache and path.exists():
+            try:
+                return cls.load(path, expect=(t_fp, s_fp, teacher_tok.vocab_size))
+            except KDError:
+                pass  # a stale or damaged cache file is rebuilt and replaced
+        vmap = cls(build_student_ids(teacher_tok, student_tok), t_fp, s_fp, False, "built")
+        if use_cache:
+            vmap.save(path)
+        return vmap
+
+    load_or_build = build  # the name DEVELOPING.md first used
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, student_id=self.student_id.astype(np.int32), format=np.int32(VOCABMAP_FORMAT),
+                         teacher_fingerprint=np.str_(self.teacher_fingerprint),
+                         student_fingerprint=np.str_(self.student_fingerprint))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: tuple[str, str, int] | None = None) -> "VocabMap":
+        """Read a saved map; `expect=(teacher_fp, student_fp, teacher_vocab)` refuses one for another pair."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                sid = z["student_id"].astype(np.int32)
+                fmt, t_fp, s_fp = int(z["format"]), str(z["teacher_fingerprint"]), str(z["student_fingerprint"])
+        except Exception as e:
+            raise KDError(f"cannot read vocabulary map {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        if fmt != VOCABMAP_FORMAT:
+            raise KDError(f"vocabulary map {path} has format {fmt}, expected {VOCABMAP_FORMAT}")
+        if expect is not None and (t_fp, s_fp, len(sid)) != tuple(expect):
+            raise KDError(f"vocabulary map {path} is for tokenizers {t_fp}/{s_fp} ({len(sid)} ids), not "
+                          f"{expect[0]}/{expect[1]} ({expect[2]} ids)")
+        return cls(sid, t_fp, s_fp, t_fp == s_fp, "cache")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# record alignment
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def aligned_rows(positions, t_offsets, s_offsets, shift: int, region_start: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, pos): indices into the record's top-k rows that land on an aligned boundary, and for each the student
+    position whose logits predict the student token starting there. Vectorised."""
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    t_off = np.asarray(t_offsets, np.int64).reshape(-1, 2)
+    s_off = np.asarray(s_offsets, np.int64).reshape(-1, 2)
+    n_t = len(t_off)
+    rows = np.nonzero((positions >= 0) & (positions + 1 < n_t))[0]  # the last row (the answer) has no next token
+    i = positions[rows]
+    c = t_off[i + 1, 0]
+    keep = (t_off[i, 1] == c) & (c >= region_start)  # clean teacher boundary inside the shared text
+    rows, c = rows[keep], c[keep]
+    if len(s_off) < 2 or not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    j1 = np.nonzero(s_off[1:, 0] == s_off[:-1, 1])[0] + 1  # clean student starts (j1 > 0: a position predicts it)
+    starts = s_off[j1, 0]  # non-decreasing
+    target = c - shift
+    k = np.searchsorted(starts, target, side="right") - 1  # the last student token starting there
+    hit = k >= 0
+    hit[hit] = starts[k[hit]] == target[hit]
+    return rows[hit], j1[k[hit]] - 1
+
+
+def project_topk(topk_ids, topk_logprobs, student_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher top-k rows (n, k) → student (ids (n, m) padded −1, probs (n, m), rest (n,)). Vectorised: one
+    np.unique over (row, student id) keys, bincount of the mass. Within a row ids keep the order of their first
+    candidate (top-k order); the rest is 1 − Σ probs (rows whose top-k sums past 1 by rounding are renormalised)."""
+    tid = np.asarray(topk_ids, np.int64)
+    lp = np.asarray(topk_logprobs, np.float64)
+    n = tid.shape[0]
+    if n == 0:
+        return np.full((0, 1), -1, np.int32), np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
+    in_vocab = (tid >= 0) & (tid < len(student_id))
+    sid = np.where(in_vocab, student_id[np.clip(tid, 0, len(student_id) - 1)], -1).astype(np.int64)
+    mapped = sid >= 0
+    p = np.exp(lp)
+    rows = np.broadcast_to(np.arange(n)[:, None], tid.shape)[mapped]
+    n_s = int(sid.max()) + 1 if mapped.any() else 1
+    uniq, first, inv = np.unique(rows * n_s + sid[mapped], return_index=True, return_inverse=True)
+    mass = np.bincount(inv.reshape(-1), weights=p[mapped], minlength=len(uniq))
+    order = np.argsort(first, kind="stable")  # row-major first appearance = top-k order within each row
+    g_row, g_sid, g_mass = uniq[order] // n_s, uniq[order] % n_s, mass[order]
+    counts = np.bincount(g_row, minlength=n)
+    m = max(int(counts.max()) if len(counts) else 0, 1)
+    slot = np.arange(len(g_row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    ids = np.full((n, m), -1, np.int32)
+    probs = np.zeros((n, m), np.float64)
+    ids[g_row, slot] = g_sid
+    probs[g_row, slot] = g_mass
+    total = probs.sum(-1)
+    over = total > 1.0
+    probs[over] /= total[over, None]
+    rest = np.maximum(0.0, 1.0 - probs.sum(-1))
+    return ids, probs.astype(np.float32), rest.astype(np.float32)
+
+
+def _keep_last(n: int, max_positions: int | None) -> slice:
+    # keep the positions nearest the answer (max_positions=0 keeps none)
+    return slice(0, n) if max_positions is None else slice(max(0, n - int(max_positions)), n)
+
+
+def align_record(rec, t_offsets, s_offsets, shift: int, region_start: int, vmap: VocabMap,
+                 max_positions: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Token-level targets for the student from one store record.
+
+    rec: a `StoreRecord` (token_ids, positions (P,), topk_ids (P,k), topk_logprobs (P,k)); t_offsets (T, 2) char
+    offsets of the teacher tokens (one row per stored id, a BOS included); s_offsets the student's char offsets of
+    its own prompt; shift = len(teacher text) − len(student text) (the student prompt may hold fewer shots: the
+    shared text is the end of both); region_start: first teacher character of the shared text.
+
+    Returns (pos (n,) int32 student positions whose logits predict the next student token, ids (n, m) int32 student
+    ids padded with −1, probs (n, m) float32, rest (n,) float32) with probs.sum(-1) + rest == 1."""
+    rows, pos = aligned_rows(rec.positions, t_offsets, s_offsets, shift, region_start)
+    keep = _keep_last(len(rows), max_positions)
+    rows, pos = rows[keep], pos[keep]
+    topk_ids = np.asarray(rec.topk_ids).reshape(len(rec.positions), -1)
+    topk_lp = np.asarray(rec.topk_logprobs).reshape(len(rec.positions), -1)
+    ids, probs, rest = project_topk(topk_ids[rows], topk_lp[rows], vmap.student_id)
+    return pos.astype(np.int32), ids, probs, rest
+
+
+def align_record_reference(rec, t_offsets, s_offsets, shift: int, region_start: int, vmap: VocabMap,
+                           max_positions: int | None = None):
+    """Plain loops, same contract as `align_record`."""
+    s_start = {}
+    for j in range(1, len(s_offsets)):
+        if int(s_offsets[j - 1][1]) == int(s_offsets[j][0]):
+            s_start[int(s_offsets[j][0])] = j
+    n_t = len(t_offsets)
+    found = []
+    for r, i in enumerate(np.asarray(rec.positions).tolist()):
+        if i < 0 or i + 1 >= n_t:
+            continue
+        c = int(t_offsets[i + 1][0])
+        if c < region_start or int(t_offsets[i][1]) != c:
+            continue
+        j1 = s_start.get(c - shift)
+        if j1 is not None:
+            found.append((r, j1 - 1))
+    found = found[_keep_last(len(found), max_positions)]
+    pos, ids, probs, rest = [], [], [], []
+    V = len(vmap.student_id)
+    for r, j in found:
+        acc: dict[int, float] = {}
+        for tid, lp in zip(np.asarray(rec.topk_ids[r]).tolist(), np.asarray(rec.topk_logprobs[r]).tolist()):
+            sid = int(vmap.student_id[tid]) if 0 <= tid < V else -1
+            if sid >= 0:
+                acc[sid] = acc.get(sid, 0.0) + float(np.exp(lp))
+        total = sum(acc.values())
+        if total > 1.0:
+            acc = {k: v / total for k, v in acc.items()}
+        pos.append(j)
+        ids.append(list(acc))
+        probs.append(list(acc.values()))
+        rest.append(max(0.0, 1.0 - sum(acc.values())))
+    m = max((len(x) for x in ids), default=1) or 1
+    ids_a = np.full((len(pos), m), -1, np.int32)
+    probs_a = np.zeros((len(pos), m), np.float32)
+    for r in range(len(pos)):
+        ids_a[r, : len(ids[r])] = ids[r]
+        probs_a[r, : len(probs[r])] = probs[r]
+    return np.array(pos, np.int32), ids_a, probs_a, np.array(rest, np.float32)
