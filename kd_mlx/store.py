@@ -3,10 +3,13 @@
 Layout of a store directory::
 
     STORE/
-      manifest.json                  written last, atomically: identity, encoding, k, row ids, shards + sha256
-      shard-000-000000.safetensors   N questions each (fixed shard size), ragged arrays flattened with offsets
-      shard-000-000001.safetensors   ("000" is the writer's rank: one writer per rank, rank-major order)
+      manifest.json              written last, atomically: identity, encoding, k, row ids, shards + sha256
+      shard-000000.safetensors   N questions each (fixed shard size), ragged arrays flattened with offsets
+      shard-000001.safetensors   global numbering: shard i holds questions i*N..(i+1)*N-1 of the dump's order
       ...
+
+Shards are numbered globally, whoever writes them: a distributed dump gives shard i to rank i % world, so the
+finished store does not depend on the number of ranks (byte-identical to a single-process dump).
 
 Every shard is a plain safetensors file (readable by `safetensors`, `mx.load`, numpy) written by our own
 deterministic writer: tensors in name order, header JSON with sorted keys, no timestamps. Identical inputs
@@ -61,7 +64,7 @@ FORMAT = "kd_mlx.store"
 VERSION = 1
 ENCODINGS = ("fp32", "fp16", "q8", "q8rice")
 MANIFEST = "manifest.json"
-_SHARD_RE = re.compile(r"^shard-(\d{3})-(\d{6})\.safetensors$")
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 # identity keys every store has; the dump adds teacher/tokenizer/template/shots/positions/...
 REQUIRED_IDENTITY = ("k", "encoding")
@@ -401,8 +404,12 @@ def _identity_mismatch(path: Path, stored: Mapping[str, Any], new: Mapping[str, 
             f"refusing to mix them: use another --out or the original settings")
 
 
-def _shard_name(rank: int, index: int) -> str:
-    return f"shard-{rank:03d}-{index:06d}.safetensors"
+def _shard_name(index: int) -> str:
+    return f"shard-{index:06d}.safetensors"
+
+
+def _shard_index(p: Path) -> int:
+    return int(_SHARD_RE.match(p.name).group(1))
 
 
 def _list_shards(path: Path) -> list[Path]:
@@ -420,15 +427,20 @@ def _shard_info(p: Path) -> tuple[dict, list[str], dict]:
     return identity, ids, counts
 
 
-def build_manifest(path: str | os.PathLike) -> dict:
-    """(Re)build and atomically write manifest.json from the shard files on disk (rank-major order).
+def build_manifest(path: str | os.PathLike, expected_ids: Sequence[str] | None = None) -> dict:
+    """(Re)build and atomically write manifest.json from the shard files on disk (global shard order).
 
-    Deterministic: it depends only on the shards' bytes. A multi-rank dump calls this once, after every rank
-    closed its writer with `write_manifest=False`."""
+    Deterministic: it depends only on the shards' bytes. A multi-rank dump calls this once (rank 0), after every
+    rank closed its writer with `write_manifest=False`. Shards must be numbered 0..n-1 without a gap, and with
+    `expected_ids` the rows must be exactly those ids in that order."""
     path = Path(path)
     shards = _list_shards(path)
     if not shards:
         raise KDError(f"no shards in {path}: nothing to finalise")
+    idx = [_shard_index(p) for p in shards]
+    if idx != list(range(len(idx))):
+        gap = next(i for i in range(len(idx) + 1) if i not in set(idx))
+        raise KDError(f"store {path}: shard {_shard_name(gap)} is missing (an unfinished rank? rerun the dump)")
     identity = shard_size = None
     ids: list[str] = []
     entries = []
@@ -445,6 +457,9 @@ def build_manifest(path: str | os.PathLike) -> dict:
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise KDError(f"store {path}: question {dup} appears in more than one shard")
+    if expected_ids is not None and list(expected_ids) != ids:
+        raise KDError(f"store {path}: the shards hold {len(ids)} questions, not the {len(expected_ids)} asked for "
+                      f"in this order (a different question set was dumped here: use another --out)")
     manifest = {
         "format": FORMAT, "version": VERSION, "identity": identity, "identity_hash": identity_hash(identity),
         "encoding": identity["encoding"], "k": identity["k"], "shard_size": shard_size,
@@ -460,16 +475,22 @@ def build_manifest(path: str | os.PathLike) -> dict:
 
 
 class StoreWriter:
-    """Buffers records and writes fixed-size shards atomically (temporary name, fsync, rename).
+    """Writes fixed-size shards atomically (temporary name, fsync, rename); resumable; one writer per rank.
 
-    Resumable: on start it finds this rank's finished shards, checks their identity against `identity`
-    (a mismatch is refused with one line naming the key) and exposes their ids in `done_ids`; the caller skips
-    those and feeds the rest *in the same order*, so shard i always holds questions i*N..(i+1)*N-1 and a rerun
-    after kill -9 reproduces the uninterrupted store byte for byte. Appending new questions to a finished store
-    with the same identity starts a new shard. `close()` writes the last (partial) shard, then the manifest."""
+    On start it reads the finished shards' headers, checks their identity against `identity` (a mismatch is
+    refused with one line naming the key) and exposes their ids in `done_ids` and per shard in `shard_ids`.
+
+    Two ways to write:
+    - `add(rec)` (sequential, one process): records are buffered and written as shards numbered after the last
+      one on disk. The caller skips `done_ids` and feeds the rest *in the same order*, so shard i always holds
+      questions i*N..(i+1)*N-1 and a rerun after kill -9 reproduces the uninterrupted store byte for byte.
+      Appending new questions to a finished store with the same identity starts a new shard.
+    - `write_shard(index, recs)` (the dump, any number of ranks): the caller places shard `index` itself; only
+      shards with index % world == rank may be written by this writer.
+    `close()` writes the last (partial) buffered shard, then (unless `write_manifest=False`) the manifest."""
 
     def __init__(self, path: str | os.PathLike, identity: Mapping[str, Any], shard_size: int = 256,
-                 rank: int = 0):
+                 rank: int = 0, world: int = 1):
         self.path = Path(path)
         self.identity = json.loads(json.dumps(dict(identity), sort_keys=True))  # plain JSON types only
         for key in REQUIRED_IDENTITY:
@@ -480,17 +501,20 @@ class StoreWriter:
         self.k = int(self.identity["k"])
         if shard_size < 1:
             raise KDError("shard size must be at least 1")
+        if not 0 <= rank < world:
+            raise KDError(f"rank {rank} outside a world of {world}")
         self.shard_size = int(shard_size)
-        self.rank = int(rank)
+        self.rank, self.world = int(rank), int(world)
         if self.path.exists() and not self.path.is_dir():
             raise KDError(f"store path {self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        for p in self.path.iterdir():  # leftovers of an interrupted write: never complete, always redone
-            if p.name.startswith(_TMP_PREFIX + f"{self.rank:03d}") or (p.name.startswith(".manifest.json.")
-                                                                       and p.name.endswith(".tmp")):
-                p.unlink()
+        for p in self.path.iterdir():  # leftovers of an interrupted write of ours: never complete, always redone
+            m = _SHARD_RE.match(p.name[len(_TMP_PREFIX):]) if p.name.startswith(_TMP_PREFIX) else None
+            if (m and int(m.group(1)) % self.world == self.rank) or (
+                    self.rank == 0 and p.name.startswith(".manifest.json.") and p.name.endswith(".tmp")):
+                p.unlink(missing_ok=True)
         self.done_ids: set[str] = set()
-        self._next_index = 0
+        self.shard_ids: dict[int, list[str]] = {}
         man = self.path / MANIFEST
         if man.exists():
             try:
@@ -501,8 +525,6 @@ class StoreWriter:
                 raise KDError(f"{self.path} is not a kd_mlx store (manifest format {m.get('format')!r})")
             if (msg := _identity_mismatch(self.path, m.get("identity", {}), self.identity)) is not None:
                 raise KDError(msg)
-            self.done_ids.update(m.get("ids", []))
-        mine = []
         for p in _list_shards(self.path):
             ident, ids, _ = _shard_info(p)
             if (msg := _identity_mismatch(self.path, ident, self.identity)) is not None:
@@ -511,19 +533,13 @@ class StoreWriter:
             if int(meta.get("shard_size", self.shard_size)) != self.shard_size:
                 raise KDError(f"store {self.path} uses shard size {meta.get('shard_size')}, this run "
                               f"{self.shard_size}; use the same --shard-size to resume")
+            self.shard_ids[_shard_index(p)] = ids
             self.done_ids.update(ids)
-            if int(_SHARD_RE.match(p.name).group(1)) == self.rank:
-                mine.append(int(_SHARD_RE.match(p.name).group(2)))
-        if mine and mine != list(range(len(mine))):
-            raise KDError(f"store {self.path}: rank {self.rank} shards are not numbered 0..{len(mine) - 1}")
-        self._next_index = len(mine)
+        self._next_index = max(self.shard_ids) + 1 if self.shard_ids else 0
         self._buf: list[StoreRecord] = []
-        self._hidden_dim: int | None = None
         self._closed = False
 
-    def add(self, rec: StoreRecord) -> None:
-        if rec.id in self.done_ids or any(r.id == rec.id for r in self._buf):
-            raise KDError(f"question {rec.id} is already in the store {self.path}")
+    def _check(self, rec: StoreRecord) -> None:
         p = len(rec.positions)
         if rec.topk_ids.shape != (p, self.k) or rec.topk_logprobs.shape != (p, self.k):
             raise KDError(f"{rec.id}: top-k arrays must be ({p}, {self.k}), got {rec.topk_ids.shape} / "
@@ -536,6 +552,11 @@ class StoreWriter:
         want = self.identity.get("hidden_dim", 0) or None
         if hd != want:
             raise KDError(f"{rec.id}: hidden state of size {hd}, the store's identity says {want}")
+
+    def add(self, rec: StoreRecord) -> None:
+        if rec.id in self.done_ids or any(r.id == rec.id for r in self._buf):
+            raise KDError(f"question {rec.id} is already in the store {self.path}")
+        self._check(rec)
         self._buf.append(rec)
         if len(self._buf) >= self.shard_size:
             self._flush()
@@ -544,17 +565,35 @@ class StoreWriter:
         if not self._buf:
             return
         recs, self._buf = self._buf, []
+        self.write_shard(self._next_index, recs)
+        self._next_index += 1
+
+    def write_shard(self, index: int, recs: Sequence[StoreRecord], extra_meta: Mapping[str, str] | None = None
+                    ) -> Path:
+        """Write shard `index` (replacing one already there) atomically; returns its path."""
+        if index % self.world != self.rank:
+            raise KDError(f"shard {index} belongs to rank {index % self.world}, not to rank {self.rank}")
+        if not 0 < len(recs) <= self.shard_size:
+            raise KDError(f"a shard holds 1..{self.shard_size} questions, got {len(recs)}")
+        for r in recs:
+            self._check(r)
         tensors = shard_tensors(recs, self.identity["encoding"], self.k)
         counts = {"tokens": int(len(tensors["token_ids"])), "positions": int(len(tensors["positions"]))}
         meta = {"format": FORMAT, "version": str(VERSION), "identity": json.dumps(self.identity, sort_keys=True),
                 "ids": json.dumps([r.id for r in recs], ensure_ascii=True), "counts": json.dumps(counts),
-                "shard_size": str(self.shard_size)}
-        name = _shard_name(self.rank, self._next_index)
-        tmp = self.path / f"{_TMP_PREFIX}{self.rank:03d}-{name}"
+                "shard_size": str(self.shard_size), **dict(extra_meta or {})}
+        name = _shard_name(index)
+        tmp = self.path / f"{_TMP_PREFIX}{name}"
         write_safetensors(tmp, tensors, meta)
+        # a manifest from an earlier run no longer describes the shards: drop it before the store changes
+        (self.path / MANIFEST).unlink(missing_ok=True)
         os.replace(tmp, self.path / name)
-        self.done_ids.update(r.id for r in recs)
-        self._next_index += 1
+        ids = [r.id for r in recs]
+        for old in self.shard_ids.get(index, []):
+            self.done_ids.discard(old)
+        self.shard_ids[index] = ids
+        self.done_ids.update(ids)
+        return self.path / name
 
     def close(self, write_manifest: bool = True) -> dict | None:
         """Write the pending rows, then (rank 0 / single writer) the manifest. Returns the manifest."""

@@ -207,7 +207,7 @@ def test_resume_after_partial_write_is_byte_identical(tmp_path):
     for r in recs[:9]:
         w.add(r)
     del w
-    (tmp_path / "part" / ".tmp-000-shard-000-000002.safetensors").write_bytes(b"\x10\x00garbage")
+    (tmp_path / "part" / ".tmp-shard-000002.safetensors").write_bytes(b"\x10\x00garbage")
     assert not (tmp_path / "part" / "manifest.json").exists()
     with pytest.raises(KDError, match="no manifest"):
         TopKStore(tmp_path / "part")
@@ -290,14 +290,14 @@ def test_verify_detects_a_flipped_byte_and_non_finite_values_cli(tmp_path):
     missing = _run_cli("show", str(tmp_path / "s"), "--id", "nope")
     assert missing.returncode == 1 and "not in the store" in missing.stderr and "Traceback" not in missing.stderr
     # flip one byte in the data of the second shard
-    shard = tmp_path / "s" / "shard-000-000001.safetensors"
+    shard = tmp_path / "s" / "shard-000001.safetensors"
     b = bytearray(shard.read_bytes())
     b[-5] ^= 0x01
     shard.write_bytes(bytes(b))
     bad = _run_cli("verify", str(tmp_path / "s"))
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
-    assert any("shard-000-000001" in ln and "sha256" in ln for ln in lines) and "Traceback" not in bad.stderr
+    assert any("shard-000001" in ln and "sha256" in ln for ln in lines) and "Traceback" not in bad.stderr
     # non-finite values are reported even when the checksums are right
     recs2 = make_records(3)
     recs2[1].answer_logprobs[2] = np.nan

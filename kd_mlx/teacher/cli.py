@@ -181,6 +181,9 @@ def convert(src, dst, bits, group_size, shard_size, dtype, config_path):
 
 
 # --- further commands: the logits dump lives in kd_mlx/teacher/dump.py (store engineer); register it below ---
+from .dump import dump as _dump  # noqa: E402
+
+cli.add_command(_dump)
 
 
 def main() -> None:

@@ -1,0 +1,504 @@
+"""The teacher dump: CMMLU prompts through the streaming teacher into a logits store (kd_mlx/store.py).
+
+  python -m kd_mlx.teacher dump --teacher DIR|HUB_ID --data CMMLU_DIR --splits splits.json --split train,val \
+      --shots 5 --top-k 32 --positions question --memory-budget 16GB --encoding q8rice --out STORE
+  mlx.launch -n 2 --backend ring -- python -m kd_mlx.teacher dump ...   (same flags: ranks share the shards)
+
+Per question: the official k-shot prompt (shots dropped until it fits --max-tokens, as the evaluation does), the
+full-vocabulary log-probs of "A".."D" at the answer position, top-k log-probs and ids at every position of the
+chosen span (`answer`: the last prompt token only; `question`: the tokens of the question block after the shots;
+`prompt`: every token), the tokens' character offsets, and optionally the final (normed) hidden state of the
+last token.
+
+Work unit = one shard of `--shard-size` questions in the global order: shard i holds questions i*N..(i+1)*N-1 and
+is computed by the same teacher calls whoever computes it and whenever. That makes the store independent of
+interruptions (kill -9, rerun: finished shards are kept, the rest recomputed) and of the number of ranks (shard i
+goes to rank i % world); the finished store is byte-identical in every case. Inside a shard, questions with the
+same few-shot prefix run as one teacher call with their common token prefix computed once.
+
+At the end rank 0 writes manifest.json (after a barrier), quality.json (teacher accuracy per subject, captured
+top-k mass and full-distribution entropy, non-finite counts: merged from per-shard statistics kept in each shard's
+metadata, so a resumed dump reports the same) and dump_config.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+import numpy as np
+
+from ..store import (MANIFEST, StoreRecord, StoreWriter, _sort_rows_by_value, build_manifest,
+                     read_safetensors_header)
+from ..utils import (KDError, cli_errors, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
+                     resolve_model_path, sha256_text, write_json_atomic)
+
+POSITIONS = ("answer", "question", "prompt")
+TEMPLATE = "cmmlu-official"
+# fixed histogram edges so per-shard statistics merge exactly
+MASS_EDGES = [0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0001]
+ENTROPY_EDGES = [0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 1e9]
+
+DEFAULTS: dict[str, Any] = {
+    "teacher": None, "data": None, "splits": None, "split": "train", "shots": 5, "top_k": 32,
+    "positions": "question", "memory_budget": None, "encoding": "q8rice", "shard_size": 64, "hidden": False,
+    "out": None, "max_questions": None, "max_tokens": 2048, "add_bos": None, "trust_remote_code": False,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# identity
+
+
+def template_hash() -> str:
+    """Hash of the prompt template as rendered for a fixed synthetic question with one shot: changes whenever
+    the header, the question block or the shot format changes."""
+    from ..data import Question, build_prompt
+
+    q = Question(id="x/test/0", subject="computer_science", split="test", index=0, question="Q?",
+                 choices=("a", "b", "c", "d"), answer="A")
+    s = Question(id="x/dev/0", subject="computer_science", split="dev", index=0, question="S?",
+                 choices=("e", "f", "g", "h"), answer="B")
+    p = build_prompt(q, [s])
+    return sha256_text(p.prefix + "\x1f" + p.suffix)[:16]
+
+
+def teacher_fingerprint(model_dir: Path) -> tuple[str, str]:
+    """(config hash, weights hash): config.json's content, and the names, sizes and safetensors headers of the
+    weight files (cheap: headers only, yet any re-quantisation or different checkpoint changes it)."""
+    cfg = model_dir / "config.json"
+    ch = sha256_text(cfg.read_bytes()) if cfg.exists() else "none"
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        entries, meta, start = read_safetensors_header(f)
+        h.update(f"{f.name}\x1f{f.stat().st_size}\x1f".encode())
+        h.update(json.dumps([entries, meta], sort_keys=True).encode())
+    return ch[:16], h.hexdigest()[:16]
+
+
+def _read_add_bos(model_dir: Path) -> bool:
+    from ..evaluate import _read_add_bos as read
+
+    return read(model_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-question work
+
+
+@dataclass
+class PromptItem:
+    """One question's teacher input: token ids (BOS included), char offsets, top-k positions, shared-prefix key."""
+
+    qid: str
+    subject: str
+    label: int
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    positions: list[int]
+    prefix_key: str
+    truncated: bool
+
+
+def build_items(questions, cmmlu, tokenizer, shots: int, positions: str, max_tokens: int | None, add_bos: bool
+                ) -> list[PromptItem]:
+    """The prompt of each question as the evaluation builds it (fit_prompt with the teacher's token count)."""
+    from ..data import LETTERS, fit_prompt
+
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    count = (lambda s: len(tokenizer.encode(s)) + len(bos)) if max_tokens else None
+    items = []
+    for q in questions:
+        p = fit_prompt(q, cmmlu.dev.get(q.subject, []), shots, count, max_tokens)
+        ids, offs = tokenizer.encode_with_offsets(p.text)
+        ids = bos + list(ids)
+        offs = [(0, 0)] * len(bos) + [tuple(o) for o in offs]
+        truncated = bool(max_tokens) and len(ids) > max_tokens
+        if truncated:  # even the bare question is too long: keep its end (options + answer cue), as eval does
+            ids, offs = ids[-max_tokens:], offs[-max_tokens:]
+        n = len(ids)
+        if positions == "answer":
+            pos = [n - 1]
+        elif positions == "question":
+            pos = [i for i, (a, _) in enumerate(offs) if a >= len(p.prefix) and not (i < len(bos))] or [n - 1]
+            pos = list(range(pos[0], n))  # contiguous up to the answer position
+        else:
+            pos = list(range(n))
+        items.append(PromptItem(q.id, q.subject, LETTERS.index(q.answer) if q.answer in LETTERS else -1, ids,
+                                offs, pos, p.prefix, truncated))
+    return items
+
+
+def _prefix_groups(items: Sequence[PromptItem]) -> list[list[int]]:
+    """Indices grouped by few-shot prefix text, groups in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.prefix_key, []).append(i)
+    return list(groups.values())
+
+
+def _shared_len(items: Sequence[PromptItem], group: Sequence[int]) -> int:
+    """Tokens computed once for the group: their common prefix, short of every top-k position and last token."""
+    if len(group) < 2:
+        return 0
+    seqs = [items[i].ids for i in group]
+    n = min(len(s) for s in seqs)
+    L = 0
+    while L < n and all(s[L] == seqs[0][L] for s in seqs):
+        L += 1
+    return max(0, min([L] + [items[i].positions[0] for i in group] + [len(s) - 1 for s in seqs]))
+
+
+class Summariser:
+    """The `reduce` given to the teacher: full-vocab log-probs (p, V) of one question -> what the store keeps
+    plus the per-position statistics (entropy, captured mass), so the (p, V) array is dropped at once."""
+
+    def __init__(self, k: int, answer_ids: Sequence[int]):
+        self.k = k
+        self.answer_ids = np.asarray(answer_ids, np.int64)
+
+    def __call__(self, lp: np.ndarray) -> dict:
+        lp = np.asarray(lp, np.float32)
+        k = min(self.k, lp.shape[1])
+        part = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+        ids, vals = _sort_rows_by_value(part.astype(np.int32), np.take_along_axis(lp, part, 1))
+        p = np.exp(lp)
+        ent = -np.where(p > 0, p * lp, 0.0).sum(axis=1, dtype=np.float64)
+        return {"topk_ids": ids, "topk_logprobs": vals, "answer": lp[-1, self.answer_ids].astype(np.float32),
+                "entropy": ent, "mass": np.exp(vals.astype(np.float64)).sum(axis=1),
+                "nonfinite": int((~np.isfinite(vals)).sum() + (~np.isfinite(ent)).sum())}
+
+
+def reference_summary(lp: np.ndarray, k: int, answer_ids: Sequence[int]) -> dict:
+    """Plain version of Summariser: a full stable sort per row (for tests)."""
+    lp = np.asarray(lp, np.float32)
+    ids, vals = [], []
+    for row in lp:
+        order = sorted(range(len(row)), key=lambda j: (-float(row[j]), j))[:k]
+        ids.append(order)
+        vals.append(row[order])
+    return {"topk_ids": np.array(ids, np.int32), "topk_logprobs": np.array(vals, np.float32),
+            "answer": lp[-1, list(answer_ids)].astype(np.float32)}
+
+
+def _hidden_teacher_class():
+    """StreamingTeacher that also keeps the final normed hidden states the LM head is applied to."""
+    from .streaming import StreamingTeacher
+
+    class HiddenCapturingTeacher(StreamingTeacher):
+        # `_run_chunk` applies `_head` once per chunk to the rows of all asked positions, in the order in which
+        # `reduce` is then called per sequence: each reduce call takes its own rows from the front
+        captured: np.ndarray | None = None
+        cursor = 0
+
+        def _head(self, x):
+            import mlx.core as mx
+
+            self.captured = np.array(x.astype(mx.float32))
+            self.cursor = 0
+            return super()._head(x)
+
+        def take_hidden(self, n_rows: int) -> np.ndarray:
+            rows = self.captured[self.cursor:self.cursor + n_rows]
+            self.cursor += n_rows
+            return rows
+
+    return HiddenCapturingTeacher
+
+
+def _new_stats() -> dict:
+    return {"rows": 0, "positions": 0, "subjects": {}, "mass_hist": [0] * (len(MASS_EDGES) - 1),
+            "entropy_hist": [0] * (len(ENTROPY_EDGES) - 1), "mass_sum": 0.0, "entropy_sum": 0.0,
+            "mass_min": None, "nonfinite": 0, "truncated": 0}
+
+
+def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequence[int], hidden: bool
+                  ) -> tuple[list[StoreRecord], dict]:
+    """Records of one shard's questions (one teacher call per prefix group) and their statistics."""
+    summarise = Summariser(k, answer_ids)
+    out: dict[int, tuple[dict, np.ndarray | None]] = {}
+    for group in _prefix_groups(items):
+        L = _shared_len(items, group)
+        seqs = [items[i].ids[L:] for i in group]
+        pos = [[p - L for p in items[i].positions] for i in group]
+
+        def reduce(lp):
+            s = summarise(lp)
+            h = teacher.take_hidden(lp.shape[0])[-1].copy() if hidden else None
+            return s, h
+
+        res = teacher.logprobs_at(seqs, pos, prefix=items[group[0]].ids[:L] if L else None, reduce=reduce)
+        for i, r in zip(group, res):
+            out[i] = r
+    recs, st = [], _new_stats()
+    for i, it in enumerate(items):
+        s, h = out[i]
+        recs.append(StoreRecord(
+            id=it.qid, answer_logprobs=s["answer"], token_ids=np.asarray(it.ids, np.int32),
+            offsets=np.asarray(it.offsets, np.int32).reshape(-1, 2), positions=np.asarray(it.positions, np.int32),
+            topk_ids=s["topk_ids"], topk_logprobs=s["topk_logprobs"], hidden=h, label=it.label))
+        sub = st["subjects"].setdefault(it.subject, [0, 0])
+        sub[0] += int(it.label >= 0 and int(np.argmax(s["answer"])) == it.label)
+        sub[1] += 1
+        st["rows"] += 1
+        st["positions"] += len(it.positions)
+        st["truncated"] += int(it.truncated)
+        mass, ent = s["mass"], s["entropy"]
+        st["mass_hist"] = [a + b for a, b in zip(st["mass_hist"], np.histogram(mass, MASS_EDGES)[0].tolist())]
+        st["entropy_hist"] = [a + b for a, b in zip(st["entropy_hist"],
+                                                    np.histogram(ent, ENTROPY_EDGES)[0].tolist())]
+        st["mass_sum"] += float(mass.sum())
+        st["entropy_sum"] += float(ent.sum())
+        mmin = float(mass.min())
+        st["mass_min"] = mmin if st["mass_min"] is None else min(st["mass_min"], mmin)
+        st["nonfinite"] += s["nonfinite"] + int((~np.isfinite(s["answer"])).sum())
+    st["mass_sum"], st["entropy_sum"] = round(st["mass_sum"], 6), round(st["entropy_sum"], 6)
+    return recs, st
+
+
+def quality_report(store: Path, manifest: dict) -> dict:
+    """Merge the per-shard statistics into the dump's quality report."""
+    tot = _new_stats()
+    for sh in manifest["shards"]:
+        _, meta, _ = read_safetensors_header(store / sh["file"])
+        if "quality" not in meta:
+            raise KDError(f"{sh['file']}: no quality statistics (not written by the dump)")
+        q = json.loads(meta["quality"])
+        for key in ("rows", "positions", "nonfinite", "truncated"):
+            tot[key] += q[key]
+        for key in ("mass_sum", "entropy_sum"):
+            tot[key] += q[key]
+        for key in ("mass_hist", "entropy_hist"):
+            tot[key] = [a + b for a, b in zip(tot[key], q[key])]
+        if q["mass_min"] is not None:
+            tot["mass_min"] = q["mass_min"] if tot["mass_min"] is None else min(tot["mass_min"], q["mass_min"])
+        for s, (c, n) in q["subjects"].items():
+            a = tot["subjects"].setdefault(s, [0, 0])
+            a[0] += c
+            a[1] += n
+    subjects = {s: {"accuracy": round(100.0 * c / n, 2), "correct": c, "n": n}
+                for s, (c, n) in sorted(tot["subjects"].items())}
+    correct, n = sum(v["correct"] for v in subjects.values()), sum(v["n"] for v in subjects.values())
+    P = max(tot["positions"], 1)
+    return {
+        "questions": tot["rows"], "topk_positions": tot["positions"], "k": manifest["k"],
+        "accuracy": round(100.0 * correct / max(n, 1), 2),
+        "accuracy_mean_over_subjects": round(float(np.mean([v["accuracy"] for v in subjects.values()])), 2)
+        if subjects else None,
+        "subjects": subjects,
+        "captured_mass": {"mean": round(tot["mass_sum"] / P, 6), "min": tot["mass_min"], "edges": MASS_EDGES,
+                          "hist": tot["mass_hist"]},
+        "entropy_nats": {"mean": round(tot["entropy_sum"] / P, 6), "edges": ENTROPY_EDGES,
+                         "hist": tot["entropy_hist"]},
+        "nonfinite_values": tot["nonfinite"], "truncated_prompts": tot["truncated"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed helpers (mx.distributed; a plain run is a group of one)
+
+
+def _group():
+    import mlx.core as mx
+
+    return mx.distributed.init()
+
+
+def _all_gather_bytes(group, data: bytes, width: int = 32) -> list[bytes]:
+    """Each rank's `width` bytes of `data` (zero padded), gathered on every rank."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        return [data[:width].ljust(width, b"\0")]
+    a = mx.array(np.frombuffer(data[:width].ljust(width, b"\0"), np.uint8).astype(np.int32))
+    g = np.array(mx.distributed.all_gather(a, group=group, stream=mx.cpu)).reshape(group.size(), width)
+    return [bytes(r.astype(np.uint8)) for r in g]
+
+
+def _all_ok(group, ok: bool) -> bool:
+    """Barrier: True only if every rank reports ok (a tiny all_sum)."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        return ok
+    s = mx.distributed.all_sum(mx.array([1 if ok else 0], mx.int32), group=group, stream=mx.cpu)
+    return int(np.array(s)[0]) == group.size()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def _positions_ok(v: str) -> str:
+    if v not in POSITIONS:
+        raise KDError(f"--positions must be one of {', '.join(POSITIONS)}, not {v!r}")
+    return v
+
+
+def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
+    """Run the dump described by `cfg` (keys of DEFAULTS). Returns {"manifest", "quality", ...} on rank 0."""
+    from ..data import load_cmmlu, load_splits, split_questions
+    from ..evaluate import answer_token_ids
+    from ..store import ENCODINGS
+    from .streaming import StreamingTeacher
+
+    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    for key in ("teacher", "data", "out"):
+        if not cfg[key]:
+            raise KDError(f"dump needs --{key}")
+    positions = _positions_ok(str(cfg["positions"]))
+    if cfg["encoding"] not in ENCODINGS:
+        raise KDError(f"--encoding must be one of {', '.join(ENCODINGS)}, not {cfg['encoding']!r}")
+    k, shots, shard_size = int(cfg["top_k"]), int(cfg["shots"]), int(cfg["shard_size"])
+    if k < 1 or shard_size < 1 or shots < 0:
+        raise KDError("--top-k and --shard-size must be >= 1, --shots >= 0")
+    max_tokens = int(cfg["max_tokens"]) if cfg["max_tokens"] else None
+    group = _group()
+    rank, world = group.rank(), group.size()
+    out = Path(cfg["out"])
+
+    model_dir = Path(resolve_model_path(str(cfg["teacher"])))
+    cls = _hidden_teacher_class() if cfg["hidden"] else StreamingTeacher
+    budget = None if cfg["memory_budget"] in (None, "", "none", "None") else parse_bytes(cfg["memory_budget"])
+    teacher = cls(model_dir, budget, trust_remote_code=bool(cfg["trust_remote_code"]))
+    tok = teacher.tokenizer
+    if k > teacher.vocab_size:
+        raise KDError(f"--top-k {k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
+    answer_ids = answer_token_ids(tok)
+    add_bos = _read_add_bos(model_dir) if cfg["add_bos"] is None else bool(cfg["add_bos"])
+
+    cmmlu = load_cmmlu(cfg["data"])
+    if cfg["splits"]:
+        names = [s.strip() for s in str(cfg["split"]).split(",") if s.strip()]
+        questions = split_questions(cmmlu, load_splits(cfg["splits"]), names)
+    else:
+        questions = cmmlu.test_questions()
+    if cfg["max_questions"]:
+        questions = questions[: int(cfg["max_questions"])]
+    if not questions:
+        raise KDError("no questions to dump")
+
+    conf_hash, weights_hash = teacher_fingerprint(model_dir)
+    identity = {
+        "teacher": str(cfg["teacher"]).rstrip("/").rsplit("/", 1)[-1] if model_dir.exists() else str(cfg["teacher"]),
+        "teacher_config_hash": conf_hash, "teacher_weights_hash": weights_hash, "model_type":
+        teacher.config.get("model_type"), "tokenizer": tok.fingerprint(), "template": TEMPLATE,
+        "template_hash": template_hash(), "shots": shots, "positions": positions, "k": k,
+        "encoding": cfg["encoding"], "hidden_dim": int(teacher.config["hidden_size"]) if cfg["hidden"] else 0,
+        "max_tokens": max_tokens, "add_bos": add_bos, "answer_token_ids": [int(a) for a in answer_ids],
+    }
+    ids = [q.id for q in questions]
+    plan_hash = sha256_text(json.dumps({"identity": identity, "ids": ids, "shard_size": shard_size,
+                                        "out": str(out.resolve())}, sort_keys=True))
+    hashes = _all_gather_bytes(group, plan_hash.encode())
+    if len(set(hashes)) > 1:
+        bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        raise KDError(f"ranks disagree on the dump configuration (rank(s) {bad} differ from rank 0 in teacher, "
+                      f"tokenizer, data, splits, flags or --out): run every rank with the same command and files")
+
+    writer = StoreWriter(out, identity, shard_size=shard_size, rank=rank, world=world)
+    n_shards = (len(ids) + shard_size - 1) // shard_size
+    planned = [ids[i * shard_size:(i + 1) * shard_size] for i in range(n_shards)]
+    todo = []
+    for s in range(n_shards):
+        have = writer.shard_ids.get(s)
+        if have == planned[s]:
+            continue
+        if have is not None and not (len(have) < len(planned[s]) and planned[s][:len(have)] == have):
+            raise KDError(f"store {out} holds other questions in {s:06d} than this dump plans there (different "
+                          f"--split/--splits/--max-questions?): use another --out")
+        if s % world == rank:
+            todo.append(s)
+    extra = [s for s in writer.shard_ids if s >= n_shards]
+    if extra:
+        raise KDError(f"store {out} has {len(extra)} shard(s) beyond the {n_shards} this dump plans (a larger "
+                      f"question set was dumped here): use another --out")
+
+    if rank == 0:
+        log(f"dump: {len(ids)} questions in {n_shards} shard(s) of {shard_size}, {world} rank(s); "
+            f"{n_shards - sum(1 for s in range(n_shards) if writer.shard_ids.get(s) != planned[s])} already done")
+    t0 = time.perf_counter()
+    ok, err = True, None
+    try:
+        from tqdm import tqdm
+
+        by_id = {q.id: q for q in questions}
+        for s in tqdm(todo, desc=f"rank {rank} shards" if world > 1 else "shards", unit="shard",
+                      disable=not progress):
+            items = build_items([by_id[i] for i in planned[s]], cmmlu, tok, shots, positions, max_tokens, add_bos)
+            recs, stats = compute_shard(teacher, items, k, answer_ids, bool(cfg["hidden"]))
+            writer.write_shard(s, recs, {"quality": json.dumps(stats, sort_keys=True)})
+    except BaseException as e:  # noqa: BLE001 - tell the other ranks before re-raising
+        ok, err = False, e
+    wall = time.perf_counter() - t0
+    if not _all_ok(group, ok):
+        if err is not None:
+            raise err
+        raise KDError("another rank failed (see its message); rerun the same command to resume")
+    result = {"rank": rank, "world": world, "shards_written": len(todo), "wall_s": wall,
+              "teacher_wall_s": teacher.stats.wall_s, "tokens": teacher.stats.tokens}
+    if rank != 0:
+        return result
+    manifest = build_manifest(out, expected_ids=ids)
+    quality = quality_report(out, manifest)
+    write_json_atomic(out / "quality.json", quality)
+    # the flags that made the store (not --out: a store is the same wherever it lies)
+    write_json_atomic(out / "dump_config.json", {k_: cfg[k_] for k_ in DEFAULTS if k_ != "out"})
+    return {**result, "manifest": manifest, "quality": quality}
+
+
+def format_quality(q: dict, max_subjects: int = 10) -> str:
+    lines = [f"teacher accuracy {q['accuracy']:.2f}% over {q['questions']} questions "
+             f"(mean over {len(q['subjects'])} subjects {q['accuracy_mean_over_subjects']}%)"]
+    for s, v in list(q["subjects"].items())[:max_subjects]:
+        lines.append(f"  {s:<40} {v['accuracy']:6.2f}%  ({v['correct']}/{v['n']})")
+    if len(q["subjects"]) > max_subjects:
+        lines.append(f"  ... {len(q['subjects']) - max_subjects} more subjects in quality.json")
+    m, e = q["captured_mass"], q["entropy_nats"]
+    lines.append(f"top-{q['k']} captured mass: mean {m['mean']:.4f}, min {m['min']:.4f}; histogram "
+                 + " ".join(f"[{a:g},{b:g}):{c}" for a, b, c in zip(m["edges"], m["edges"][1:], m["hist"])))
+    lines.append(f"entropy (nats): mean {e['mean']:.3f}; histogram "
+                 + " ".join(f"[{a:g},{b:g}):{c}" for a, b, c in zip(e["edges"], e["edges"][1:], e["hist"])))
+    lines.append(f"non-finite values: {q['nonfinite_values']}; prompts cut to --max-tokens: {q['truncated_prompts']}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--teacher", default=None, help="teacher model directory or hub id (mlx-lm format)")
+@click.option("--data", default=None, help="CMMLU directory (dev/ test/), zip or hub dataset id")
+@click.option("--splits", default=None, help="splits.json (python -m kd_mlx.data split); omit: all test questions")
+@click.option("--split", default=None, help="comma-separated split names (train)")
+@click.option("--shots", type=int, default=None, help="few-shot examples per prompt (5)")
+@click.option("--top-k", type=int, default=None, help="top-k log-probs kept per position (32)")
+@click.option("--positions", type=click.Choice(POSITIONS), default=None,
+              help="answer: last prompt token; question: the question block; prompt: every token (question)")
+@click.option("--memory-budget", default=None, help="e.g. 16GB: hard limit for the streaming teacher")
+@click.option("--encoding", default=None, help="top-k value encoding: fp32|fp16|q8|q8rice (q8rice)")
+@click.option("--shard-size", type=int, default=None, help="questions per shard = unit of work and resume (64)")
+@click.option("--hidden/--no-hidden", default=None, help="also keep the last token's final hidden state")
+@click.option("--out", default=None, help="store directory")
+@click.option("--max-questions", type=int, default=None, help="only the first N questions (demos)")
+@click.option("--max-tokens", type=int, default=None, help="prompt token limit; shots dropped to fit (2048)")
+@click.option("--add-bos/--no-add-bos", default=None, help="prepend BOS (default: the tokenizer config's choice)")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="allow the model's own tokenizer code")
+@click.option("--progress/--no-progress", default=True, help="progress bar")
+@click.option("--config", "config_path", default=None, help="YAML config (flags win)")
+@cli_errors
+def dump(config_path, progress, **flags):
+    """Teacher top-k log-probs and answer distributions of CMMLU prompts into a resumable logits store."""
+    cfg = merge_config(load_yaml_config(config_path), flags, DEFAULTS)
+    if (advice := linux_blas_advice()):
+        click.echo(advice, err=True)
+    res = dump_store(cfg, progress=progress, log=lambda m: click.echo(m, err=True))
+    if "manifest" not in res:
+        return
+    m = res["manifest"]
+    click.echo(format_quality(res["quality"]))
+    click.echo(f"store {cfg['out']}: {m['num_rows']} questions, {m['num_positions']} top-k rows (k={m['k']}, "
+               f"{m['encoding']}), {len(m['shards'])} shards; this run wrote {res['shards_written']} on rank 0 "
+               f"in {res['wall_s']:.1f} s ({res['world']} rank(s)); {MANIFEST} and quality.json written")
