@@ -1,0 +1,346 @@
+"""Tests for kd_mlx.align on the real tokenizers (GPT-2 BPE as Phi-1.5; cl100k in Kimi's tiktoken.model format).
+
+Teacher distributions are synthetic (the teacher's real next token plus other real vocabulary ids, Dirichlet
+masses under 1) over real tokenizations of fixture sentences and of real CMMLU prompts when present."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from kd_mlx import align as A
+from kd_mlx.utils import KDError
+
+SENTENCES = [
+    "中华人民共和国成立于1949年10月1日。",
+    "The quick brown fox jumps over the lazy dog.",
+    "题目：下列哪个选项是正确的？\nA. 水的沸点是100°C\nB. 3.14159\nC. 鱻龘齉\nD. 以上都不对\n答案是：",
+    "  leading spaces\tand\ttabs    and  many   spaces\n\n\nnewlines   ",
+    "Numbers 1234567 and 3.14, 中文English混合text，标点！emoji 😀 and 𠀀.",
+    "以下是关于高中数学的单项选择题，请直接给出正确答案的选项。\n\n题目：若x=2，则x²+1=\nA. 3\nB. 5\nC. 4\nD. 6\n答案是：B\n\n",
+]
+
+
+@pytest.fixture(scope="module")
+def vmap_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vmap_cache")
+
+
+@pytest.fixture(scope="module")
+def vmap(kimi_tok, phi_tok, vmap_cache_dir):
+    return A.VocabMap.build(kimi_tok, phi_tok, cache_dir=vmap_cache_dir)
+
+
+def synthetic_record(t_tok, text: str, k: int = 8, seed: int = 0, bos: bool = False):
+    """A store-shaped record for `text`: row i holds the real next teacher token first, then random real ids
+    (some special, some partial-character byte tokens), true log-probs summing to < 1 (a tail outside top-k)."""
+    rng = np.random.default_rng(seed)
+    ids, offs = t_tok.encode_with_offsets(text)
+    if bos:
+        ids, offs = [t_tok.bos_id] + ids, [(0, 0)] + offs
+    n = len(ids)
+    topk = rng.integers(0, t_tok.vocab_size, (n, k))
+    topk[:-1, 0] = ids[1:]
+    topk[:, 1] = rng.choice(ids, n)  # other tokens of the same text: real words, several map to one student id
+    # ids must be distinct within a row, as a real top-k is
+    for r in range(n):
+        seen = set()
+        for c in range(k):
+            while int(topk[r, c]) in seen:
+                topk[r, c] = rng.integers(0, t_tok.vocab_size)
+            seen.add(int(topk[r, c]))
+    mass = rng.uniform(0.5, 0.999, n)
+    lp = np.log(rng.dirichlet(np.ones(k) * 0.5, n) * mass[:, None]).astype(np.float32)
+    return SimpleNamespace(token_ids=np.array(ids, np.int32), offsets=np.array(offs, np.int32),
+                           positions=np.arange(n, dtype=np.int32), topk_ids=topk.astype(np.int32), topk_logprobs=lp,
+                           n_bos=int(bos))
+
+
+def byte_level_alignment(t_tok, s_tok, rec, s_ids, t_text: str, s_text: str, region_start: int) -> list[tuple]:
+    """Independent check of the boundaries: (row, student position) for every teacher row whose prefix ends at a
+    byte where a student token also ends (then a student token follows), on a character boundary, in the region."""
+    nb = rec.n_bos
+    t_ends = np.cumsum([len(t_tok.token_bytes(int(i))) for i in rec.token_ids[nb:]])
+    s_ends = np.cumsum([len(s_tok.token_bytes(int(i))) for i in s_ids])
+    byte_shift = len(t_text.encode()) - len(s_text.encode())
+    region_b = len(t_text[:region_start].encode())
+    char_starts = set(np.cumsum([0] + [len(ch.encode()) for ch in t_text]).tolist())
+    s_end_at = {int(b): j for j, b in enumerate(s_ends[:-1])}  # a token j+1 follows
+    out = []
+    for r, i in enumerate(rec.positions.tolist()):
+        if i + 1 >= len(rec.token_ids):
+            continue
+        b = int(t_ends[i - nb]) if i >= nb else 0  # the BOS row has read nothing
+        if b >= region_b and b in char_starts and (b - byte_shift) in s_end_at:
+            out.append((r, s_end_at[b - byte_shift]))
+    return out
+
+
+def token_prefix_bytes(tok, ids, n: int) -> bytes:
+    return b"".join(tok.token_bytes(int(i)) for i in ids[:n])
+
+
+def check_alignment(t_tok, s_tok, vmap, rec, s_ids, s_offs, shift: int, region_start: int, t_text: str, s_text: str,
+                    max_positions=None):
+    """All invariants of one aligned record; returns the result."""
+    t_offs = rec.offsets
+    pos, ids, probs, rest = out = A.align_record(rec, t_offs, s_offs, shift, region_start, vmap, max_positions)
+    ref = A.align_record_reference(rec, t_offs, s_offs, shift, region_start, vmap, max_positions)
+    # fast == reference
+    np.testing.assert_array_equal(pos, ref[0])
+    np.testing.assert_array_equal(ids, ref[1])
+    np.testing.assert_allclose(probs, ref[2], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(rest, ref[3], rtol=1e-6, atol=1e-6)
+    # shapes, padding, sums
+    n = len(pos)
+    assert ids.shape == probs.shape and ids.shape[0] == n == rest.shape[0] and ids.shape[1] >= 1
+    assert np.all(probs[ids < 0] == 0) and np.all(probs >= 0) and np.all(rest >= 0)
+    np.testing.assert_allclose(probs.sum(-1) + rest, 1.0, atol=2e-6)
+    for r in range(n):
+        real = ids[r][ids[r] >= 0]
+        assert len(set(real.tolist())) == len(real)  # one slot per student id
+        assert np.all(ids[r][len(real):] == -1)  # padding at the end
+    # the same boundaries as an independent byte-level computation
+    rows, pos2 = A.aligned_rows(rec.positions, t_offs, s_offs, shift, region_start)
+    expect = byte_level_alignment(t_tok, s_tok, rec, s_ids, t_text, s_text, region_start)
+    assert list(zip(rows.tolist(), pos2.tolist())) == expect
+    rows = rows[A._keep_last(len(rows), max_positions)]
+    # the aligned student position has read exactly the text the teacher row has read (byte-exact)
+    t_ids = rec.token_ids
+    t_bos = rec.n_bos
+    for r, j in zip(rows.tolist(), pos.tolist()):
+        i = int(rec.positions[r])
+        t_read = token_prefix_bytes(t_tok, t_ids[t_bos:], i + 1 - t_bos)
+        s_read = token_prefix_bytes(s_tok, s_ids, j + 1)
+        c = len(t_read.decode("utf-8"))
+        assert t_text.encode().startswith(t_read) and s_text.encode().startswith(s_read)
+        assert c >= region_start and t_read.decode()[region_start:] == s_read.decode()[region_start - shift:]
+        # the teacher's real next token and the student's real next token start at the same byte
+        assert t_text[c:].encode().startswith(t_tok.token_bytes(int(t_ids[i + 1])))
+        assert s_text[c - shift:].encode().startswith(s_tok.token_bytes(int(s_ids[j + 1])))
+    # each student target decodes to a byte prefix of (at least one of) the teacher candidates projected onto it
+    for r, row in enumerate(rows.tolist()):
+        cands = [int(t) for t in rec.topk_ids[row]]
+        for sid in ids[r][ids[r] >= 0].tolist():
+            sb = s_tok.token_bytes(sid)
+            from_cands = [t for t in cands if vmap.student_id[t] == sid]
+            assert from_cands and all(t_tok.token_bytes(t).startswith(sb) for t in from_cands)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- vocabulary map
+def test_vocab_map_maps_each_teacher_token_to_a_byte_prefix(kimi_tok, phi_tok, vmap):
+    sid = vmap.student_id
+    assert sid.dtype == np.int32 and sid.shape == (kimi_tok.vocab_size,) and not vmap.is_identity
+    specials = A.special_token_ids(kimi_tok)
+    assert len(specials) == 256 and np.all(sid[sorted(specials)] == -1)
+    assert vmap.coverage > 0.99  # everything but the specials maps (byte-level BPE covers every byte)
+    s_special = A.special_token_ids(phi_tok)
+    assert s_special == {50256}
+    for tid in np.nonzero(sid >= 0)[0].tolist():
+        assert kimi_tok.token_bytes(tid).startswith(phi_tok.token_bytes(int(sid[tid])))
+    assert not np.isin(sid, list(s_special)).any()
+
+
+def test_vocab_map_hand_checked(kimi_tok, phi_tok, vmap):
+    def t1(text):  # a teacher token that is exactly `text`
+        ids = kimi_tok.encode(text)
+        assert len(ids) == 1, (text, ids)
+        return ids[0]
+
+    # whole words with the leading space map to the same word in GPT-2
+    for w in [" the", " quick", "Hello", "\n\n", "    "]:
+        assert phi_tok.token_bytes(int(vmap.student_id[t1(w)])) == w.encode()
+    # a whole Chinese word maps to the student's first piece of its first character
+    zh = "中国"
+    s_first = phi_tok.encode(zh)[0]
+    assert phi_tok.token_bytes(s_first) in ("中".encode(), "中".encode()[:1], "中".encode()[:2])
+    assert vmap.student_id[t1(zh)] == s_first
+    # a teacher token that is part of a character (not UTF-8) maps to the longest student byte-prefix
+    partial = [t for t in range(2000, 100000) if len(kimi_tok.token_bytes(t)) >= 2
+               and kimi_tok.token_bytes(t)[0] >= 0xE0 and A._decode_or_none(kimi_tok.token_bytes(t)) is None][:20]
+    assert partial
+    s_vocab = {phi_tok.token_bytes(i) for i in range(phi_tok.vocab_size)} - {phi_tok.token_bytes(50256)}
+    for t in partial:
+        b = kimi_tok.token_bytes(t)
+        sb = phi_tok.token_bytes(int(vmap.student_id[t]))
+        assert b.startswith(sb) and not any(b[:n] in s_vocab for n in range(len(sb) + 1, len(b) + 1))
+
+
+def test_vocab_map_fast_equals_reference(kimi_tok, phi_tok, vmap):
+    rng = np.random.default_rng(3)
+    sid = vmap.student_id
+    t_bytes = [kimi_tok.token_bytes(t) for t in range(kimi_tok.vocab_size)]
+    non_utf8 = [t for t, b in enumerate(t_bytes) if b and A._decode_or_none(b) is None]
+    sample = sorted(set(rng.choice(kimi_tok.vocab_size, 1500, replace=False).tolist()) | set(non_utf8[:500])
+                    | set(range(kimi_tok.vocab_size - 256, kimi_tok.vocab_size, 17)))
+    cache: dict = {}
+    ref = [A.student_id_reference(kimi_tok, phi_tok, t, cache) for t in sample]
+    np.testing.assert_array_equal(sid[sample], ref)
+
+
+def test_vocab_map_cache_round_trip_and_keys(kimi_tok, phi_tok, vmap, vmap_cache_dir):
+    path = A.VocabMap.cache_path(kimi_tok, phi_tok, vmap_cache_dir)
+    assert vmap.source == "built" and path.exists()
+    assert kimi_tok.fingerprint() in path.name and phi_tok.fingerprint() in path.name
+    assert [p.name for p in vmap_cache_dir.iterdir()] == [path.name]  # the atomic write left no temporary file
+    again = A.VocabMap.build(kimi_tok, phi_tok, cache_dir=vmap_cache_dir)
+    assert again.source == "cache" and again.teacher_fingerprint == kimi_tok.fingerprint()
+    assert again.student_fingerprint == phi_tok.fingerprint()
+    np.testing.assert_array_equal(again.student_id, vmap.student_id)
+    # the other direction is another key, another file
+    assert A.VocabMap.cache_path(phi_tok, kimi_tok, vmap_cache_dir) != path
+    # a file under this key but for another pair is refused by load, and build replaces it
+    saved = path.read_bytes()
+    try:
+        A.VocabMap(vmap.student_id[:-1], "0" * 16, phi_tok.fingerprint(), False).save(path)
+        with pytest.raises(KDError, match="is for tokenizers"):
+            A.VocabMap.load(path, expect=(kimi_tok.fingerprint(), phi_tok.fingerprint(), kimi_tok.vocab_size))
+        rebuilt = A.VocabMap.build(kimi_tok, phi_tok, cache_dir=vmap_cache_dir)
+        assert rebuilt.source == "built"
+        np.testing.assert_array_equal(rebuilt.student_id, vmap.student_id)
+        assert A.VocabMap.load(path).source == "cache"
+        # a damaged file: a one-line error from load (build would rebuild it the same way)
+        path.write_bytes(b"not an npz")
+        with pytest.raises(KDError, match="cannot read vocabulary map"):
+            A.VocabMap.load(path)
+    finally:
+        path.write_bytes(saved)
+
+
+def test_default_cache_dir_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("KD_MLX_CACHE", str(tmp_path / "c"))
+    assert A.default_cache_dir() == tmp_path / "c"
+
+
+# ------------------------------------------------------------------------------------------------- identity case
+@pytest.mark.parametrize("which", ["kimi", "phi"])
+def test_same_tokenizer_is_identity(which, kimi_tok, phi_tok, tmp_path):
+    tok = kimi_tok if which == "kimi" else phi_tok
+    vm = A.VocabMap.build(tok, tok, cache_dir=tmp_path)
+    assert vm.is_identity and vm.source == "identity" and not list(tmp_path.iterdir())
+    np.testing.assert_array_equal(vm.student_id, np.arange(tok.vocab_size))
+    for seed, text in enumerate(SENTENCES):
+        rec = synthetic_record(tok, text, seed=seed)
+        ids, offs = tok.encode_with_offsets(text)
+        pos, sids, probs, rest = check_alignment(tok, tok, vm, rec, ids, offs, 0, 0, text, text)
+        # every position whose next token starts cleanly (between characters) is kept, at the same index
+        offs = np.array(offs)
+        clean = [i for i in range(len(ids) - 1) if offs[i, 1] == offs[i + 1, 0]]
+        np.testing.assert_array_equal(pos, clean)
+        np.testing.assert_array_equal(sids, rec.topk_ids[clean])  # unchanged, top-k order
+        np.testing.assert_array_equal(probs, np.exp(rec.topk_logprobs[clean].astype(np.float64)).astype(np.float32))
+        np.testing.assert_allclose(rest, 1 - np.exp(rec.topk_logprobs[clean].astype(np.float64)).sum(-1), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- cross-tokenizer records
+@pytest.mark.parametrize("bos", [False, True])
+def test_fixture_sentences_kimi_to_phi(bos, kimi_tok, phi_tok, vmap):
+    total_s, total_aligned = 0, 0
+    for seed, text in enumerate(SENTENCES):
+        rec = synthetic_record(kimi_tok, text, seed=seed, bos=bos)
+        s_ids, s_offs = phi_tok.encode_with_offsets(text)
+        pos, ids, probs, rest = check_alignment(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, 0, 0, text, text)
+        assert len(pos) > 0 and len(set(pos.tolist())) == len(pos)
+        total_s += len(s_ids) - 1
+        total_aligned += len(pos)
+    assert 0.2 < total_aligned / total_s < 1.0
+
+
+def test_pieces_of_one_character_never_align(kimi_tok, phi_tok, vmap):
+    text = "鱻龘齉"  # rare characters: GPT-2 splits each into several byte tokens
+    s_ids, s_offs = phi_tok.encode_with_offsets(text)
+    assert len(s_ids) > len(text)
+    rec = synthetic_record(kimi_tok, text)
+    pos, *_ = check_alignment(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, 0, 0, text, text)
+    for j in pos.tolist():  # the student has read whole characters only
+        assert A._decode_or_none(token_prefix_bytes(phi_tok, s_ids, j + 1)) is not None
+
+
+def test_hand_computed_alignment(kimi_tok, phi_tok, vmap):
+    # "Hello world" is [Hello][ world] for both; one row at the first token, candidates hand-chosen
+    text = "Hello world"
+    t_ids, t_offs = kimi_tok.encode_with_offsets(text)
+    s_ids, s_offs = phi_tok.encode_with_offsets(text)
+    assert len(t_ids) == 2 and len(s_ids) == 2
+    world, worlds, the = kimi_tok.encode(" world")[0], kimi_tok.encode(" worlds")[0], kimi_tok.encode(" the")[0]
+    eos = kimi_tok.eos_id
+    lp = np.log(np.array([[0.5, 0.2, 0.1, 0.05]], np.float32))
+    rec = SimpleNamespace(token_ids=np.array(t_ids), offsets=np.array(t_offs), positions=np.array([0, 1]),
+                          topk_ids=np.array([[world, worlds, the, eos], [0, 1, 2, 3]], np.int32),
+                          topk_logprobs=np.concatenate([lp, lp]), n_bos=0)
+    pos, ids, probs, rest = check_alignment(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, 0, 0, text, text)
+    s_world, s_the = phi_tok.encode(" world")[0], phi_tok.encode(" the")[0]
+    assert pos.tolist() == [0]  # the last row (position 1) has no next token
+    want = {s_world: 0.5 + (0.2 if vmap.student_id[worlds] == s_world else 0.0), s_the: 0.1}
+    if vmap.student_id[worlds] != s_world:
+        want[int(vmap.student_id[worlds])] = 0.2
+    got = {int(i): float(p) for i, p in zip(ids[0], probs[0]) if i >= 0}
+    assert got == pytest.approx(want) and ids[0, 0] == s_world
+    assert rest[0] == pytest.approx(0.15 + 0.05)  # tail outside the top-k + the unmappable EOS
+
+
+def test_shift_region_and_max_positions(kimi_tok, phi_tok, vmap):
+    # the teacher's prompt has one more shot than the student's: only the shared question part aligns
+    shot = SENTENCES[5]
+    question = SENTENCES[2]
+    t_text, s_text = shot + shot + question, shot + question
+    rec = synthetic_record(kimi_tok, t_text, seed=9)
+    s_ids, s_offs = phi_tok.encode_with_offsets(s_text)
+    shift, region = len(t_text) - len(s_text), len(t_text) - len(question)
+    pos, *_ = check_alignment(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, shift, region, t_text, s_text)
+    s_region = len(s_text) - len(question)
+    assert len(pos) > 5 and all(s_offs[j + 1][0] >= s_region for j in pos.tolist())
+    for m in (0, 3, 1000):
+        p2, i2, pr2, r2 = check_alignment(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, shift, region, t_text, s_text,
+                                          max_positions=m)
+        assert p2.tolist() == pos.tolist()[max(0, len(pos) - m):]
+
+
+def test_empty_and_unaligned_records(kimi_tok, phi_tok, vmap):
+    rec = synthetic_record(kimi_tok, "abc")
+    out = A.align_record(rec, rec.offsets, [], 0, 0, vmap)
+    ref = A.align_record_reference(rec, rec.offsets, [], 0, 0, vmap)
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and a.shape[0] == 0
+    assert out[1].shape == (0, 1) and out[1].dtype == np.int32 and out[2].dtype == np.float32
+    # rows whose candidates are all unmappable (specials) keep their whole mass in the remainder
+    ids, probs, rest = A.project_topk(np.array([[kimi_tok.eos_id, kimi_tok.bos_id]]), np.log([[0.3, 0.3]]),
+                                      vmap.student_id)
+    assert ids.tolist() == [[-1]] and probs.tolist() == [[0.0]] and rest[0] == pytest.approx(1.0)
+
+
+def test_rounding_over_one_is_renormalised(vmap, kimi_tok):
+    t = [kimi_tok.encode(w)[0] for w in (" the", " a")]
+    ids, probs, rest = A.project_topk(np.array([t]), np.log(np.array([[0.7, 0.3000004]])), vmap.student_id)
+    assert rest[0] == 0 and probs.sum() == pytest.approx(1.0, abs=1e-7)
+
+
+# --------------------------------------------------------------------------------------------------- real CMMLU text
+def test_real_cmmlu_prompts(real_cmmlu, kimi_tok, phi_tok, vmap):
+    from kd_mlx.data import build_prompt, load_cmmlu
+
+    cm = load_cmmlu(real_cmmlu)
+    rng = np.random.default_rng(5)
+    subjects = cm.subjects
+    n_checked, aligned, s_positions = 0, 0, 0
+    for k, subject in enumerate(rng.choice(subjects, 12, replace=False).tolist()):
+        qs = cm.test[subject]
+        for q in [qs[int(i)] for i in rng.choice(len(qs), 2, replace=False)]:
+            prompt = build_prompt(q, cm.dev[subject][:2])  # 2 shots: the full check loops in Python
+            text = prompt.text
+            rec = synthetic_record(kimi_tok, text, k=10, seed=k, bos=True)
+            s_ids, s_offs = phi_tok.encode_with_offsets(text)
+            pos, *_ = check_alignment(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, 0, 0, text, text)
+            # and with fewer shots for the student: only the question part
+            s_prompt = build_prompt(q, cm.dev[subject][:1])
+            s2_ids, s2_offs = phi_tok.encode_with_offsets(s_prompt.text)
+            shift, region = len(text) - len(s_prompt.text), len(text) - len(prompt.suffix)
+            check_alignment(kimi_tok, phi_tok, vmap, rec, s2_ids, s2_offs, shift, region, text, s_prompt.text)
+            n_checked += 1
+            aligned += len(pos)
+            s_positions += len(s_ids) - 1
+    assert n_checked == 24
+    assert 0.2 < aligned / s_positions < 0.9  # Chinese: ~2.2 student tokens per character, few shared boundaries
