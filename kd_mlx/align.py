@@ -42,6 +42,7 @@ The vocabulary map is cached as `vocabmap-<teacher fp>-<student fp>-v1.npz` unde
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ import numpy as np
 
 from .utils import KDError, atomic_path
 
-VOCABMAP_FORMAT = 1
+VOCABMAP_FORMAT = 2
 
 
 def default_cache_dir() -> Path:
@@ -133,8 +134,25 @@ def _encode_many(student_tok, texts: list[str]) -> list[list[int]]:
     return [student_tok.encode(t) for t in texts]
 
 
+def _byte_lengths(table: Sequence[bytes], specials: set[int]) -> np.ndarray:
+    # special tokens (a BOS) stand for no text: 0 bytes of the prompt
+    out = np.fromiter((len(b) for b in table), np.int32, len(table))
+    if specials:
+        out[[i for i in specials if i < len(out)]] = 0
+    return out
+
+
+def token_byte_lengths(tok) -> np.ndarray:
+    """(V,) int32: the number of text bytes each token stands for (0 for special tokens)."""
+    return _byte_lengths(_token_bytes_table(tok), special_token_ids(tok))
+
+
 def build_student_ids(teacher_tok, student_tok) -> np.ndarray:
     """(V_teacher,) int32: the student token that begins each teacher token (−1 = unmappable). Batched encoding."""
+    return _build(teacher_tok, student_tok)[0]
+
+
+def _build(teacher_tok, student_tok) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     t_bytes = _token_bytes_table(teacher_tok)
     s_bytes = _token_bytes_table(student_tok)
     t_special, s_special = special_token_ids(teacher_tok), special_token_ids(student_tok)
@@ -152,7 +170,7 @@ def build_student_ids(teacher_tok, student_tok) -> np.ndarray:
             text_ids.append(tid)
     for tid, ids in zip(text_ids, _encode_many(student_tok, texts)):
         out[tid] = _first_token(ids, t_bytes[tid], s_bytes, s_special, prefix)
-    return out
+    return out, _byte_lengths(t_bytes, t_special), _byte_lengths(s_bytes, s_special)
 
 
 def student_id_reference(teacher_tok, student_tok, tid: int, _cache: dict | None = None) -> int:
@@ -184,6 +202,8 @@ class VocabMap:
     student_fingerprint: str
     is_identity: bool
     source: str = "built"  # "built" | "cache" | "identity"
+    teacher_len: np.ndarray | None = None  # (V_teacher,) bytes of text per token (0: specials), for byte alignment
+    student_len: np.ndarray | None = None  # (V_student,)
 
     @property
     def teacher_vocab_size(self) -> int:
@@ -206,14 +226,16 @@ class VocabMap:
         (keyed by both fingerprints) or built and cached (atomic write)."""
         t_fp, s_fp = teacher_tok.fingerprint(), student_tok.fingerprint()
         if t_fp == s_fp:
-            return cls(np.arange(teacher_tok.vocab_size, dtype=np.int32), t_fp, s_fp, True, "identity")
+            n = token_byte_lengths(teacher_tok)
+            return cls(np.arange(teacher_tok.vocab_size, dtype=np.int32), t_fp, s_fp, True, "identity", n, n)
         path = cls.cache_path(teacher_tok, student_tok, cache_dir)
         if use_cache and path.exists():
             try:
                 return cls.load(path, expect=(t_fp, s_fp, teacher_tok.vocab_size))
             except KDError:
                 pass  # a stale or damaged cache file is rebuilt and replaced
-        vmap = cls(build_student_ids(teacher_tok, student_tok), t_fp, s_fp, False, "built")
+        sid, t_len, s_len = _build(teacher_tok, student_tok)
+        vmap = cls(sid, t_fp, s_fp, False, "built", t_len, s_len)
         if use_cache:
             vmap.save(path)
         return vmap
@@ -224,7 +246,9 @@ class VocabMap:
         path = Path(path)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-                np.savez(f, student_id=self.student_id.astype(np.int32), format=np.int32(VOCABMAP_FORMAT),
+                lengths = {} if self.teacher_len is None or self.student_len is None else {
+                    "teacher_len": self.teacher_len.astype(np.int32), "student_len": self.student_len.astype(np.int32)}
+                np.savez(f, student_id=self.student_id.astype(np.int32), format=np.int32(VOCABMAP_FORMAT), **lengths,
                          teacher_fingerprint=np.str_(self.teacher_fingerprint),
                          student_fingerprint=np.str_(self.student_fingerprint))
         return path
@@ -235,6 +259,8 @@ class VocabMap:
         try:
             with np.load(path, allow_pickle=False) as z:
                 sid = z["student_id"].astype(np.int32)
+                t_len = z["teacher_len"].astype(np.int32) if "teacher_len" in z.files else None
+                s_len = z["student_len"].astype(np.int32) if "student_len" in z.files else None
                 fmt, t_fp, s_fp = int(z["format"]), str(z["teacher_fingerprint"]), str(z["student_fingerprint"])
         except Exception as e:
             raise KDError(f"cannot read vocabulary map {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
@@ -243,7 +269,7 @@ class VocabMap:
         if expect is not None and (t_fp, s_fp, len(sid)) != tuple(expect):
             raise KDError(f"vocabulary map {path} is for tokenizers {t_fp}/{s_fp} ({len(sid)} ids), not "
                           f"{expect[0]}/{expect[1]} ({expect[2]} ids)")
-        return cls(sid, t_fp, s_fp, t_fp == s_fp, "cache")
+        return cls(sid, t_fp, s_fp, t_fp == s_fp, "cache", t_len, s_len)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,8 +281,8 @@ def aligned_rows(positions, t_offsets, s_offsets, shift: int, region_start: int)
     """(rows, pos): indices into the record's top-k rows that land on an aligned boundary, and for each the student
     position whose logits predict the student token starting there. Vectorised."""
     positions = np.asarray(positions, np.int64).reshape(-1)
-    t_off = np.asarray(t_offsets, np.int64).reshape(-1, 2)
-    s_off = np.asarray(s_offsets, np.int64).reshape(-1, 2)
+    t_off = _as_offsets(t_offsets)
+    s_off = _as_offsets(s_offsets)
     n_t = len(t_off)
     rows = np.nonzero((positions >= 0) & (positions + 1 < n_t))[0]  # the last row (the answer) has no next token
     i = positions[rows]
@@ -275,36 +301,53 @@ def aligned_rows(positions, t_offsets, s_offsets, shift: int, region_start: int)
 
 
 def project_topk(topk_ids, topk_logprobs, student_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher top-k rows (n, k) → student (ids (n, m) padded −1, probs (n, m), rest (n,)). Vectorised: one
-    np.unique over (row, student id) keys, bincount of the mass. Within a row ids keep the order of their first
-    candidate (top-k order); the rest is 1 − Σ probs (rows whose top-k sums past 1 by rounding are renormalised)."""
+    """Teacher top-k rows (n, k) → student (ids (n, m) padded −1, probs (n, m), rest (n,)). Vectorised: one stable
+    argsort of (row, student id) keys groups equal ids, `np.add.reduceat` sums their mass. Within a row ids keep
+    the order of their first candidate (top-k order); rest = 1 − Σ probs (a row whose top-k sums past 1 by
+    rounding is renormalised)."""
     tid = np.asarray(topk_ids, np.int64)
-    lp = np.asarray(topk_logprobs, np.float64)
     n = tid.shape[0]
-    if n == 0:
-        return np.full((0, 1), -1, np.int32), np.zeros((0, 1), np.float32), np.zeros(0, np.float32)
-    in_vocab = (tid >= 0) & (tid < len(student_id))
-    sid = np.where(in_vocab, student_id[np.clip(tid, 0, len(student_id) - 1)], -1).astype(np.int64)
-    mapped = sid >= 0
-    p = np.exp(lp)
-    rows = np.broadcast_to(np.arange(n)[:, None], tid.shape)[mapped]
-    n_s = int(sid.max()) + 1 if mapped.any() else 1
-    uniq, first, inv = np.unique(rows * n_s + sid[mapped], return_index=True, return_inverse=True)
-    mass = np.bincount(inv.reshape(-1), weights=p[mapped], minlength=len(uniq))
-    order = np.argsort(first, kind="stable")  # row-major first appearance = top-k order within each row
-    g_row, g_sid, g_mass = uniq[order] // n_s, uniq[order] % n_s, mass[order]
+    if n == 0 or tid.size == 0:
+        return np.full((n, 1), -1, np.int32), np.zeros((n, 1), np.float32), np.ones(n, np.float32)
+    V = len(student_id)
+    if tid.min() < 0 or tid.max() >= V:  # out-of-vocabulary ids (padding) map to nothing
+        sid = np.where((tid >= 0) & (tid < V), student_id[np.clip(tid, 0, V - 1)], -1).astype(np.int64)
+    else:
+        sid = student_id[tid].astype(np.int64)
+    p = np.exp(np.asarray(topk_logprobs, np.float64)).ravel()
+    n_s = int(sid.max()) + 2
+    key = (sid + 1 + np.arange(n)[:, None] * n_s).ravel()  # row-major; sid −1 → key row*n_s (dropped below)
+    order = np.argsort(key, kind="stable")  # equal keys stay in top-k order: the first is the first candidate
+    sk = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
+    mass = np.add.reduceat(p[order], starts)
+    g_key, g_first = sk[starts], order[starts]
+    real = g_key % n_s != 0
+    g_key, g_first, mass = g_key[real], g_first[real], mass[real]
+    by_first = np.argsort(g_first, kind="stable")  # groups in row-major order of their first candidate
+    g_key, mass = g_key[by_first], mass[by_first]
+    g_row, g_sid = g_key // n_s, g_key % n_s - 1
     counts = np.bincount(g_row, minlength=n)
-    m = max(int(counts.max()) if len(counts) else 0, 1)
+    m = max(int(counts.max()), 1)
     slot = np.arange(len(g_row)) - np.repeat(np.cumsum(counts) - counts, counts)
     ids = np.full((n, m), -1, np.int32)
     probs = np.zeros((n, m), np.float64)
     ids[g_row, slot] = g_sid
-    probs[g_row, slot] = g_mass
+    probs[g_row, slot] = mass
     total = probs.sum(-1)
     over = total > 1.0
-    probs[over] /= total[over, None]
-    rest = np.maximum(0.0, 1.0 - probs.sum(-1))
+    if over.any():
+        probs[over] /= total[over, None]
+        total = probs.sum(-1)
+    rest = np.maximum(0.0, 1.0 - total)
     return ids, probs.astype(np.float32), rest.astype(np.float32)
+
+
+def _as_offsets(offsets) -> np.ndarray:
+    if isinstance(offsets, np.ndarray):
+        return offsets.astype(np.int64, copy=False).reshape(-1, 2)
+    # a list of (start, end) tuples, as encode_with_offsets returns: fromiter is ~3x faster than np.asarray
+    return np.fromiter(itertools.chain.from_iterable(offsets), np.int64, 2 * len(offsets)).reshape(-1, 2)
 
 
 def _keep_last(n: int, max_positions: int | None) -> slice:
@@ -351,6 +394,11 @@ def align_record_reference(rec, t_offsets, s_offsets, shift: int, region_start: 
         if j1 is not None:
             found.append((r, j1 - 1))
     found = found[_keep_last(len(found), max_positions)]
+    return _project_reference(rec, found, vmap)
+
+
+def _project_reference(rec, found: list[tuple[int, int]], vmap: VocabMap):
+    """Plain projection of the rows `found` = [(row, student position)], summed per student id in top-k order."""
     pos, ids, probs, rest = [], [], [], []
     V = len(vmap.student_id)
     for r, j in found:
@@ -373,3 +421,86 @@ def align_record_reference(rec, t_offsets, s_offsets, shift: int, region_start: 
         ids_a[r, : len(ids[r])] = ids[r]
         probs_a[r, : len(probs[r])] = probs[r]
     return np.array(pos, np.int32), ids_a, probs_a, np.array(rest, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# byte-level boundaries: also inside a character
+# ---------------------------------------------------------------------------------------------------------------
+# Char offsets cannot say where inside a character a token ends, so `align_record` only aligns between characters.
+# Both tokenizers also split characters into byte pieces (GPT-2 nearly every Chinese character, cl100k the rarer
+# ones); where both cut a character at the same byte, the teacher's next-token distribution (over the remaining
+# bytes: which character it is) is a valid target too. These functions find boundaries from the tokens' byte
+# lengths instead, so they need the token ids of both sides and the two texts.
+
+
+def _byte_frame(t_text: str, s_text: str, region_start: int) -> tuple[int, int]:
+    """(byte shift, first teacher byte of the shared text); the shared text must end both prompts."""
+    shared = t_text[region_start:]
+    if not s_text.endswith(shared):
+        raise KDError(f"the student prompt does not end with the teacher's text from character {region_start} "
+                      f"(the shared part must be a common suffix)")
+    return len(t_text.encode("utf-8")) - len(s_text.encode("utf-8")), len(t_text[:region_start].encode("utf-8"))
+
+
+def _byte_ends(ids, lengths: np.ndarray | None, text: str, side: str) -> np.ndarray:
+    if lengths is None:
+        raise KDError("this vocabulary map has no token byte lengths (an old cache file?): rebuild it")
+    ends = np.cumsum(lengths[np.asarray(ids, np.int64)], dtype=np.int64)
+    n = len(text.encode("utf-8"))
+    if (ends[-1] if len(ends) else 0) != n:
+        raise KDError(f"the {side} token ids stand for {ends[-1] if len(ends) else 0} bytes but the {side} text has "
+                      f"{n}: ids and text do not belong together")
+    return ends
+
+
+def aligned_rows_bytes(positions, t_ends: np.ndarray, s_ends: np.ndarray, byte_shift: int,
+                       region_b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like `aligned_rows`, from byte ends of the tokens: row i aligns where teacher token i ends at byte b of the
+    shared text and a student token j (followed by another) ends at b − byte_shift."""
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    rows = np.flatnonzero((positions >= 0) & (positions + 1 < len(t_ends)))
+    b = t_ends[positions[rows]]
+    keep = b >= region_b
+    rows, target = rows[keep], b[keep] - byte_shift
+    ends = s_ends[:-1]  # non-decreasing
+    k = np.searchsorted(ends, target, side="right") - 1
+    hit = k >= 0
+    hit[hit] = ends[k[hit]] == target[hit]
+    return rows[hit], k[hit]
+
+
+def align_record_bytes(rec, s_ids, t_text: str, s_text: str, region_start: int, vmap: VocabMap,
+                       max_positions: int | None = None):
+    """`align_record` with boundaries compared in bytes (also inside characters). rec.token_ids must encode
+    `t_text` (a BOS is fine: specials stand for no text), `s_ids` must encode `s_text`; the shared text is
+    t_text[region_start:], which must end s_text. Same outputs as `align_record`."""
+    byte_shift, region_b = _byte_frame(t_text, s_text, region_start)
+    t_ends = _byte_ends(rec.token_ids, vmap.teacher_len, t_text, "teacher")
+    s_ends = _byte_ends(s_ids, vmap.student_len, s_text, "student")
+    rows, pos = aligned_rows_bytes(rec.positions, t_ends, s_ends, byte_shift, region_b)
+    keep = _keep_last(len(rows), max_positions)
+    rows, pos = rows[keep], pos[keep]
+    topk_ids = np.asarray(rec.topk_ids).reshape(len(rec.positions), -1)
+    topk_lp = np.asarray(rec.topk_logprobs).reshape(len(rec.positions), -1)
+    ids, probs, rest = project_topk(topk_ids[rows], topk_lp[rows], vmap.student_id)
+    return pos.astype(np.int32), ids, probs, rest
+
+
+def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_start: int, vmap: VocabMap,
+                                 max_positions: int | None = None):
+    """Plain loops over the tokens' bytes; same contract as `align_record_bytes`."""
+    byte_shift, region_b = _byte_frame(t_text, s_text, region_start)
+    s_end_at, e = {}, 0
+    for j, sid in enumerate(list(s_ids)[:-1]):
+        e += int(vmap.student_len[sid])
+        s_end_at[e] = j
+    t_end, e = [], 0
+    for tid in np.asarray(rec.token_ids).tolist():
+        e += int(vmap.teacher_len[tid])
+        t_end.append(e)
+    found = []
+    for r, i in enumerate(np.asarray(rec.positions).tolist()):
+        if 0 <= i and i + 1 < len(t_end) and t_end[i] >= region_b and (t_end[i] - byte_shift) in s_end_at:
+            found.append((r, s_end_at[t_end[i] - byte_shift]))
+    found = found[_keep_last(len(found), max_positions)]
+    return _project_reference(rec, found, vmap)

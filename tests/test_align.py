@@ -190,6 +190,9 @@ def test_vocab_map_cache_round_trip_and_keys(kimi_tok, phi_tok, vmap, vmap_cache
     assert again.source == "cache" and again.teacher_fingerprint == kimi_tok.fingerprint()
     assert again.student_fingerprint == phi_tok.fingerprint()
     np.testing.assert_array_equal(again.student_id, vmap.student_id)
+    np.testing.assert_array_equal(again.teacher_len, vmap.teacher_len)
+    np.testing.assert_array_equal(again.student_len, vmap.student_len)
+    assert vmap.teacher_len[kimi_tok.bos_id] == 0 and vmap.teacher_len[kimi_tok.encode(" the")[0]] == 4
     # the other direction is another key, another file
     assert A.VocabMap.cache_path(phi_tok, kimi_tok, vmap_cache_dir) != path
     # a file under this key but for another pair is refused by load, and build replaces it
@@ -344,3 +347,80 @@ def test_real_cmmlu_prompts(real_cmmlu, kimi_tok, phi_tok, vmap):
             s_positions += len(s_ids) - 1
     assert n_checked == 24
     assert 0.2 < aligned / s_positions < 0.9  # Chinese: ~2.2 student tokens per character, few shared boundaries
+
+
+# ------------------------------------------------------------------------------------ byte-level boundaries (in chars)
+def check_bytes(t_tok, s_tok, vmap, rec, s_ids, s_offs, shift, region_start, t_text, s_text, max_positions=None):
+    out = A.align_record_bytes(rec, s_ids, t_text, s_text, region_start, vmap, max_positions)
+    ref = A.align_record_bytes_reference(rec, s_ids, t_text, s_text, region_start, vmap, max_positions)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        assert a.dtype == b.dtype and a.shape == b.shape
+    pos, ids, probs, rest = out
+    np.testing.assert_allclose(probs.sum(-1) + rest, 1.0, atol=2e-6)
+    t_ends = np.cumsum([len(t_tok.token_bytes(int(i))) if i != t_tok.bos_id else 0 for i in rec.token_ids])
+    s_ends = np.cumsum([len(s_tok.token_bytes(int(i))) for i in s_ids])
+    rows, pos2 = A.aligned_rows_bytes(rec.positions, t_ends, s_ends, *A._byte_frame(t_text, s_text, region_start))
+    rows, pos2 = rows[A._keep_last(len(rows), max_positions)], pos2[A._keep_last(len(pos2), max_positions)]
+    np.testing.assert_array_equal(pos, pos2)
+    tb, sb = t_text.encode(), s_text.encode()
+    byte_shift, region_b = len(tb) - len(sb), len(t_text[:region_start].encode())
+    for r, j in zip(rows.tolist(), pos.tolist()):
+        b = int(t_ends[rec.positions[r]])
+        assert b >= region_b and int(s_ends[j]) == b - byte_shift and j + 1 < len(s_ids)  # same byte of the text
+        for sid in ids[list(rows).index(r)][ids[list(rows).index(r)] >= 0].tolist():
+            cands = [t for t in rec.topk_ids[r].tolist() if vmap.student_id[t] == sid]
+            assert cands and all(t_tok.token_bytes(t).startswith(s_tok.token_bytes(sid)) for t in cands)
+    # between characters it finds exactly what the char-offset version finds
+    char = A.align_record(rec, rec.offsets, s_offs, shift, region_start, vmap)
+    char_rows, _ = A.aligned_rows(rec.positions, rec.offsets, s_offs, shift, region_start)
+    full_rows, full_pos = A.aligned_rows_bytes(rec.positions, t_ends, s_ends, byte_shift, region_b)
+    cb = set(np.cumsum([0] + [len(ch.encode()) for ch in t_text]).tolist())
+    at_char = np.array([int(t_ends[rec.positions[r]]) in cb for r in full_rows.tolist()], bool)
+    np.testing.assert_array_equal(full_rows[at_char] if len(full_rows) else full_rows, char_rows)
+    np.testing.assert_array_equal(full_pos[at_char] if len(full_pos) else full_pos, char[0])
+    return out, int((~at_char).sum()) if len(full_rows) else 0
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_byte_alignment_extends_char_alignment(bos, kimi_tok, phi_tok, vmap):
+    inside = 0
+    for seed, text in enumerate(SENTENCES):
+        rec = synthetic_record(kimi_tok, text, seed=seed, bos=bos)
+        s_ids, s_offs = phi_tok.encode_with_offsets(text)
+        _, n_inside = check_bytes(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, 0, 0, text, text)
+        inside += n_inside
+    assert inside > 0  # "鱻龘齉", "𠀀", "😀": both cut inside the character at the same byte somewhere
+    shot, question = SENTENCES[5], SENTENCES[2]
+    t_text, s_text = shot + shot + question, shot + question
+    rec = synthetic_record(kimi_tok, t_text, seed=9, bos=bos)
+    s_ids, s_offs = phi_tok.encode_with_offsets(s_text)
+    for m in (None, 0, 4):
+        check_bytes(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, len(t_text) - len(s_text), len(shot), t_text,
+                    s_text, max_positions=m)
+
+
+def test_byte_alignment_identity_keeps_every_boundary(kimi_tok, tmp_path):
+    vm = A.VocabMap.build(kimi_tok, kimi_tok, cache_dir=tmp_path)
+    text = SENTENCES[2] + SENTENCES[4]
+    rec = synthetic_record(kimi_tok, text, seed=3)
+    ids = list(rec.token_ids)
+    pos, sids, probs, rest = A.align_record_bytes(rec, ids, text, text, 0, vm)
+    assert pos.tolist() == list(range(len(ids) - 1))  # inside characters too
+    np.testing.assert_array_equal(sids, rec.topk_ids[:-1])
+    np.testing.assert_array_equal(probs, np.exp(rec.topk_logprobs[:-1].astype(np.float64)).astype(np.float32))
+
+
+def test_byte_alignment_refuses_mismatched_inputs(kimi_tok, phi_tok, vmap):
+    text = SENTENCES[0]
+    rec = synthetic_record(kimi_tok, text)
+    s_ids = phi_tok.encode(text)
+    with pytest.raises(KDError, match="do not belong together"):
+        A.align_record_bytes(rec, s_ids[:-1], text, text, 0, vmap)
+    with pytest.raises(KDError, match="do not belong together"):
+        A.align_record_bytes(rec, s_ids, text + "x", text + "x", 0, vmap)
+    with pytest.raises(KDError, match="common suffix"):
+        A.align_record_bytes(rec, s_ids, text, text[:-1] + "?", 0, vmap)
+    old = A.VocabMap(vmap.student_id, vmap.teacher_fingerprint, vmap.student_fingerprint, False)
+    with pytest.raises(KDError, match="no token byte lengths"):
+        A.align_record_bytes(rec, s_ids, text, text, 0, old)
