@@ -166,6 +166,11 @@ class Summariser:
         lp = np.asarray(lp, np.float32)
         k = min(self.k, lp.shape[1])
         part = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+        # argpartition picks any of the values tied at the k-th place; keep the lowest ids (the reference rule)
+        thr = np.take_along_axis(lp, part, 1).min(axis=1)
+        for r in np.flatnonzero((lp >= thr[:, None]).sum(axis=1) > k):
+            above = np.flatnonzero(lp[r] > thr[r])
+            part[r] = np.concatenate([above, np.flatnonzero(lp[r] == thr[r])[: k - len(above)]])
         ids, vals = _sort_rows_by_value(part.astype(np.int32), np.take_along_axis(lp, part, 1))
         p = np.exp(lp)
         ent = -np.where(p > 0, p * lp, 0.0).sum(axis=1, dtype=np.float64)

@@ -1,0 +1,337 @@
+"""The teacher dump (kd_mlx/teacher/dump.py) with the tiny Kimi-K2-shaped teacher (Kimi-format tokenizer) and the
+real SmolLM2-135M: exact round trip, answer distribution equal to a direct `teacher score` forward and to mlx-lm's
+in-memory forward, hidden state, SIGKILL + resume byte-identical, mismatches refused, verify catches a flipped byte,
+and `mlx.launch -n 2 --backend ring` byte-identical to a single process. A small CMMLU-format fixture is written here.
+
+Run: pytest tests/test_dump.py   (~2 min on 2 cores; the distributed and SIGKILL tests are marked slow)
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+import mlx.nn as nn  # noqa: E402
+
+from kd_mlx.utils import KDError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SUBJECTS = ("elementary_mathematics", "college_mathematics")
+LETTERS = "ABCD"
+
+
+def write_cmmlu(root: Path, n_dev: int = 2, n_test: int = 5) -> Path:
+    """Arithmetic questions in the official CMMLU CSV layout (gold letter rotates)."""
+    for s_i, subject in enumerate(SUBJECTS):
+        rng = np.random.default_rng(s_i)
+        for split, n in (("dev", n_dev), ("test", n_test)):
+            (root / split).mkdir(parents=True, exist_ok=True)
+            with open(root / split / f"{subject}.csv", "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+                for i in range(n):
+                    a, b = int(rng.integers(2, 60)), int(rng.integers(2, 60))
+                    opts = [a + b, a + b + 1, a + b - 2, a + b + 10]
+                    k = i % 4
+                    opts[0], opts[k] = opts[k], opts[0]
+                    w.writerow([i, f"{a}加{b}等于多少？（{split}{i}）", *map(str, opts), LETTERS[k]])
+    return root
+
+
+def files_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def dump_args(cfg: dict) -> list[str]:
+    args = []
+    for k, v in cfg.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + k.replace("_", "-"))
+        elif v is not None:
+            args += [flag, str(v)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from kd_mlx.teacher.dump import dump_store
+    from kd_mlx.testing.models import tiny_kimi_k2_dir
+
+    root = tmp_path_factory.mktemp("dump_world")
+    data = write_cmmlu(root / "cmmlu")
+    teacher = tiny_kimi_k2_dir(root / "teacher", seed=3)
+    base = {"teacher": str(teacher), "data": str(data), "shots": 2, "top_k": 8, "shard_size": 3,
+            "positions": "question", "hidden": True}
+    exact = {**base, "encoding": "fp32", "out": str(root / "exact")}
+    packed = {**base, "encoding": "q8rice", "out": str(root / "packed")}
+    res = dump_store(exact, progress=False, log=lambda m: None)
+    dump_store(packed, progress=False, log=lambda m: None)
+    return {"root": root, "data": data, "teacher": teacher, "exact": exact, "packed": packed, "result": res}
+
+
+def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
+    """fp32 store == what the teacher computed (recomputed here, bit for bit); answer log-probs, top-k and the
+    hidden state agree with mlx-lm's in-memory forward of the same prompt; token ids/offsets are the prompt's."""
+    from mlx_lm.utils import load_model
+
+    from kd_mlx.data import fit_prompt, load_cmmlu
+    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.store import TopKStore, verify_store
+    from kd_mlx.teacher.dump import _hidden_teacher_class, build_items, compute_shard
+
+    st = TopKStore(world["exact"]["out"])
+    cmmlu = load_cmmlu(world["data"])
+    qs = cmmlu.test_questions()
+    assert st.ids == [q.id for q in qs] and len(st.manifest["shards"]) == 4
+    assert verify_store(st.path) == []
+    ident = st.identity
+    for key in ("teacher", "teacher_config_hash", "teacher_weights_hash", "tokenizer", "template", "template_hash",
+                "shots", "positions", "k", "encoding", "hidden_dim", "max_tokens", "add_bos"):
+        assert key in ident
+    teacher = _hidden_teacher_class()(world["teacher"], None)
+    tok = teacher.tokenizer
+    letters = answer_token_ids(tok)
+    assert ident["tokenizer"] == tok.fingerprint() and ident["hidden_dim"] == 64
+
+    # round trip: the records of shard 1 recomputed through the same call are stored exactly
+    items = build_items(qs[3:6], cmmlu, tok, 2, "question", 2048, ident["add_bos"])
+    recs, _ = compute_shard(teacher, items, 8, letters, True)
+    for r in recs:
+        got = st[r.id]
+        for f in ("answer_logprobs", "token_ids", "offsets", "positions", "topk_ids", "topk_logprobs", "hidden"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(r, f), err_msg=f)
+        assert got.label == r.label
+
+    model, _ = load_model(Path(world["teacher"]))
+    for q in qs:
+        rec = st[q.id]
+        p = fit_prompt(q, cmmlu.dev[q.subject], 2, None, None)
+        ids, offs = tok.encode_with_offsets(p.text)
+        assert rec.token_ids.tolist() == ids and rec.offsets.tolist() == [list(o) for o in offs]
+        assert rec.label == LETTERS.index(q.answer)
+        # question positions: from the first token of the question block to the answer position
+        first = min(i for i, (a, _) in enumerate(offs) if a >= len(p.prefix))
+        assert rec.positions.tolist() == list(range(first, len(ids)))
+        h = model.model(mx.array([ids]))
+        lp = np.array(nn.log_softmax(model.lm_head(h)[0].astype(mx.float32), axis=-1))
+        # fp32 over a 100k vocabulary: the streamed log-normaliser differs from mlx-lm's by up to ~3e-4 per row
+        np.testing.assert_allclose(rec.answer_logprobs, lp[-1, letters], atol=5e-4)
+        np.testing.assert_allclose(rec.topk_logprobs, np.sort(lp[rec.positions], axis=-1)[:, ::-1][:, :8], atol=5e-4)
+        np.testing.assert_allclose(np.take_along_axis(lp[rec.positions], rec.topk_ids, 1), rec.topk_logprobs,
+                                   atol=5e-4)
+        np.testing.assert_allclose(rec.hidden, np.array(h[0, -1].astype(mx.float32)), atol=1e-4)
+        np.testing.assert_allclose(rec.answer_probs.sum(), 1.0, atol=1e-6)
+
+
+def test_answer_distribution_equals_teacher_score(world, tmp_path):
+    """The stored A-D log-probs equal `python -m kd_mlx.teacher score` of the same prompt texts."""
+    from safetensors.numpy import load_file
+
+    from kd_mlx.data import fit_prompt, load_cmmlu
+    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.store import TopKStore
+    from kd_mlx.teacher.cli import score_prompts
+
+    st = TopKStore(world["packed"]["out"])
+    cmmlu = load_cmmlu(world["data"])
+    qs = cmmlu.test_questions()
+    texts = [fit_prompt(q, cmmlu.dev[q.subject], 2, None, None).text for q in qs]
+    score_prompts(world["teacher"], texts, None, tmp_path / "s.safetensors", add_bos=st.identity["add_bos"],
+                  progress=False)
+    lp = load_file(str(tmp_path / "s.safetensors"))["logprobs"]
+    from kd_mlx.tokenizer import load_tokenizer
+
+    letters = answer_token_ids(load_tokenizer(world["teacher"]))
+    got = np.stack([st[q.id].answer_logprobs for q in qs])
+    np.testing.assert_allclose(got, lp[:, letters], atol=5e-4)
+    # q8rice top-k: same ids as the fp32 store where the values are apart, values within the q8 step
+    ex = TopKStore(world["exact"]["out"])
+    for q in qs:
+        a, b = ex[q.id], st[q.id]
+        step = (a.topk_logprobs[:, :1] - a.topk_logprobs[:, -1:]) / 255
+        assert (np.abs(np.sort(a.topk_logprobs, 1) - np.sort(b.topk_logprobs, 1)) <= step * 0.5 + 1e-5).all()
+        assert all(set(x) == set(y) for x, y in zip(a.topk_ids.tolist(), b.topk_ids.tolist()))
+
+
+def test_summariser_equals_plain_reference():
+    """Vectorised top-k (argpartition + sort) == a full stable sort per row, ties to the lower id."""
+    from kd_mlx.teacher.dump import Summariser, reference_summary
+
+    rng = np.random.default_rng(0)
+    logits = np.round(rng.standard_normal((6, 300)) * 2, 1)  # rounding makes ties
+    lp = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)
+    fast = Summariser(16, [3, 5, 7, 9])(lp)
+    ref = reference_summary(lp, 16, [3, 5, 7, 9])
+    for key in ("topk_ids", "topk_logprobs", "answer"):
+        np.testing.assert_array_equal(fast[key], ref[key])
+    p = np.exp(lp.astype(np.float64))
+    np.testing.assert_allclose(fast["entropy"], -(p * lp).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(fast["mass"], np.sort(p, -1)[:, ::-1][:, :16].sum(-1), rtol=1e-5)
+
+
+def test_quality_report(world):
+    import json
+
+    q = json.loads((Path(world["exact"]["out"]) / "quality.json").read_text())
+    from kd_mlx.store import TopKStore
+
+    st = TopKStore(world["exact"]["out"])
+    recs = list(st)
+    correct = sum(int(np.argmax(r.answer_logprobs)) == r.label for r in recs)
+    assert q["questions"] == 10 and q["accuracy"] == round(100 * correct / 10, 2)
+    assert set(q["subjects"]) == set(SUBJECTS) and sum(v["n"] for v in q["subjects"].values()) == 10
+    mass = np.concatenate([np.exp(r.topk_logprobs.astype(np.float64)).sum(-1) for r in recs])
+    assert q["topk_positions"] == len(mass) == sum(q["captured_mass"]["hist"]) == sum(q["entropy_nats"]["hist"])
+    assert abs(q["captured_mass"]["mean"] - mass.mean()) < 1e-5 and abs(q["captured_mass"]["min"] - mass.min()) < 1e-6
+    assert q["nonfinite_values"] == 0 and q["entropy_nats"]["mean"] > 0
+
+
+def test_mismatch_refused_and_flipped_byte_detected(world, tmp_path):
+    from click.testing import CliRunner
+
+    from kd_mlx.store import verify_store
+    from kd_mlx.teacher.cli import cli
+    from kd_mlx.teacher.dump import dump_store
+
+    out = tmp_path / "s"
+    shutil.copytree(world["packed"]["out"], out)
+    for change in ({"top_k": 4}, {"shots": 1}, {"encoding": "fp16"}, {"positions": "answer"}, {"hidden": False}):
+        with pytest.raises(KDError, match="written with"):
+            dump_store({**world["packed"], "out": str(out), **change}, progress=False, log=lambda m: None)
+    with pytest.raises(KDError, match="other questions|beyond"):
+        dump_store({**world["packed"], "out": str(out), "max_questions": 4, "shard_size": 3}, progress=False,
+                   log=lambda m: None)
+    r = CliRunner().invoke(cli, ["dump", *dump_args({**world["packed"], "out": str(out), "top_k": 4}),
+                                 "--no-progress"])
+    assert r.exit_code == 1 and "written with k=" in r.output and "Traceback" not in r.output
+    assert files_bytes(out) == files_bytes(Path(world["packed"]["out"]))  # refused runs changed nothing
+    # one flipped byte in a shard's data
+    shard = out / "shard-000002.safetensors"
+    b = bytearray(shard.read_bytes())
+    b[len(b) // 2] ^= 0x10
+    shard.write_bytes(bytes(b))
+    problems = verify_store(out)
+    assert any("shard-000002" in p and "sha256" in p for p in problems)
+
+
+def test_extend_a_finished_dump_equals_one_run(world, tmp_path):
+    """--max-questions 4 then the full 10 on the same store: the partial last shard is redone, bytes as one run."""
+    from kd_mlx.teacher.dump import dump_store
+
+    cfg = {**world["packed"], "out": str(tmp_path / "s")}
+    dump_store({**cfg, "max_questions": 4}, progress=False, log=lambda m: None)
+    dump_store(cfg, progress=False, log=lambda m: None)
+    assert files_bytes(tmp_path / "s") == files_bytes(Path(world["packed"]["out"]))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_mid_dump_then_resume_is_byte_identical(world, tmp_path):
+    from kd_mlx.teacher.dump import dump_store
+
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "kd_mlx.teacher", "dump",
+           *dump_args({**world["packed"], "out": str(out)}), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "shard-000000.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "manifest.json").exists() and len(list(out.glob("shard-*"))) < 4
+    dump_store({**world["packed"], "out": str(out)}, progress=False, log=lambda m: None)
+    assert files_bytes(out) == files_bytes(Path(world["packed"]["out"]))
+
+
+@pytest.mark.slow
+def test_mlx_launch_two_ranks_byte_identical(world, tmp_path):
+    launch = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
+    out = tmp_path / "s"
+    cmd = [launch, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "kd_mlx.teacher", "dump",
+           *dump_args({**world["packed"], "out": str(out)}), "--no-progress"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert files_bytes(out) == files_bytes(Path(world["packed"]["out"]))
+
+
+def smollm2_fp32_dir() -> Path:
+    """Real SmolLM2-135M dequantized to fp32 (CPU quantized matmuls in fp16 run ~100x slower than fp32 BLAS),
+    converted once next to smollm2_dir's own cache."""
+    import json
+
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
+
+    from kd_mlx.testing.models import smollm2_dir
+
+    src = smollm2_dir()
+    out = src.parent / (src.name + "-fp32")
+    if (out / "done").exists():
+        return out
+    model, _ = load_model(src)
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        cfg.pop(key, None)
+    cfg["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    (out / "done").write_text("ok\n")
+    return out
+
+
+@pytest.mark.slow
+def test_real_smollm2_answer_distribution(tmp_path):
+    """Real pretrained SmolLM2-135M: stored answer log-probs and top-k equal mlx-lm's in-memory forward."""
+    from mlx_lm.utils import load_model
+
+    from kd_mlx.data import fit_prompt, load_cmmlu
+    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.store import TopKStore
+    from kd_mlx.teacher.dump import dump_store
+    from kd_mlx.tokenizer import load_tokenizer
+
+    model_dir = smollm2_fp32_dir()
+    data = write_cmmlu(tmp_path / "cmmlu", n_dev=1, n_test=2)
+    cfg = {"teacher": str(model_dir), "data": str(data), "shots": 1, "top_k": 16, "shard_size": 4,
+           "positions": "answer", "encoding": "fp16", "out": str(tmp_path / "s")}
+    dump_store(cfg, progress=False, log=lambda m: None)
+    st = TopKStore(tmp_path / "s")
+    tok = load_tokenizer(model_dir)
+    letters = answer_token_ids(tok)
+    model, _ = load_model(Path(model_dir))
+    cmmlu = load_cmmlu(data)
+    masses = []
+    for q in cmmlu.test_questions():
+        rec = st[q.id]
+        ids = ([tok.bos_id] if st.identity["add_bos"] else []) + tok.encode(
+            fit_prompt(q, cmmlu.dev[q.subject], 1, None, None).text)
+        assert rec.token_ids.tolist() == ids and rec.positions.tolist() == [len(ids) - 1]
+        lp = np.array(nn.log_softmax(model(mx.array([ids]))[0, -1].astype(mx.float32)))
+        np.testing.assert_allclose(rec.answer_logprobs, lp[letters], atol=2e-4)
+        top = np.argsort(-lp)[:16]
+        np.testing.assert_allclose(rec.topk_logprobs[0], lp[top], rtol=1e-3, atol=2e-4)  # fp16 values
+        masses.append(np.exp(lp[top]).sum())
+    assert min(masses) > 0.3  # a real LM: peaked distributions, unlike a random init
