@@ -269,6 +269,15 @@ def test_mlx_launch_two_ranks_byte_identical(world, tmp_path):
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert files_bytes(out) == files_bytes(Path(world["packed"]["out"]))
+    # ranks that disagree (rank 1 asks for another k) stop with one clear line before computing anything
+    bad = tmp_path / "bad"
+    shell = " ".join(cmd[6:] + ["--out", str(bad)]) + ' --top-k "$((8 + MLX_RANK))"'
+    r = subprocess.run([launch, "-n", "2", "--backend", "ring", "--", "sh", "-c", shell], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    # (mlx.launch itself may exit 0 when its ranks fail: check what the ranks said and left)
+    assert "ranks disagree on the dump configuration" in r.stderr + r.stdout
+    assert "Traceback" not in r.stderr + r.stdout and not list(bad.glob("shard-*"))
+    assert not (bad / "manifest.json").exists()
 
 
 def smollm2_fp32_dir() -> Path:
