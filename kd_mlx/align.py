@@ -4,13 +4,18 @@ Teacher (Kimi-K2, tiktoken, whole Chinese words) and student (Phi-1.5, GPT-2 byt
 Chinese character) cut the same text differently. A teacher row is usable for the student only where both have
 read exactly the same text and are about to predict the token that starts at the same place:
 
-1. **Aligned boundaries.** The teacher row at token i is the distribution of token i+1, whose text starts at
-   character c = end of token i. It is used when c lies in the text both prompts share (`c >= region_start`), the
-   teacher's token i ends cleanly at c (it does not end inside a multi-byte character) and a student token j1 > 0
-   starts cleanly at c − shift (student token j1−1 ends there). Char offsets follow `kd_mlx.tokenizer`: byte-level
-   pieces of one character share that character's span, so "token k−1 ends where token k starts" holds exactly
-   when the boundary falls between characters, i.e. byte positions are compared, and the several GPT-2 tokens of
-   one Chinese character never create a boundary inside it. The student's logits at j = j1 − 1 are the target.
+1. **Aligned boundaries.** The teacher row at token i is the distribution of token i+1, whose text starts where
+   token i ends. It is used when that point lies in the text both prompts share and a student token j (followed by
+   another, j+1) ends at the same point of the text: the student's logits at j are then the target.
+   `align_record` (the drop-in for `train.examples.project_positions`) works from char offsets: character c = end
+   of teacher token i must be ≥ `region_start`, token i must end cleanly at c and a student token j+1 must start
+   cleanly at c − shift. Char offsets follow `kd_mlx.tokenizer` (byte-level pieces of one character share that
+   character's span), so "token k−1 ends where token k starts" holds exactly when the boundary falls between two
+   characters: the several GPT-2 tokens of one Chinese character never create a false boundary inside it.
+   `align_record_bytes` compares byte positions instead (from the token ids and both texts), so it also aligns
+   where both tokenizers cut one character at the same byte (cl100k splits rarer Chinese characters into bytes
+   too): on CMMLU with the cl100k stand-in that is ~24% more aligned positions; there the teacher's candidates are
+   the remaining byte pieces, i.e. a distribution over which character it is.
 2. **Projection (vocabulary level, precomputed once per tokenizer pair).** Each teacher candidate maps to the
    student token that would begin it: the student's first token of the candidate's bytes encoded on their own.
    Candidates that are not valid UTF-8 (pieces of a character) fall back to the longest student token that is a
@@ -34,9 +39,12 @@ What the projection assumes (and where it is only approximate):
 - **Same tokenizer → identity.** When both tokenizers have the same fingerprint the map is the identity, every
   clean boundary aligns, ids are returned unchanged (in top-k order) and probs = exp(logprobs) exactly.
 - Only the top-k of the teacher is known: the tail outside it is not redistributed (it is the remainder).
+- Measured on all CMMLU test prompts (benchmarks/bench_align.py): at aligned positions the teacher's real next
+  token maps to the student's real next token ~92% of the time; in the other cases the student's real token is
+  longer than the teacher's (e.g. it merges what the teacher splits), which a context-free map cannot know.
 
-`align_record` (vectorised numpy) has `align_record_reference` (plain loops) beside it; tests check they agree.
-The vocabulary map is cached as `vocabmap-<teacher fp>-<student fp>-v1.npz` under `$KD_MLX_CACHE` (default
+`align_record` and `align_record_bytes` (vectorised numpy) have plain-loop references beside them
+(`*_reference`); tests check they agree. The vocabulary map is cached as `vocabmap-<teacher fp>-<student fp>-v2.npz` under `$KD_MLX_CACHE` (default
 ~/.cache/kd_mlx), keyed by both tokenizer fingerprints and written atomically.
 """
 
@@ -237,7 +245,10 @@ class VocabMap:
         sid, t_len, s_len = _build(teacher_tok, student_tok)
         vmap = cls(sid, t_fp, s_fp, False, "built", t_len, s_len)
         if use_cache:
-            vmap.save(path)
+            try:
+                vmap.save(path)
+            except OSError:  # an unwritable cache only costs the rebuild next time; the map itself is fine
+                pass
         return vmap
 
     load_or_build = build  # the name DEVELOPING.md first used
