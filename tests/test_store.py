@@ -1,5 +1,8 @@
 """Tests of the logits store format (kd_mlx/store.py): round trips, encodings' error, resume, verify, CLI.
 
+Shards are numbered globally (shard-NNNNNN); ranked writers (rank i % world writes shard i) give the same bytes
+as one writer.
+
 Run: pytest tests/test_store.py
 """
 
@@ -306,3 +309,27 @@ def test_verify_detects_a_flipped_byte_and_non_finite_values_cli(tmp_path):
     probs = verify_store(tmp_path / "n")
     assert any("non-finite answer" in p for p in probs) and any("non-finite top-k" in p for p in probs)
     assert not any("sha256" in p for p in probs)
+
+
+def test_ranked_writers_give_the_single_writer_store(tmp_path):
+    """Two writers placing shard i on rank i % 2 (any order) == one writer adding the rows in order."""
+    from kd_mlx.store import build_manifest
+
+    recs = make_records(10)
+    write_store(tmp_path / "one", recs)
+    w0 = StoreWriter(tmp_path / "two", identity(), shard_size=4, rank=0, world=2)
+    w1 = StoreWriter(tmp_path / "two", identity(), shard_size=4, rank=1, world=2)
+    w1.write_shard(1, recs[4:8])
+    with pytest.raises(KDError, match="belongs to rank 1"):
+        w0.write_shard(1, recs[4:8])
+    w0.write_shard(2, recs[8:])
+    with pytest.raises(KDError, match="shard-000000.safetensors is missing"):
+        build_manifest(tmp_path / "two")
+    w0.write_shard(0, recs[:4])
+    with pytest.raises(KDError, match="not the 9 asked for"):
+        build_manifest(tmp_path / "two", expected_ids=[r.id for r in recs[:9]])
+    build_manifest(tmp_path / "two", expected_ids=[r.id for r in recs])
+    assert files_bytes(tmp_path / "two") == files_bytes(tmp_path / "one")
+    # a resumed writer sees every rank's shards
+    w = StoreWriter(tmp_path / "two", identity(), shard_size=4, rank=1, world=2)
+    assert w.shard_ids == {0: [r.id for r in recs[:4]], 1: [r.id for r in recs[4:8]], 2: [r.id for r in recs[8:]]}

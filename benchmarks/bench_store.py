@@ -1,0 +1,245 @@
+"""Logits store: bytes per token, encoding error, top-k truncation and dump overhead on REAL distributions.
+
+  python benchmarks/bench_store.py [--cmmlu ../shared/cmmlu] [--questions 24] [--dump-questions 16] [--repeats 2]
+
+Teacher: the real pretrained SmolLM2-135M (kd_mlx.testing.models.smollm2_dir, dequantized to fp32 for CPU speed),
+full-vocabulary log-probs (49,152) at every token of (a) real CMMLU 1-shot prompts and (b) real English prose
+(the docstrings of Python standard-library modules). For k in {8, 16, 32, 64} x each value encoding:
+
+- bytes/token: the top-k payload per position (ids + values + per-row scales / Rice streams), and the whole shard
+  file (token ids, offsets, positions, answer log-probs, safetensors header) per position, positions = every token;
+- encoding error: mean (and max) KL(exact top-k || decoded top-k), both renormalised over the k ids, and the max
+  absolute log-prob error;
+- truncation: captured mass (mean, 10th percentile), KL(full || top-k + tail bucket) with the tail mass spread
+  uniformly over the other V-k ids (what `sparse_topk_kl(tail="bucket")` lets a student match at best), and
+  -log(mass) = KL(renormalised top-k || full) (the price of `tail="renorm"`);
+- dump throughput: `dump_store` (prompts, teacher, top-k, encode, write, quality) vs the bare streaming forward
+  of the same prompts in the same teacher calls (same prefix groups), alternated, best of --repeats.
+
+Measured 2026-11-29 on the 2-core Linux CPU box (OpenBLAS preloaded; other jobs were running: timings are noisy):
+(figures filled in below from the run printed at the end of this file's development)
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+KS = (8, 16, 32, 64)
+
+
+def smollm2_fp32_dir() -> Path:
+    """Real SmolLM2-135M dequantized to fp32, converted once next to smollm2_dir's cache (same as the tests)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
+
+    from kd_mlx.testing.models import smollm2_dir
+
+    src = smollm2_dir()
+    out = src.parent / (src.name + "-fp32")
+    if (out / "done").exists():
+        return out
+    model, _ = load_model(src)
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        cfg.pop(key, None)
+    cfg["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    (out / "done").write_text("ok\n")
+    return out
+
+
+def english_texts(n: int = 12, max_chars: int = 1200) -> list[str]:
+    """Real English prose: docstrings of standard-library modules."""
+    import argparse, collections, csv, functools, json as js, logging, os, pathlib, random, re, subprocess as sp, threading  # noqa: E401,E501
+    mods = [argparse, collections, csv, functools, js, logging, os, pathlib, random, re, sp, threading]
+    out = []
+    for m in mods[:n]:
+        doc = " ".join((inspect.getdoc(m) or "").split())
+        if len(doc) > 200:
+            out.append(doc[:max_chars])
+    return out
+
+
+def cmmlu_texts(cmmlu_path: str, n: int, tok) -> list[str]:
+    from kd_mlx.data import fit_prompt, load_cmmlu
+
+    c = load_cmmlu(cmmlu_path)
+    qs = []
+    for s in c.subjects:  # spread over subjects: two questions each
+        qs.extend(c.test[s][:2])
+        if len(qs) >= n:
+            break
+    return [fit_prompt(q, c.dev[q.subject], 1, tok.count, 2048).text for q in qs[:n]]
+
+
+def full_rows(teacher, texts: list[str], kmax: int):
+    """Per text: (ids, offsets, exact top-kmax ids/log-probs at every position, -entropy per position)."""
+    from kd_mlx.teacher.dump import Summariser
+
+    tok = teacher.tokenizer
+    enc = [tok.encode_with_offsets(t) for t in texts]
+    summ = Summariser(kmax, [0, 1, 2, 3])
+    res = teacher.logprobs_at([e[0] for e in enc], [list(range(len(e[0]))) for e in enc],
+                              reduce=lambda lp: summ(lp))
+    return [(np.array(ids, np.int32), np.array(offs, np.int32).reshape(-1, 2), r) for (ids, offs), r in zip(enc, res)]
+
+
+def kl_renorm(p_lp: np.ndarray, q_lp: np.ndarray) -> np.ndarray:
+    def norm(x):
+        x = x.astype(np.float64)
+        m = x.max(-1, keepdims=True)
+        return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+    p, q = norm(p_lp), norm(q_lp)
+    return (np.exp(p) * (p - q)).sum(-1)
+
+
+def measure_encodings(rows, vocab: int, label: str) -> list[dict]:
+    from kd_mlx.store import ENCODINGS, StoreRecord, StoreWriter, TopKStore, topk_bytes, shard_tensors
+
+    out = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench_store_"))
+    try:
+        for k in KS:
+            recs = []
+            for i, (ids, offs, r) in enumerate(rows):
+                recs.append(StoreRecord(id=f"{label}/{i}", answer_logprobs=np.full(4, -1.0, np.float32),
+                                        token_ids=ids, offsets=offs, positions=np.arange(len(ids), dtype=np.int32),
+                                        topk_ids=r["topk_ids"][:, :k], topk_logprobs=r["topk_logprobs"][:, :k]))
+            P = sum(len(r.positions) for r in recs)
+            exact_lp = np.concatenate([r.topk_logprobs for r in recs]).astype(np.float64)
+            exact_ids = np.concatenate([r.topk_ids for r in recs])
+            mass = np.exp(exact_lp).sum(-1)
+            neg_h = np.concatenate([r["entropy"] for _, _, r in rows]) * -1.0
+            tail = np.clip(1.0 - mass, 1e-300, None)
+            # KL(full || top-k + uniform tail) = sum_{j not in top-k} p_j log p_j - tail log(tail / (V - k))
+            inside = (np.exp(exact_lp) * exact_lp).sum(-1)
+            kl_bucket = np.maximum((neg_h - inside) - tail * np.log(tail / (vocab - k)), 0.0)
+            for enc in ENCODINGS:
+                d = tmp / f"{label}-{k}-{enc}"
+                w = StoreWriter(d, {"k": k, "encoding": enc, "hidden_dim": 0}, shard_size=len(recs))
+                for r in recs:
+                    w.add(r)
+                w.close()
+                payload = topk_bytes(shard_tensors(recs, enc, k))
+                shard_bytes = sum(p.stat().st_size for p in d.glob("shard-*.safetensors"))
+                with TopKStore(d) as st:
+                    dec = list(st)
+                # match decoded values to the exact ids (decoders return rank order; ties may swap ids): sort by id
+                d_ids = np.concatenate([r.topk_ids for r in dec])
+                d_lp = np.concatenate([r.topk_logprobs for r in dec])
+                assert (np.sort(d_ids, 1) == np.sort(exact_ids, 1)).all(), "ids must round-trip exactly"
+                back = np.argsort(np.argsort(exact_ids, 1, kind="stable"), 1, kind="stable")
+                dec_lp = np.take_along_axis(np.take_along_axis(d_lp, np.argsort(d_ids, 1, kind="stable"), 1), back, 1)
+                dec_lp = dec_lp.astype(np.float64)
+                kl = kl_renorm(exact_lp, dec_lp)
+                out.append({"text": label, "k": k, "encoding": enc, "positions": P,
+                            "payload_bytes_per_token": payload / P, "shard_bytes_per_token": shard_bytes / P,
+                            "enc_kl_mean": float(kl.mean()), "enc_kl_max": float(kl.max()),
+                            "enc_max_abs_logprob_err": float(np.abs(exact_lp - dec_lp).max()),
+                            "mass_mean": float(mass.mean()), "mass_p10": float(np.percentile(mass, 10)),
+                            "trunc_kl_bucket_mean": float(kl_bucket.mean()),
+                            "trunc_neglogmass_mean": float(-np.log(mass).mean())})
+                shutil.rmtree(d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def dump_vs_bare(model_dir: Path, cmmlu_path: str, n: int, repeats: int) -> dict:
+    """Wall time of dump_store vs the bare streaming forward of the same prompts in the same teacher calls."""
+    from kd_mlx.data import load_cmmlu
+    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.teacher.dump import _prefix_groups, _shared_len, build_items, dump_store
+    from kd_mlx.teacher.streaming import StreamingTeacher
+
+    cfg = {"teacher": str(model_dir), "data": cmmlu_path, "shots": 2, "top_k": 32, "positions": "question",
+           "encoding": "q8rice", "shard_size": n, "max_questions": n}
+    c = load_cmmlu(cmmlu_path)
+    qs = c.test_questions()[:n]
+    teacher = StreamingTeacher(model_dir, None)
+    tok = teacher.tokenizer
+    answer_token_ids(tok)
+    t_total, t_loop, t_bare = [], [], []
+    for _ in range(repeats):
+        # bare first, then the dump (alternated; the page cache is warm for both after the first teacher pass)
+        t0 = time.perf_counter()
+        items = build_items(qs, c, tok, 2, "question", 2048, False)
+        for g in _prefix_groups(items):
+            L = _shared_len(items, g)
+            teacher.logprobs_at([items[i].ids[L:] for i in g], [[p - L for p in items[i].positions] for i in g],
+                                prefix=items[g[0]].ids[:L] if L else None, reduce=lambda lp: None)
+        t_bare.append(time.perf_counter() - t0)
+        d = Path(tempfile.mkdtemp(prefix="bench_dump_"))
+        t0 = time.perf_counter()
+        res = dump_store({**cfg, "out": str(d / "s")}, progress=False, log=lambda m: None)
+        t_total.append(time.perf_counter() - t0)
+        t_loop.append(res["wall_s"])  # prompts + teacher + top-k/statistics + encode + atomic shard writes
+        shutil.rmtree(d)
+    tokens = sum(len(it.ids) for it in items)
+    positions = sum(len(it.positions) for it in items)
+    return {"questions": n, "tokens": tokens, "topk_positions": positions, "loop_s": min(t_loop),
+            "total_s": min(t_total), "bare_s": min(t_bare), "overhead": min(t_loop) / min(t_bare) - 1.0,
+            "setup_s": min(a - b for a, b in zip(t_total, t_loop)), "all_loop_s": [round(x, 2) for x in t_loop],
+            "all_bare_s": [round(x, 2) for x in t_bare], "teacher_accuracy": res["quality"]["accuracy"]}
+
+
+@click.command()
+@click.option("--cmmlu", default=str(REPO.parent / "shared" / "cmmlu"), help="real CMMLU directory")
+@click.option("--questions", default=24, help="CMMLU prompts for the encoding figures")
+@click.option("--dump-questions", default=16, help="CMMLU questions for the throughput figure")
+@click.option("--repeats", default=2, help="alternated repeats of dump vs bare forward (best of)")
+def main(cmmlu: str, questions: int, dump_questions: int, repeats: int) -> None:
+    import mlx.core as mx
+
+    from kd_mlx.teacher.streaming import StreamingTeacher
+
+    if not (Path(cmmlu) / "test").is_dir():
+        sys.exit(f"CMMLU not found at {cmmlu}")
+    model_dir = smollm2_fp32_dir()
+    teacher = StreamingTeacher(model_dir, None)
+    V = teacher.vocab_size
+    mx.reset_peak_memory()
+    rows_c = full_rows(teacher, cmmlu_texts(cmmlu, questions, teacher.tokenizer), max(KS))
+    rows_e = full_rows(teacher, english_texts(), max(KS))
+    table = measure_encodings(rows_c, V, "cmmlu") + measure_encodings(rows_e, V, "english")
+    print(f"teacher: SmolLM2-135M fp32 (vocab {V}); CMMLU {questions} 1-shot prompts = "
+          f"{sum(len(r[0]) for r in rows_c)} positions; English {len(rows_e)} texts = "
+          f"{sum(len(r[0]) for r in rows_e)} positions")
+    print(f"{'text':8} {'k':>3} {'enc':7} {'B/tok payload':>13} {'B/tok shard':>11} {'encKL mean':>10} "
+          f"{'encKL max':>9} {'max|dlp|':>8} {'mass':>6} {'mass p10':>8} {'KL bucket':>9} {'-log mass':>9}")
+    for r in table:
+        print(f"{r['text']:8} {r['k']:>3} {r['encoding']:7} {r['payload_bytes_per_token']:13.1f} "
+              f"{r['shard_bytes_per_token']:11.1f} {r['enc_kl_mean']:10.2e} {r['enc_kl_max']:9.2e} "
+              f"{r['enc_max_abs_logprob_err']:8.4f} {r['mass_mean']:6.3f} {r['mass_p10']:8.3f} "
+              f"{r['trunc_kl_bucket_mean']:9.4f} {r['trunc_neglogmass_mean']:9.4f}")
+    tp = dump_vs_bare(model_dir, cmmlu, dump_questions, repeats)
+    print(f"dump vs bare forward: {tp['questions']} CMMLU questions (2-shot, positions=question, k=32, q8rice), "
+          f"{tp['tokens']} tokens, {tp['topk_positions']} top-k rows: dump loop {tp['loop_s']:.2f} s vs bare "
+          f"forward {tp['bare_s']:.2f} s -> overhead {100 * tp['overhead']:+.1f}% (runs: dump {tp['all_loop_s']}, "
+          f"bare {tp['all_bare_s']}); plus one-off setup {tp['setup_s']:.1f} s (teacher, tokenizer, loading all "
+          f"of CMMLU, manifest, quality.json)")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    print(f"peak MLX memory {mx.get_peak_memory() / 2**20:.0f} MiB, peak RSS {rss / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
