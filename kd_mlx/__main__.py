@@ -1,5 +1,7 @@
 """`python -m kd_mlx <command>` (also the `kd-mlx` console script).
 
+    python -m kd_mlx demo [--out demo_out] [--quick]      the whole pipeline on a controlled task, no downloads
+
     python -m kd_mlx ask MODEL "题目：…\nA. …\nB. …\nC. …\nD. …" [--subject SUBJ]
     python -m kd_mlx export --student DIR --adapters RUN/best --out MODEL    (= python -m kd_mlx.export ...)
 
@@ -17,8 +19,10 @@ main = click.Group(name="kd_mlx", help="kd_mlx: distil a teacher larger than mem
 
 def _register() -> None:
     # Each import below is cheap: the command modules import mlx only when a command runs.
+    from .demo import demo_cmd
     from .export import ask_cmd, cli as export_cli
 
+    main.add_command(demo_cmd, "demo")
     main.add_command(ask_cmd, "ask")
     main.add_command(export_cli, "export")
 

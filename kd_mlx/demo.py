@@ -1,0 +1,503 @@
+"""The one-command demo: a controlled Chinese task, a tiny teacher that knows it, and the real pipeline on top.
+
+    python -m kd_mlx demo --out demo_out [--quick] [--seed 0]
+
+What it does, in order:
+1. writes a *controlled task* in CMMLU's on-disk layout (`dev/*.csv`, `test/*.csv`, official columns): Chinese
+   multiple-choice questions on numbers (which number is largest/smallest, Chinese numerals -> Arabic digits,
+   small additions written in Chinese) where the skill generalises to questions never seen in training;
+2. **demo set-up** (not part of the pipeline): builds a tiny Kimi-K2-shaped teacher (deepseek_v3 architecture,
+   Kimi-format tokenizer) and *trains it on the task's train split first so that it has something to teach*, then
+   quantizes it to 4-bit sharded safetensors; builds a tiny Phi-shaped student (random init: near chance);
+3. runs the real pipeline commands exactly as a user would on the real models: `kd_mlx.data split` ->
+   `kd_mlx.teacher dump` (streaming under a memory budget smaller than the teacher) -> `kd_mlx.train` ->
+   `kd_mlx.eval` (teacher, baseline student, distilled student) -> `kd_mlx.report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from .utils import KDError, atomic_path, cli_errors, linux_blas_advice
+
+LETTERS = ("A", "B", "C", "D")
+
+# --------------------------------------------------------------------------------------------------------------
+# Part 1: the controlled task
+# --------------------------------------------------------------------------------------------------------------
+
+_DIGITS = "零一二三四五六七八九"
+
+
+def chinese_numeral(n: int) -> str:
+    """Arabic -> Chinese numeral as written in primary school: 7 七, 10 十, 15 十五, 20 二十, 37 三十七,
+    105 一百零五, 110 一百一十, 999 九百九十九. Defined for 0 <= n <= 9999."""
+    if not 0 <= n <= 9999:
+        raise ValueError(f"chinese_numeral: {n} out of range 0..9999")
+    if n < 10:
+        return _DIGITS[n]
+    if n < 20:
+        return "十" + (_DIGITS[n - 10] if n > 10 else "")
+    out = []
+    units = ((1000, "千"), (100, "百"), (10, "十"), (1, ""))
+    zero_pending = False
+    for value, name in units:
+        d = (n // value) % 10
+        if d == 0:
+            if out:
+                zero_pending = True
+            continue
+        if zero_pending:
+            out.append("零")
+            zero_pending = False
+        out.append(_DIGITS[d] + name)
+    return "".join(out)
+
+
+def parse_chinese_numeral(text: str) -> int:
+    """Inverse of `chinese_numeral` (used by the tests as a check of the generator)."""
+    if text == "零":
+        return 0
+    total, digit = 0, None
+    scale = {"千": 1000, "百": 100, "十": 10}
+    for ch in text:
+        if ch in _DIGITS:
+            digit = _DIGITS.index(ch)
+        elif ch in scale:
+            total += (1 if digit is None else digit) * scale[ch]
+            digit = None
+        else:
+            raise ValueError(f"not a Chinese numeral: {text!r}")
+    return total + (digit or 0)
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One generated question: `kind` says which skill it tests; `answer` is the letter of the right option."""
+
+    subject: str
+    kind: str
+    question: str
+    choices: tuple[str, str, str, str]
+    answer: str
+
+
+# The skill: "which kind of item is most frequent in this list". The options are the four kinds, always in the same
+# order; a question is a list of 5 items with a unique most frequent kind. It generalises to unseen questions (any
+# list), and it can be learnt from the whole question at once (count per kind, take the largest), not by position.
+WORD_KINDS = {
+    "水果": ("苹果", "香蕉", "橘子", "葡萄", "西瓜", "桃子", "梨", "草莓"),
+    "动物": ("猫", "狗", "老虎", "兔子", "大象", "猴子", "马", "熊猫"),
+    "颜色": ("红色", "蓝色", "绿色", "黄色", "白色", "黑色", "紫色", "灰色"),
+    "交通工具": ("汽车", "火车", "飞机", "轮船", "自行车", "公交车", "地铁", "摩托车"),
+}
+NUMBER_KINDS = {  # Chinese numerals, written by `chinese_numeral`
+    "一位数": tuple(range(1, 10)),
+    "整十数": tuple(range(20, 100, 10)),
+    "整百数": tuple(range(100, 1000, 100)),
+    "其他两位数": tuple(n for n in range(21, 100) if n % 10),
+}
+# the count pattern of a 5-item list with a unique largest count (largest first)
+_PATTERNS = ((5, 0, 0, 0), (4, 1, 0, 0), (3, 2, 0, 0), (3, 1, 1, 0), (2, 1, 1, 1))
+
+
+def _majority_question(rng: random.Random, kinds: dict[str, tuple], stem: str, show) -> tuple[str, tuple, str]:
+    names = list(kinds)
+    answer = rng.randrange(4)
+    pattern = rng.choice(_PATTERNS)
+    others = [i for i in range(4) if i != answer]
+    rng.shuffle(others)
+    items = []
+    for kind_index, count in zip([answer, *others], pattern):
+        items += [show(rng.choice(kinds[names[kind_index]])) for _ in range(count)]
+    rng.shuffle(items)
+    return stem + "、".join(items), tuple(names), LETTERS[answer]
+
+
+def _q_words(rng: random.Random) -> tuple[str, tuple, str]:
+    return _majority_question(rng, WORD_KINDS, "下面这组词中，哪一类词最多：", str)
+
+
+def _q_numbers(rng: random.Random) -> tuple[str, tuple, str]:
+    return _majority_question(rng, NUMBER_KINDS, "下面这组数中，哪一类数最多：", chinese_numeral)
+
+
+# kind -> (subject, generator). Subject names come from CMMLU's table so the official header
+# (以下是关于{subject_zh}的单项选择题…) is built exactly as for the real benchmark.
+TASK_KINDS: dict[str, tuple[str, Callable[[random.Random], tuple[str, tuple, str]]]] = {
+    "words": ("elementary_chinese", _q_words),
+    "numbers": ("elementary_mathematics", _q_numbers),
+}
+DEFAULT_KINDS = ("words", "numbers")
+
+
+def generate_task(seed: int = 0, n_test: int = 200, n_dev: int = 5,
+                  kinds: tuple[str, ...] = DEFAULT_KINDS) -> dict[str, dict[str, list[TaskItem]]]:
+    """Deterministic controlled task: {subject: {"dev": [...], "test": [...]}}, every question distinct.
+
+    The benchmark questions (test/) are later split into train/val/test by `python -m kd_mlx.data split`, as for
+    CMMLU: a held-out question is a list never seen in training, so answering it needs the skill, not memory."""
+    unknown = [k for k in kinds if k not in TASK_KINDS]
+    if unknown:
+        raise KDError(f"unknown task kind(s) {unknown}; known: {sorted(TASK_KINDS)}")
+    if n_test < 4 or n_dev < 0:
+        raise KDError("the task needs at least 4 test questions per subject (and n_dev >= 0)")
+    out: dict[str, dict[str, list[TaskItem]]] = {}
+    for kind in kinds:
+        subject, gen = TASK_KINDS[kind]
+        rng = random.Random(f"kd_mlx-demo/{seed}/{kind}")  # per kind: adding a kind leaves the others unchanged
+        seen: set[str] = set()
+        items: list[TaskItem] = []
+        while len(items) < n_dev + n_test:
+            stem, choices, answer = gen(rng)
+            if stem in seen:  # the options are fixed: the stem alone identifies a question
+                continue
+            seen.add(stem)
+            items.append(TaskItem(subject, kind, stem, choices, answer))  # type: ignore[arg-type]
+        out[subject] = {"dev": items[:n_dev], "test": items[n_dev:]}
+    return out
+
+
+def _csv_text(items: list[TaskItem]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["", "Question", "A", "B", "C", "D", "Answer"])  # the official header (unnamed index first)
+    for i, it in enumerate(items):
+        w.writerow([i, it.question, *it.choices, it.answer])
+    return buf.getvalue()
+
+
+def write_task(out_dir: str | Path, seed: int = 0, n_test: int = 200, n_dev: int = 5,
+               kinds: tuple[str, ...] = DEFAULT_KINDS) -> Path:
+    """Write the controlled task as a CMMLU-layout directory: `dev/<subject>.csv`, `test/<subject>.csv`."""
+    out = Path(out_dir)
+    task = generate_task(seed, n_test, n_dev, kinds)
+    for subject, splits in task.items():
+        for split, items in splits.items():
+            with atomic_path(out / split / f"{subject}.csv") as tmp:
+                tmp.write_text(_csv_text(items), encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Part 2: demo set-up (NOT part of the pipeline): a teacher that knows the task, a student that does not
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prompt_batches(seqs: list[list[int]], golds: list[int], batch_size: int, rng: random.Random,
+                   pad_to: int = 16):
+    """Endless shuffled, right-padded batches (tokens, last index, gold 0..3); lengths rounded up to `pad_to` so
+    only a few shapes occur."""
+    import mlx.core as mx
+    import numpy as np
+
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            extra = list(range(len(seqs)))
+            rng.shuffle(extra)
+            order += extra
+        idx, order = order[:batch_size], order[batch_size:]
+        L = -(-max(len(seqs[i]) for i in idx) // pad_to) * pad_to
+        toks = np.zeros((len(idx), L), np.int32)
+        for r, i in enumerate(idx):
+            toks[r, : len(seqs[i])] = seqs[i]
+        yield (mx.array(toks), mx.array([len(seqs[i]) - 1 for i in idx], dtype=mx.int32),
+               mx.array([golds[i] for i in idx], dtype=mx.int32))
+
+
+def _hidden_and_head(model):
+    """(backbone(tokens) -> hidden, head(hidden) -> logits) of an mlx-lm model, so the vocab-sized head is applied
+    only at the answer position (the head is most of a tiny model's cost with a 100k vocab)."""
+    inner = model.model
+    head = model.lm_head if "lm_head" in model else inner.embed_tokens.as_linear
+    return (lambda t: inner(t, None)), head
+
+
+def letter_accuracy(model, seqs: list[list[int]], golds: list[int], letter_ids: list[int],
+                    batch_size: int = 32) -> float:
+    """Official scoring (argmax over the four letter logits at the last position), plain per-batch forward."""
+    import mlx.core as mx
+    import numpy as np
+
+    backbone, head = _hidden_and_head(model)
+    lid = mx.array(letter_ids)
+    correct = 0
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s: s + batch_size]
+        L = max(map(len, chunk))
+        toks = np.zeros((len(chunk), L), np.int32)
+        for r, x in enumerate(chunk):
+            toks[r, : len(x)] = x
+        h = backbone(mx.array(toks))[mx.arange(len(chunk)), mx.array([len(x) - 1 for x in chunk])]
+        pred = mx.argmax(head(h)[:, lid], axis=-1)
+        correct += int((np.array(pred) == np.array(golds[s: s + batch_size])).sum())
+    return correct / max(1, len(seqs))
+
+
+def train_letter_model(model, seqs: list[list[int]], golds: list[int], letter_ids: list[int], *, steps: int,
+                       batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0,
+                       train_embeddings: bool = False, log_every: int = 0, log=print) -> list[float]:
+    """Plain MLX full fine-tuning: cross-entropy of the gold letter (over the four letter logits) at the answer
+    position; AdamW, linear warm-up then constant. Returns the loss per step. Used for the demo teacher's set-up
+    and as the gold-only reference in benchmarks/kd_effect.py."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    mx.random.seed(seed)
+    backbone, head = _hidden_and_head(model)
+    lid = mx.array(letter_ids)
+    model.train()
+    if not train_embeddings:
+        # the 100k-row embedding and head dominate the update cost of a tiny model; random rows are fine features
+        model.model.embed_tokens.freeze()
+        if "lm_head" in model:
+            model.lm_head.freeze()
+
+    def loss_fn(m, toks, last, gold):
+        h = backbone(toks)[mx.arange(toks.shape[0]), last]
+        return nn.losses.cross_entropy(head(h)[:, lid], gold).mean()  # over the four letters (official scoring)
+
+    warm = max(1, steps // 10)
+
+    def sched(step):  # linear warm-up, then constant
+        return learning_rate * mx.minimum(1.0, (step + 1) / warm)
+
+    opt = optim.AdamW(learning_rate=sched, weight_decay=0.0)
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+    batches = prompt_batches(seqs, golds, batch_size, random.Random(seed))
+    losses = []
+    for step in range(1, steps + 1):
+        loss, grads = loss_and_grad(model, *next(batches))
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state, loss)
+        losses.append(loss.item())
+        if log_every and step % log_every == 0:
+            log(f"  step {step}/{steps}  loss {sum(losses[-log_every:]) / log_every:.3f}")
+    model.eval()
+    return losses
+
+
+def task_prompts(data_dir: str | Path, splits_path: str | Path, split: str, tokenizer, shots: int,
+                 add_bos: bool = False, max_tokens: int = 2048) -> tuple[list[list[int]], list[int]]:
+    """Token ids of the official prompts of one split (exactly what kd_mlx.eval builds) and the gold indices."""
+    from .data import load_cmmlu, load_splits, split_questions
+    from .evaluate import build_prompt_ids
+
+    cmmlu = load_cmmlu(data_dir)
+    qs = split_questions(cmmlu, load_splits(splits_path), split)
+    seqs, _, _, _ = build_prompt_ids(qs, dict(cmmlu.dev), tokenizer, shots, max_tokens, add_bos)
+    return seqs, ["ABCD".index(q.answer) for q in qs]
+
+
+def save_quantized(model, config: dict, src_dir: Path, out_dir: Path, bits: int = 4, group_size: int = 32,
+                   n_shards: int = 3) -> Path:
+    """Quantize with mlx-lm (affine, `bits`) and write sharded safetensors + index + config + the tokenizer files
+    of `src_dir`, like a hub snapshot of an MLX 4-bit model."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model
+
+    from .testing.models import _layer_groups, _save_shards
+    from .utils import write_json_atomic
+
+    model, config = quantize_model(model, dict(config), group_size=group_size, bits=bits)
+    mx.eval(model.parameters())
+    weights = dict(tree_flatten(model.parameters()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_shards(out_dir, weights, _layer_groups(list(weights), int(config["num_hidden_layers"]), n_shards))
+    for f in src_dir.iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.suffix in (".model", ".tiktoken")):
+            shutil.copyfile(f, out_dir / f.name)
+    write_json_atomic(out_dir / "config.json", config)
+    return out_dir
+
+
+def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, steps: int, shots: int, seed: int,
+                       bits: int = 4, log=print) -> dict:
+    """Demo set-up: a tiny Kimi-K2-shaped model (deepseek_v3 architecture, Kimi-format tokenizer) trained on the
+    task's *train* split with plain MLX full fine-tuning, then written as 4-bit shards. Returns what it measured."""
+    import time
+
+    from mlx_lm.utils import load_model
+
+    from .evaluate import answer_token_ids
+    from .testing.models import tiny_kimi_k2_dir
+    from .tokenizer import load_tokenizer
+
+    tic = time.perf_counter()
+    init_dir = tiny_kimi_k2_dir(out_dir.parent / "teacher_init", seed=seed, n_layers=2, hidden=64,
+                                n_routed_experts=4, experts_per_tok=2)
+    model, config = load_model(init_dir)
+    tok = load_tokenizer(init_dir)
+    letters = answer_token_ids(tok)
+    train_seqs, train_gold = task_prompts(data_dir, splits_path, "train", tok, shots)
+    val_seqs, val_gold = task_prompts(data_dir, splits_path, "val", tok, shots)
+    log(f"  training the teacher on {len(train_seqs)} train questions for {steps} steps (plain MLX, full fine-tuning)")
+    losses = train_letter_model(model, train_seqs, train_gold, letters, steps=steps, seed=seed,
+                                log_every=max(1, steps // 5), log=log)
+    acc = {"train": letter_accuracy(model, train_seqs, train_gold, letters),
+           "val": letter_accuracy(model, val_seqs, val_gold, letters)}
+    save_quantized(model, config, init_dir, out_dir, bits=bits)
+    info = {"steps": steps, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "accuracy_fp32": acc,
+            "bits": bits, "seconds": time.perf_counter() - tic}
+    log(f"  teacher (fp32, before quantizing): train acc {acc['train']:.1%}, val acc {acc['val']:.1%}; "
+        f"{bits}-bit shards in {out_dir}")
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Part 3: the real pipeline, run as a user would run it
+# --------------------------------------------------------------------------------------------------------------
+
+# Embedded defaults. `quick` is for CI: fewer questions and steps, answer-position dump only.
+PRESETS: dict[str, dict] = {
+    "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 300, "top_k": 16,
+             "positions": "question", "student_batch": 16},
+    "quick": {"n_test": 60, "shots": 0, "teacher_steps": 40, "student_steps": 30, "top_k": 8,
+              "positions": "answer", "student_batch": 8},
+}
+
+# The distillation settings the demo passes to `python -m kd_mlx.train --config` (written to OUT/train.yaml). A
+# random-init student has no pretrained weights to protect: full fine-tuning instead of LoRA.
+TRAIN_CONFIG = {
+    "fine_tune_type": "full", "learning_rate": 3e-3, "warmup_steps": 10, "min_lr_ratio": 1.0, "weight_decay": 0.0,
+    "answer_weight": 1.0, "kd_weight": 0.1, "ce_weight": 0.5, "temperature": 2.0, "ce_over": "choices",
+    "eval_every": 50, "save_every": 100, "patience": 0, "best_metric": "val_acc", "compile": False,
+    "max_grad_norm": 1.0,
+}
+
+
+def _python_m() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m"]
+
+
+def run_command(argv: list[str], log=print, cwd: Path | None = None) -> float:
+    """Run one pipeline command as a subprocess (printed as a user would type it); KDError if it fails."""
+    import shlex
+    import subprocess
+    import sys
+    import time
+
+    shown = ["python" if a == sys.executable else a for a in argv]
+    log(f"$ {shlex.join(shown)}")
+    tic = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dt = time.perf_counter() - tic
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip() and "\r" not in ln and not ln.startswith("Warn")]
+    for ln in lines[-6:]:
+        log(f"    {ln}")
+    if proc.returncode != 0:
+        raise KDError(f"step failed (exit {proc.returncode}): {shlex.join(shown)}")
+    log(f"    ({dt:.1f} s)")
+    return dt
+
+
+def model_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> dict:
+    """The whole demo: task, set-up (teacher trained + quantized, student built), then the pipeline commands.
+    Returns a summary (also written to OUT/demo.json)."""
+    import time
+
+    import yaml
+
+    from .testing.models import tiny_phi_dir
+    from .utils import format_bytes, write_json_atomic
+
+    p = dict(PRESETS["quick" if quick else "full"])
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    task, models = out / "task", out / "models"
+    teacher, student = models / "teacher_4bit", models / "student"
+    splits, store, run, results, report = (out / "splits.json", out / "store", out / "run", out / "results",
+                                           out / "report")
+    times: dict[str, float] = {}
+    tic0 = time.perf_counter()
+
+    log(f"== 1. the controlled task -> {task}")
+    write_task(task, seed=seed, n_test=p["n_test"], n_dev=5)
+    log(f"  {len(DEFAULT_KINDS)} subjects x {p['n_test']} questions in CMMLU's layout (dev/ test/ CSVs): "
+        f"which kind of item is most frequent in a list, options A–D;\n  e.g. {generate_task(seed, 4, 0)['elementary_mathematics']['test'][0]}")
+
+    log(f"== 2. pipeline: leak-free splits -> {splits}")
+    times["split"] = run_command([*_python_m(), "kd_mlx.data", "split", "--data", str(task), "--out", str(splits),
+                                  "--seed", str(seed), "--val", "0.1", "--test", "0.3"], log)
+
+    log("== 3. demo set-up (not part of the pipeline): a teacher that knows the task, a student that does not")
+    tic = time.perf_counter()
+    info = build_demo_teacher(teacher, task, splits, steps=p["teacher_steps"], shots=p["shots"], seed=seed, log=log)
+    tiny_phi_dir(student, seed=seed, n_layers=2, hidden=64, heads=4)
+    t_bytes = model_bytes(teacher)
+    budget = int(t_bytes * 0.6)  # streamed: the teacher never fits whole in the budget
+    log(f"  student: tiny Phi-shaped model (random init, real GPT-2 BPE tokenizer) -> {student}")
+    times["setup"] = time.perf_counter() - tic
+
+    log(f"== 4. pipeline: teacher dump, streamed under {format_bytes(budget)} (teacher on disk: "
+        f"{format_bytes(t_bytes)}) -> {store}")
+    times["dump"] = run_command([*_python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data",
+                                 str(task), "--splits", str(splits), "--split", "train,val", "--shots",
+                                 str(p["shots"]), "--top-k", str(p["top_k"]), "--positions", p["positions"],
+                                 "--memory-budget", str(budget), "--out", str(store)], log)
+
+    log(f"== 5. pipeline: distil into the student -> {run}")
+    cfg_path = out / "train.yaml"
+    cfg_path.write_text(yaml.safe_dump({**TRAIN_CONFIG, "steps": p["student_steps"],
+                                        "batch_size": p["student_batch"], "seed": seed}, sort_keys=False))
+    times["train"] = run_command([*_python_m(), "kd_mlx.train", "--config", str(cfg_path), "--student",
+                                  str(student), "--store", str(store), "--data", str(task), "--splits", str(splits),
+                                  "--teacher-tokenizer", str(teacher), "--out", str(run), "--no-progress"], log)
+
+    log(f"== 6. pipeline: evaluate on the held-out test split -> {results}/{{teacher,baseline,distilled}}")
+    common = ["--data", str(task), "--splits", str(splits), "--split", "test", "--shots", str(p["shots"]), "--quiet"]
+    evals = {"teacher": ["--model", str(teacher), "--memory-budget", str(budget)],
+             "baseline": ["--model", str(student)],
+             "distilled": ["--model", str(student), "--adapters", str(run / "best")]}
+    for name, args in evals.items():
+        times[f"eval_{name}"] = run_command([*_python_m(), "kd_mlx.eval", *args, *common, "--out",
+                                             str(results / name)], log)
+
+    log(f"== 7. pipeline: report -> {report}")
+    times["report"] = run_command([*_python_m(), "kd_mlx.report", str(results / "teacher"),
+                                   str(results / "baseline"), str(results / "distilled"), "--run", str(run),
+                                   "--out", str(report)], log)
+    overall = {}
+    for name in evals:
+        s = json.loads((results / name / "summary.json").read_text(encoding="utf-8"))
+        overall[name] = s["overall"]
+    summary = {"out": str(out), "quick": quick, "seed": seed, "preset": p, "teacher_setup": info,
+               "teacher_bytes": t_bytes, "memory_budget": budget, "overall": overall, "seconds": times,
+               "total_seconds": time.perf_counter() - tic0, "report": str(report / "report.md")}
+    write_json_atomic(out / "demo.json", summary)
+    log("== result (held-out test split, accuracy %):")
+    log(f"  teacher {overall['teacher']:.1f} | student baseline {overall['baseline']:.1f} | "
+        f"distilled {overall['distilled']:.1f}   (chance 25.0)")
+    log(f"  report: {report / 'report.md'}   total {summary['total_seconds']:.0f} s")
+    return summary
+
+
+@click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", default="demo_out", show_default=True, help="Directory for every artifact.")
+@click.option("--quick", is_flag=True, help="Short version (CI): fewer questions and steps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@cli_errors
+def demo_cmd(out: str, quick: bool, seed: int) -> None:
+    """Run the whole pipeline on a controlled task with a tiny Kimi-K2-shaped teacher (no downloads)."""
+    if (advice := linux_blas_advice()):
+        click.echo(advice, err=True)
+    run_demo(out, quick=quick, seed=seed, log=lambda s: click.echo(s))

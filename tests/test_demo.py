@@ -1,0 +1,109 @@
+"""The demo: the controlled task generator, and `python -m kd_mlx demo --quick` end to end.
+
+    python -m pytest -q tests/test_demo.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from kd_mlx.demo import (DEFAULT_KINDS, NUMBER_KINDS, TASK_KINDS, WORD_KINDS, chinese_numeral, generate_task,
+                         parse_chinese_numeral, write_task)
+from kd_mlx.utils import KDError
+
+
+def test_chinese_numerals_hand_checked_and_round_trip():
+    expected = {0: "零", 7: "七", 10: "十", 15: "十五", 20: "二十", 37: "三十七", 100: "一百", 105: "一百零五",
+                110: "一百一十", 999: "九百九十九", 1001: "一千零一", 2020: "二千零二十"}
+    for n, text in expected.items():
+        assert chinese_numeral(n) == text
+    for n in range(0, 10000):
+        assert parse_chinese_numeral(chinese_numeral(n)) == n
+    with pytest.raises(ValueError):
+        chinese_numeral(10000)
+    with pytest.raises(ValueError):
+        parse_chinese_numeral("三x")
+
+
+def _kind_of_item(item: str, kinds: dict) -> str:
+    for name, members in kinds.items():
+        shown = [chinese_numeral(m) if isinstance(m, int) else m for m in members]
+        if item in shown:
+            return name
+    raise AssertionError(f"item {item!r} belongs to no kind")
+
+
+def test_answers_are_the_most_frequent_kind():
+    task = generate_task(seed=3, n_test=150, n_dev=5)
+    kinds_of = {"words": WORD_KINDS, "numbers": NUMBER_KINDS}
+    for kind in DEFAULT_KINDS:
+        subject = TASK_KINDS[kind][0]
+        for it in task[subject]["dev"] + task[subject]["test"]:
+            items = it.question.split("：", 1)[1].split("、")
+            assert len(items) == 5
+            counts = Counter(_kind_of_item(x, kinds_of[kind]) for x in items)
+            (top, n_top), *rest = counts.most_common()
+            assert not rest or rest[0][1] < n_top  # a unique answer
+            assert it.choices == tuple(kinds_of[kind])
+            assert it.choices["ABCD".index(it.answer)] == top
+        letters = Counter(it.answer for it in task[subject]["test"])
+        assert set(letters) == set("ABCD") and min(letters.values()) >= 20  # every letter used, roughly balanced
+
+
+def test_generator_is_deterministic_distinct_and_kinds_independent():
+    a, b = generate_task(seed=1, n_test=80), generate_task(seed=1, n_test=80)
+    assert a == b
+    assert generate_task(seed=2, n_test=80) != a
+    only_words = generate_task(seed=1, n_test=80, kinds=("words",))
+    assert only_words["elementary_chinese"] == a["elementary_chinese"]
+    for subject, parts in a.items():
+        stems = [it.question for it in parts["dev"] + parts["test"]]
+        assert len(stems) == len(set(stems)) == 85
+    with pytest.raises(KDError):
+        generate_task(kinds=("nope",))
+
+
+def test_written_task_loads_splits_without_overlap(tmp_path):
+    from kd_mlx.data import check_no_leak, load_cmmlu, make_splits, split_questions
+
+    write_task(tmp_path / "task", seed=0, n_test=120, n_dev=5)
+    with open(tmp_path / "task" / "test" / "elementary_chinese.csv", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["", "Question", "A", "B", "C", "D", "Answer"] and len(rows) == 121
+    cmmlu = load_cmmlu(tmp_path / "task")
+    assert cmmlu.subjects == sorted(TASK_KINDS[k][0] for k in DEFAULT_KINDS)
+    splits = make_splits(cmmlu, seed=0, val=0.1, test=0.3)
+    train = split_questions(cmmlu, splits, "train")
+    held = split_questions(cmmlu, splits, "val") + split_questions(cmmlu, splits, "test")
+    check_no_leak([q.id for q in train], splits)
+    train_text = {q.question for q in train}
+    assert train_text and held and not train_text & {q.question for q in held}
+    dev_text = {q.question for qs in cmmlu.dev.values() for q in qs}
+    assert not dev_text & {q.question for q in held}
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    from click.testing import CliRunner
+
+    from kd_mlx.__main__ import main
+
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    report = (out / "report" / "report.md").read_text(encoding="utf-8")
+    for name in ("teacher", "baseline", "distilled"):
+        s = json.loads((out / "results" / name / "summary.json").read_text(encoding="utf-8"))
+        assert s["overall"] == summary["overall"][name]
+        assert 0.0 <= s["overall"] <= 100.0 and s["n_questions"] > 0
+        assert f"{s['overall']:.2f}" in report or f"{s['overall']:.1f}" in report
+    assert (out / "store" / "manifest.json").is_file() and (out / "run" / "best" / "adapters.safetensors").is_file()
+    # the teacher streamed under a budget smaller than its weights
+    assert summary["memory_budget"] < summary["teacher_bytes"]
+    assert "$ python -m kd_mlx.teacher dump" in res.output and "report:" in res.output
