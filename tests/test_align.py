@@ -315,6 +315,15 @@ def test_empty_and_unaligned_records(kimi_tok, phi_tok, vmap):
     for a, b in zip(out, ref):
         assert a.shape == b.shape and a.shape[0] == 0
     assert out[1].shape == (0, 1) and out[1].dtype == np.int32 and out[2].dtype == np.float32
+    # a record without top-k rows
+    empty = SimpleNamespace(**{**vars(rec), "positions": np.zeros(0, np.int32),
+                               "topk_ids": np.zeros((0, 8), np.int32), "topk_logprobs": np.zeros((0, 8), np.float32)})
+    s_ids, s_offs = phi_tok.encode_with_offsets("abc")
+    for out in (A.align_record(empty, empty.offsets, s_offs, 0, 0, vmap),
+                A.align_record_reference(empty, empty.offsets, s_offs, 0, 0, vmap),
+                A.align_record_bytes(empty, s_ids, "abc", "abc", 0, vmap),
+                A.align_record_bytes_reference(empty, s_ids, "abc", "abc", 0, vmap)):
+        assert [a.shape for a in out] == [(0,), (0, 1), (0, 1), (0,)]
     # rows whose candidates are all unmappable (specials) keep their whole mass in the remainder
     ids, probs, rest = A.project_topk(np.array([[kimi_tok.eos_id, kimi_tok.bos_id]]), np.log([[0.3, 0.3]]),
                                       vmap.student_id)
