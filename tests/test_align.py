@@ -380,10 +380,14 @@ def check_bytes(t_tok, s_tok, vmap, rec, s_ids, s_offs, shift, region_start, t_t
     np.testing.assert_array_equal(pos, pos2)
     tb, sb = t_text.encode(), s_text.encode()
     byte_shift, region_b = len(tb) - len(sb), len(t_text[:region_start].encode())
-    for r, j in zip(rows.tolist(), pos.tolist()):
-        b = int(t_ends[rec.positions[r]])
-        assert b >= region_b and int(s_ends[j]) == b - byte_shift and j + 1 < len(s_ids)  # same byte of the text
-        for sid in ids[list(rows).index(r)][ids[list(rows).index(r)] >= 0].tolist():
+    for n, (r, j) in enumerate(zip(rows.tolist(), pos.tolist())):
+        i = int(rec.positions[r])
+        b = int(t_ends[i])
+        assert b >= region_b and int(s_ends[j]) == b - byte_shift and j + 1 < len(s_ids)
+        # both sides have read exactly the text up to that byte
+        t_read = b"".join(t_tok.token_bytes(int(t)) for t in rec.token_ids[rec.n_bos: i + 1])
+        assert t_read == tb[:b] and token_prefix_bytes(s_tok, s_ids, j + 1) == sb[: b - byte_shift]
+        for sid in ids[n][ids[n] >= 0].tolist():
             cands = [t for t in rec.topk_ids[r].tolist() if vmap.student_id[t] == sid]
             assert cands and all(t_tok.token_bytes(t).startswith(s_tok.token_bytes(sid)) for t in cands)
     # between characters it finds exactly what the char-offset version finds
