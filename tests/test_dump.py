@@ -88,7 +88,7 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
     from kd_mlx.data import fit_prompt, load_cmmlu
     from kd_mlx.evaluate import answer_token_ids
     from kd_mlx.store import TopKStore, verify_store
-    from kd_mlx.teacher.dump import _hidden_teacher_class, build_items, compute_shard
+    from kd_mlx.teacher.dump import _hidden_teacher_class, build_items, compute_shard, max_call_positions
 
     st = TopKStore(world["exact"]["out"])
     cmmlu = load_cmmlu(world["data"])
@@ -106,12 +106,19 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
 
     # round trip: the records of shard 1 recomputed through the same call are stored exactly
     items = build_items(qs[3:6], cmmlu, tok, 2, "question", 2048, ident["add_bos"])
-    recs, _ = compute_shard(teacher, items, 8, letters, True)
+    recs, _ = compute_shard(teacher, items, 8, letters, True, max_call_positions(teacher.vocab_size, None))
     for r in recs:
         got = st[r.id]
         for f in ("answer_logprobs", "token_ids", "offsets", "positions", "topk_ids", "topk_logprobs", "hidden"):
             np.testing.assert_array_equal(getattr(got, f), getattr(r, f), err_msg=f)
         assert got.label == r.label
+    # calls split to bound the log-prob memory (one question per call here: no shared prefix) give the same
+    # values up to float rounding
+    split, _ = compute_shard(teacher, items, 8, letters, True, max_positions=1)
+    for a, b in zip(recs, split):
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(a.hidden, b.hidden, atol=1e-4)
+        np.testing.assert_allclose(a.answer_logprobs, b.answer_logprobs, atol=1e-4)
 
     model, _ = load_model(Path(world["teacher"]))
     for q in qs:
@@ -206,7 +213,11 @@ def test_mismatch_refused_and_flipped_byte_detected(world, tmp_path):
 
     out = tmp_path / "s"
     shutil.copytree(world["packed"]["out"], out)
-    for change in ({"top_k": 4}, {"shots": 1}, {"encoding": "fp16"}, {"positions": "answer"}, {"hidden": False}):
+    from kd_mlx.testing.models import tiny_kimi_k2_dir
+
+    other = tiny_kimi_k2_dir(tmp_path / "teacher", seed=4)  # same name and config, other weights
+    for change in ({"top_k": 4}, {"shots": 1}, {"encoding": "fp16"}, {"positions": "answer"}, {"hidden": False},
+                   {"teacher": str(other)}):
         with pytest.raises(KDError, match="written with"):
             dump_store({**world["packed"], "out": str(out), **change}, progress=False, log=lambda m: None)
     with pytest.raises(KDError, match="other questions|beyond"):

@@ -69,15 +69,25 @@ def template_hash() -> str:
 
 
 def teacher_fingerprint(model_dir: Path) -> tuple[str, str]:
-    """(config hash, weights hash): config.json's content, and the names, sizes and safetensors headers of the
-    weight files (cheap: headers only, yet any re-quantisation or different checkpoint changes it)."""
+    """(config hash, weights hash): config.json's content, and per weight file its name, size, safetensors header
+    and the first and last MiB of its data (cheap even for a 1 TB checkpoint, yet another re-quantisation or
+    other weights of the same shapes change it)."""
     cfg = model_dir / "config.json"
     ch = sha256_text(cfg.read_bytes()) if cfg.exists() else "none"
     h = hashlib.sha256()
     for f in sorted(model_dir.glob("*.safetensors")):
         entries, meta, start = read_safetensors_header(f)
-        h.update(f"{f.name}\x1f{f.stat().st_size}\x1f".encode())
+        size = f.stat().st_size
+        h.update(f"{f.name}\x1f{size}\x1f".encode())
         h.update(json.dumps([entries, meta], sort_keys=True).encode())
+        with open(f, "rb") as fh:
+            if size - start <= 2 << 20:
+                h.update(fh.read())
+            else:
+                fh.seek(start)
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
     return ch[:16], h.hexdigest()[:16]
 
 
@@ -222,12 +232,40 @@ def _new_stats() -> dict:
             "mass_min": None, "nonfinite": 0, "truncated": 0}
 
 
-def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequence[int], hidden: bool
-                  ) -> tuple[list[StoreRecord], dict]:
-    """Records of one shard's questions (one teacher call per prefix group) and their statistics."""
+# bytes per asked position while the teacher turns hidden states into full-vocabulary log-probs (fp32 logits,
+# the float64 log-softmax and its temporaries, the float32 result, the per-sequence copy)
+LOGIT_BYTES_PER_ENTRY = 28
+
+
+def max_call_positions(vocab: int, memory_budget: int | None) -> int:
+    """Top-k positions per teacher call so that its full-vocabulary log-probs stay within a quarter of the budget
+    (4 GiB without one): the teacher returns a whole chunk's rows at once, before `reduce` drops them."""
+    cap = memory_budget // 4 if memory_budget else 4 << 30
+    return max(1, cap // (vocab * LOGIT_BYTES_PER_ENTRY))
+
+
+def _split_by_positions(items: Sequence[PromptItem], group: Sequence[int], limit: int | None) -> list[list[int]]:
+    if not limit:
+        return [list(group)]
+    parts, cur, n = [], [], 0
+    for i in group:
+        p = len(items[i].positions)
+        if cur and n + p > limit:
+            parts.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += p
+    return parts + [cur]
+
+
+def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequence[int], hidden: bool,
+                  max_positions: int | None = None) -> tuple[list[StoreRecord], dict]:
+    """Records of one shard's questions (one teacher call per prefix group, split so that no call asks for more
+    than `max_positions` top-k rows) and their statistics."""
     summarise = Summariser(k, answer_ids)
     out: dict[int, tuple[dict, np.ndarray | None]] = {}
-    for group in _prefix_groups(items):
+    groups = [g for pg in _prefix_groups(items) for g in _split_by_positions(items, pg, max_positions)]
+    for group in groups:
         L = _shared_len(items, group)
         seqs = [items[i].ids[L:] for i in group]
         pos = [[p - L for p in items[i].positions] for i in group]
@@ -424,6 +462,7 @@ def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
         raise KDError(f"store {out} has {len(extra)} shard(s) beyond the {n_shards} this dump plans (a larger "
                       f"question set was dumped here): use another --out")
 
+    call_positions = max_call_positions(teacher.vocab_size, budget)
     if rank == 0:
         log(f"dump: {len(ids)} questions in {n_shards} shard(s) of {shard_size}, {world} rank(s); "
             f"{n_shards - sum(1 for s in range(n_shards) if writer.shard_ids.get(s) != planned[s])} already done")
@@ -436,7 +475,7 @@ def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
         for s in tqdm(todo, desc=f"rank {rank} shards" if world > 1 else "shards", unit="shard",
                       disable=not progress):
             items = build_items([by_id[i] for i in planned[s]], cmmlu, tok, shots, positions, max_tokens, add_bos)
-            recs, stats = compute_shard(teacher, items, k, answer_ids, bool(cfg["hidden"]))
+            recs, stats = compute_shard(teacher, items, k, answer_ids, bool(cfg["hidden"]), call_positions)
             writer.write_shard(s, recs, {"quality": json.dumps(stats, sort_keys=True)})
     except BaseException as e:  # noqa: BLE001 - tell the other ranks before re-raising
         ok, err = False, e
