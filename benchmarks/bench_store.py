@@ -98,8 +98,10 @@ def full_rows(teacher, texts: list[str], kmax: int):
     tok = teacher.tokenizer
     enc = [tok.encode_with_offsets(t) for t in texts]
     summ = Summariser(kmax, [0, 1, 2, 3])
-    res = teacher.logprobs_at([e[0] for e in enc], [list(range(len(e[0]))) for e in enc],
-                              reduce=lambda lp: summ(lp))
+    res = []
+    for a in range(0, len(enc), 4):  # 4 texts per call: the teacher holds a call's full-vocab rows at once
+        part = enc[a:a + 4]
+        res += teacher.logprobs_at([e[0] for e in part], [list(range(len(e[0]))) for e in part], reduce=summ)
     return [(np.array(ids, np.int32), np.array(offs, np.int32).reshape(-1, 2), r) for (ids, offs), r in zip(enc, res)]
 
 
