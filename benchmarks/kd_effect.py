@@ -1,8 +1,11 @@
 """Benchmark: does distillation beat training on the gold labels? Held-out accuracy on the demo's controlled task.
 
     source scripts/setup_env.sh
-    python -m kd_mlx demo --out demo_out                     # task, splits, trained teacher, store (question top-k)
+    python -m kd_mlx demo --out demo_out                     # task, splits, trained teacher
     python benchmarks/kd_effect.py --demo demo_out --seeds 0,1,2 --steps 100
+
+The demo's store holds the answer position only; the benchmark first dumps the question positions as well with
+`python -m kd_mlx.teacher dump --positions question` (DEMO/kd_effect/store_question) unless the demo's store has them.
 
 For each seed: a fresh random-init tiny Phi student (seed-dependent init), then four arms with the SAME training
 questions (the demo's train split), the SAME number of optimizer steps, batch size, learning rate and batch order:
@@ -69,6 +72,14 @@ def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperatu
     out_dir = Path(out) if out else demo / "kd_effect"
     data, splits, store, teacher = demo / "task", demo / "splits.json", demo / "store", demo / "models" / "teacher_4bit"
     shots = int(info["preset"]["shots"])
+    if info["preset"]["positions"] == "answer":  # token-level KD needs the question positions: dump them once
+        from kd_mlx.demo import _python_m, run_command
+
+        store = out_dir / "store_question"
+        run_command([*_python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data", str(data),
+                     "--splits", str(splits), "--split", "train,val", "--shots", str(shots), "--top-k",
+                     str(info["preset"]["top_k"]), "--positions", "question", "--memory-budget",
+                     str(info["memory_budget"]), "--out", str(store)])
     seed_list = [int(s) for s in seeds.split(",")]
     base = {**DEFAULTS, **TRAIN_CONFIG, "data": str(data), "splits": str(splits), "store": str(store),
             "teacher_tokenizer": str(teacher), "steps": steps, "batch_size": batch_size,
@@ -76,8 +87,8 @@ def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperatu
             "best_metric": "val_acc", "patience": 0, "kd_weight": kd_weight}
     rows: dict[str, list[float]] = {"baseline": [], **{a: [] for a in ARMS}}
     secs: dict[str, list[float]] = {a: [] for a in ARMS}
-    print(f"demo {demo}: teacher test accuracy {info['overall']['teacher']:.2f}%; store positions "
-          f"{info['preset']['positions']}, top-k {info['preset']['top_k']}; {steps} steps x batch {batch_size}, "
+    print(f"demo {demo}: teacher test accuracy {info['overall']['teacher']:.2f}%; store {store} (question "
+          f"positions), top-k {info['preset']['top_k']}; {steps} steps x batch {batch_size}, "
           f"lr {learning_rate}, T {temperature}, token-KD weight {kd_weight}")
     for seed in seed_list:
         student = tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, n_layers=2, hidden=64, heads=4)

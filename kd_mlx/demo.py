@@ -363,9 +363,11 @@ def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, step
 
 # Embedded defaults. `quick` is for CI: fewer questions and steps, answer-position dump only.
 PRESETS: dict[str, dict] = {
-    "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 300, "top_k": 16,
-             "positions": "question", "student_batch": 16},
-    "quick": {"n_test": 60, "shots": 0, "teacher_steps": 40, "student_steps": 30, "top_k": 8,
+    # the answer-position dump keeps the demo inside its time; benchmarks/kd_effect.py dumps question positions
+    # too (token-level KD), which costs a full-vocabulary log-softmax per question token (~1 s per question here)
+    "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 16,
+             "positions": "answer", "student_batch": 8},
+    "quick": {"n_test": 40, "shots": 0, "teacher_steps": 30, "student_steps": 10, "top_k": 8,
               "positions": "answer", "student_batch": 8},
 }
 
@@ -432,8 +434,10 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> 
 
     log(f"== 1. the controlled task -> {task}")
     write_task(task, seed=seed, n_test=p["n_test"], n_dev=5)
-    log(f"  {len(DEFAULT_KINDS)} subjects x {p['n_test']} questions in CMMLU's layout (dev/ test/ CSVs): "
-        f"which kind of item is most frequent in a list, options A–D;\n  e.g. {generate_task(seed, 4, 0)['elementary_mathematics']['test'][0]}")
+    example = generate_task(seed, 4, 0)["elementary_mathematics"]["test"][0]
+    log(f"  {len(DEFAULT_KINDS)} subjects x {p['n_test']} questions in CMMLU's layout (dev/ test/ CSVs): which kind "
+        f"of item is most frequent in a list; e.g.\n    {example.question}  "
+        f"{' '.join(f'{l}. {c}' for l, c in zip(LETTERS, example.choices))}  -> {example.answer}")
 
     log(f"== 2. pipeline: leak-free splits -> {splits}")
     times["split"] = run_command([*_python_m(), "kd_mlx.data", "split", "--data", str(task), "--out", str(splits),
