@@ -2,7 +2,7 @@
 
     source scripts/setup_env.sh
     python -m kd_mlx demo --out demo_out                     # task, splits, trained teacher
-    python benchmarks/kd_effect.py --demo demo_out --seeds 0,1,2 --steps 100
+    python benchmarks/kd_effect.py --demo demo_out --seeds 0,1,2 --steps 80
 
 The demo's store holds the answer position only; the benchmark first dumps the question positions as well with
 `python -m kd_mlx.teacher dump --positions question` (DEMO/kd_effect/store_question) unless the demo's store has them.
@@ -42,7 +42,7 @@ ARMS = {
 }
 
 
-def evaluate_student(student: Path, adapters: Path | None, data: Path, splits: Path, shots: int) -> float:
+def evaluate_model_on_test(student: Path, adapters: Path | None, data: Path, splits: Path, shots: int) -> float:
     from kd_mlx.evaluate import evaluate_model, load_eval_model, select_questions
 
     questions, dev = select_questions(str(data), str(splits), "test")
@@ -54,45 +54,50 @@ def evaluate_student(student: Path, adapters: Path | None, data: Path, splits: P
 @click.option("--demo", "demo_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Output of `python -m kd_mlx demo` (its task, splits, store and teacher are reused).")
 @click.option("--seeds", default="0,1,2", show_default=True)
-@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--steps", type=int, default=80, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--learning-rate", type=float, default=3e-3, show_default=True)
 @click.option("--kd-weight", type=float, default=0.1, show_default=True, help="Token-KD weight of the last arm.")
 @click.option("--temperature", type=float, default=2.0, show_default=True)
+@click.option("--kd-max-positions", type=int, default=16, show_default=True,
+              help="Aligned token positions per question (nearest the answer) in the token-KD arm.")
 @click.option("--out", default=None, help="Where runs and kd_effect.json go (default DEMO/kd_effect).")
-def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperature, out):
+def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperature, kd_max_positions, out):
     import mlx.core as mx
 
     from kd_mlx.demo import TRAIN_CONFIG
     from kd_mlx.testing.models import tiny_phi_dir
     from kd_mlx.train.run import DEFAULTS, prepare, train_prepared
 
+    from kd_mlx.demo import _python_m, model_bytes, run_command
+    from kd_mlx.store import TopKStore
+
     demo = Path(demo_dir).resolve()
-    info = json.loads((demo / "demo.json").read_text(encoding="utf-8"))
     out_dir = Path(out) if out else demo / "kd_effect"
     data, splits, store, teacher = demo / "task", demo / "splits.json", demo / "store", demo / "models" / "teacher_4bit"
-    shots = int(info["preset"]["shots"])
-    if info["preset"]["positions"] == "answer":  # token-level KD needs the question positions: dump them once
-        from kd_mlx.demo import _python_m, run_command
-
+    ident = TopKStore(store).identity if (store / "manifest.json").is_file() else {}
+    shots = int(ident.get("shots", 0))
+    if ident.get("positions") != "question":  # token-level KD needs the question positions: dump them once
         store = out_dir / "store_question"
         run_command([*_python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data", str(data),
-                     "--splits", str(splits), "--split", "train,val", "--shots", str(shots), "--top-k",
-                     str(info["preset"]["top_k"]), "--positions", "question", "--memory-budget",
-                     str(info["memory_budget"]), "--out", str(store)])
+                     "--splits", str(splits), "--split", "train,val", "--shots", str(shots), "--top-k", "16",
+                     "--positions", "question", "--memory-budget", str(int(0.6 * model_bytes(teacher))),
+                     "--out", str(store)])
+    teacher_acc = evaluate_model_on_test(teacher, None, data, splits, shots)  # in memory (dequantized on CPU)
     seed_list = [int(s) for s in seeds.split(",")]
     base = {**DEFAULTS, **TRAIN_CONFIG, "data": str(data), "splits": str(splits), "store": str(store),
             "teacher_tokenizer": str(teacher), "steps": steps, "batch_size": batch_size,
             "learning_rate": learning_rate, "temperature": temperature, "eval_every": steps, "save_every": steps,
-            "best_metric": "val_acc", "patience": 0, "kd_weight": kd_weight}
+            "best_metric": "val_acc", "patience": 0, "kd_weight": kd_weight,
+            "kd_max_positions": kd_max_positions}
     rows: dict[str, list[float]] = {"baseline": [], **{a: [] for a in ARMS}}
     secs: dict[str, list[float]] = {a: [] for a in ARMS}
-    print(f"demo {demo}: teacher test accuracy {info['overall']['teacher']:.2f}%; store {store} (question "
-          f"positions), top-k {info['preset']['top_k']}; {steps} steps x batch {batch_size}, "
+    print(f"demo {demo}: teacher test accuracy {teacher_acc:.2f}%; store {store} (question positions); "
+          f"{steps} steps x batch {batch_size}, "
           f"lr {learning_rate}, T {temperature}, token-KD weight {kd_weight}")
     for seed in seed_list:
         student = tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, n_layers=2, hidden=64, heads=4)
-        rows["baseline"].append(evaluate_student(student, None, data, splits, shots))
+        rows["baseline"].append(evaluate_model_on_test(student, None, data, splits, shots))
         prep = prepare({**base, "student": str(student), "out": str(out_dir / "prep"), "seed": seed}, progress=False)
         n_kd = sum(int(e.kd_pos.shape[0]) for e in prep.train)
         for arm, weights in ARMS.items():
@@ -102,7 +107,7 @@ def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperatu
             tic = time.perf_counter()
             train_prepared(prep, cfg, progress=False)
             secs[arm].append(time.perf_counter() - tic)
-            acc = evaluate_student(student, Path(cfg["out"]) / "last", data, splits, shots)
+            acc = evaluate_model_on_test(student, Path(cfg["out"]) / "last", data, splits, shots)
             rows[arm].append(acc)
             print(f"seed {seed} {arm:14s} test {acc:6.2f}%  ({secs[arm][-1]:.0f} s, peak MLX "
                   f"{mx.get_peak_memory() / 2**20:.0f} MiB)", flush=True)
@@ -112,16 +117,16 @@ def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperatu
     def ms(v: list[float]) -> str:
         return f"{statistics.mean(v):6.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:5.2f}"
 
-    print(f"\nheld-out test accuracy (%), mean ± std over seeds {seed_list}; teacher {info['overall']['teacher']:.2f}; "
+    print(f"\nheld-out test accuracy (%), mean ± std over seeds {seed_list}; teacher {teacher_acc:.2f}; "
           f"chance 25")
     for arm, v in rows.items():
         extra = f"   {statistics.mean(secs[arm]):.0f} s/run" if arm in secs else ""
         print(f"  {arm:14s} {ms(v)}   per seed {', '.join(f'{x:.1f}' for x in v)}{extra}")
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {"command": " ".join(sys.argv), "machine": f"{platform.system()} {platform.machine()}",
-              "teacher_test": info["overall"]["teacher"], "seeds": seed_list, "steps": steps,
+              "teacher_test": teacher_acc, "store": str(store), "seeds": seed_list, "steps": steps,
               "batch_size": batch_size, "learning_rate": learning_rate, "kd_weight": kd_weight,
-              "temperature": temperature, "accuracy": rows, "train_seconds": secs}
+              "temperature": temperature, "kd_max_positions": kd_max_positions, "accuracy": rows, "train_seconds": secs}
     (out_dir / "kd_effect.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out_dir / 'kd_effect.json'}")
 

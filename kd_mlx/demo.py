@@ -1,18 +1,22 @@
 """The one-command demo: a controlled Chinese task, a tiny teacher that knows it, and the real pipeline on top.
 
-    python -m kd_mlx demo --out demo_out [--quick] [--seed 0]
+    python -m kd_mlx demo [--out demo_out] [--quick] [--seed 0]        (= bash scripts/run_demo.sh [--quick])
 
-What it does, in order:
-1. writes a *controlled task* in CMMLU's on-disk layout (`dev/*.csv`, `test/*.csv`, official columns): Chinese
-   multiple-choice questions on numbers (which number is largest/smallest, Chinese numerals -> Arabic digits,
-   small additions written in Chinese) where the skill generalises to questions never seen in training;
-2. **demo set-up** (not part of the pipeline): builds a tiny Kimi-K2-shaped teacher (deepseek_v3 architecture,
-   Kimi-format tokenizer) and *trains it on the task's train split first so that it has something to teach*, then
-   quantizes it to 4-bit sharded safetensors; builds a tiny Phi-shaped student (random init: near chance);
-3. runs the real pipeline commands exactly as a user would on the real models: `kd_mlx.data split` ->
-   `kd_mlx.teacher dump` (streaming under a memory budget smaller than the teacher) -> `kd_mlx.train` ->
-   `kd_mlx.eval` (teacher, baseline student, distilled student) -> `kd_mlx.report`.
-"""
+What it does, in order (every pipeline step is printed as the command a user would type):
+1. writes a *controlled task* in CMMLU's on-disk layout (`task/dev/*.csv`, `task/test/*.csv`, official columns):
+   Chinese questions "which kind of item is most frequent in this list" (words: fruit/animal/colour/vehicle;
+   numbers written as Chinese numerals: one-digit/round ten/round hundred/other two-digit), options A–D. Every
+   question is a new list, so a held-out question needs the skill, not the memory of a training question;
+2. `python -m kd_mlx.data split` -> splits.json (train/val/test);
+3. **demo set-up** (not part of the pipeline): a tiny Kimi-K2-shaped teacher (deepseek_v3 architecture: MLA,
+   routed + shared experts; Kimi-format tokenizer from the real cl100k file) is *trained on the train split first*
+   (plain MLX full fine-tuning of the answer letter) so that it has something to teach, then quantized to 4-bit
+   sharded safetensors; the student is a tiny Phi-shaped model (random init, Phi-1.5's real GPT-2 BPE tokenizer);
+4. `python -m kd_mlx.teacher dump` (streaming under a memory budget smaller than the teacher) ->
+   `python -m kd_mlx.train` -> `python -m kd_mlx.eval` (teacher, baseline student, distilled student, held-out
+   test split) -> `python -m kd_mlx.report`.
+Artifacts: OUT/task, OUT/splits.json, OUT/models/{teacher_4bit,student}, OUT/store, OUT/run, OUT/results/*,
+OUT/report/report.md, OUT/demo.json (figures and seconds per stage).
 
 from __future__ import annotations
 
