@@ -312,10 +312,10 @@ def aligned_rows(positions, t_offsets, s_offsets, shift: int, region_start: int)
 
 
 def project_topk(topk_ids, topk_logprobs, student_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Teacher top-k rows (n, k) → student (ids (n, m) padded −1, probs (n, m), rest (n,)). Vectorised: a stable
-    row-wise argsort groups equal student ids, `np.add.reduceat` sums their mass. Within a row ids keep the order of
-    their first candidate (top-k order); rest = 1 − Σ probs (a row whose top-k sums past 1 by rounding is
-    renormalised)."""
+    """Teacher top-k rows (n, k) → student (ids (n, m) padded −1, probs (n, m), rest (n,)). Vectorised: one stable
+    argsort of (row, student id) keys groups equal ids, `np.add.reduceat` sums their mass. Within a row ids keep
+    the order of their first candidate (top-k order); rest = 1 − Σ probs (a row whose top-k sums past 1 by
+    rounding is renormalised)."""
     tid = np.asarray(topk_ids, np.int64)
     n = tid.shape[0]
     if n == 0 or tid.size == 0:
@@ -325,31 +325,26 @@ def project_topk(topk_ids, topk_logprobs, student_id: np.ndarray) -> tuple[np.nd
         sid = np.where((tid >= 0) & (tid < V), student_id[np.clip(tid, 0, V - 1)], -1).astype(np.int64)
     else:
         sid = student_id[tid].astype(np.int64)
-    p = np.exp(np.asarray(topk_logprobs, np.float64))
-    k = sid.shape[1]
-    # sort each row by student id (stable: within a run of equal ids the first is the first candidate); runs
-    # never cross rows because every row starts a run
-    order = np.argsort(sid, axis=1, kind="stable")
-    ss = np.take_along_axis(sid, order, axis=1)
-    start = np.ones(sid.shape, bool)
-    start[:, 1:] = ss[:, 1:] != ss[:, :-1]
-    at = np.flatnonzero(start.ravel())
-    mass = np.add.reduceat(np.take_along_axis(p, order, axis=1).ravel(), at)
-    g_sid, g_row, g_first = ss.ravel()[at], at // k, order.ravel()[at]
-    real = g_sid >= 0
-    # back onto the (n, k) grid at each group's first candidate: row order = top-k order; then compact the rows
-    grid_sid = np.full(sid.shape, -1, np.int64)
-    grid_mass = np.zeros(sid.shape, np.float64)
-    grid_sid[g_row[real], g_first[real]] = g_sid[real]
-    grid_mass[g_row[real], g_first[real]] = mass[real]
-    keep = grid_sid >= 0
-    m = max(int(keep.sum(1).max()), 1)
-    rr, cc = np.nonzero(keep)
-    slot = (np.cumsum(keep, axis=1) - 1)[rr, cc]
+    p = np.exp(np.asarray(topk_logprobs, np.float64)).ravel()
+    n_s = int(sid.max()) + 2
+    key = (sid + 1 + np.arange(n)[:, None] * n_s).ravel()  # row-major; sid −1 → key row*n_s (dropped below)
+    order = np.argsort(key, kind="stable")  # equal keys stay in top-k order: the first is the first candidate
+    sk = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
+    mass = np.add.reduceat(p[order], starts)
+    g_key, g_first = sk[starts], order[starts]
+    real = g_key % n_s != 0
+    g_key, g_first, mass = g_key[real], g_first[real], mass[real]
+    by_first = np.argsort(g_first, kind="stable")  # groups in row-major order of their first candidate
+    g_key, mass = g_key[by_first], mass[by_first]
+    g_row, g_sid = g_key // n_s, g_key % n_s - 1
+    counts = np.bincount(g_row, minlength=n)
+    m = max(int(counts.max()), 1)
+    slot = np.arange(len(g_row)) - np.repeat(np.cumsum(counts) - counts, counts)
     ids = np.full((n, m), -1, np.int32)
     probs = np.zeros((n, m), np.float64)
-    ids[rr, slot] = grid_sid[rr, cc]
-    probs[rr, slot] = grid_mass[rr, cc]
+    ids[g_row, slot] = g_sid
+    probs[g_row, slot] = mass
     total = probs.sum(-1)
     over = total > 1.0
     if over.any():
