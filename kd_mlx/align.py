@@ -40,12 +40,13 @@ What the projection assumes (and where it is only approximate):
   clean boundary aligns, ids are returned unchanged (in top-k order) and probs = exp(logprobs) exactly.
 - Only the top-k of the teacher is known: the tail outside it is not redistributed (it is the remainder).
 - Measured on all CMMLU test prompts (benchmarks/bench_align.py): at aligned positions the teacher's real next
-  token maps to the student's real next token 93-95% of the time; in the other cases the student's real token is
-  longer than the teacher's (e.g. it merges what the teacher splits), which a context-free map cannot know.
+  token maps to the student's real next token 93-95% of the time; in nearly all other cases the student's real
+  token is longer than the teacher's (e.g. it merges what the teacher splits), which a context-free map cannot know.
 
 `align_record` and `align_record_bytes` (vectorised numpy) have plain-loop references beside them
-(`*_reference`); tests check they agree. The vocabulary map is cached as `vocabmap-<teacher fp>-<student fp>-v2.npz` under `$KD_MLX_CACHE` (default
-~/.cache/kd_mlx), keyed by both tokenizer fingerprints and written atomically.
+(`*_reference`); tests check they agree. The vocabulary map is cached as
+`vocabmap-<teacher fp>-<student fp>-v2.npz` under `$KD_MLX_CACHE` (default ~/.cache/kd_mlx), keyed by both
+tokenizer fingerprints and written atomically.
 """
 
 from __future__ import annotations
