@@ -355,3 +355,25 @@ def test_real_smollm2_answer_distribution(tmp_path):
         np.testing.assert_allclose(rec.topk_logprobs[0], lp[top], rtol=1e-3, atol=2e-4)  # fp16 values
         masses.append(np.exp(lp[top]).sum())
     assert min(masses) > 0.3  # a real LM: peaked distributions, unlike a random init
+
+
+def test_prompt_and_answer_position_spans(world, tmp_path):
+    """--positions prompt: a top-k row at every token (no shared prefix); answer: only the last token, whose row
+    holds the answer log-probs among its top-k when they are large enough."""
+    from kd_mlx.store import TopKStore
+    from kd_mlx.teacher.dump import dump_store
+
+    for positions in ("prompt", "answer"):
+        out = tmp_path / positions
+        dump_store({**world["exact"], "positions": positions, "max_questions": 2, "hidden": False,
+                    "out": str(out)}, progress=False, log=lambda m: None)
+        full = TopKStore(world["exact"]["out"])
+        for rec in TopKStore(out):
+            n = len(rec.token_ids)
+            want = list(range(n)) if positions == "prompt" else [n - 1]
+            assert rec.positions.tolist() == want and rec.hidden is None
+            ref = full[rec.id]
+            assert rec.token_ids.tolist() == ref.token_ids.tolist()
+            # the answer row agrees with the question-span dump's last row (other call grouping: float rounding)
+            np.testing.assert_allclose(rec.topk_logprobs[-1], ref.topk_logprobs[-1], atol=1e-4)
+            np.testing.assert_allclose(rec.answer_logprobs, ref.answer_logprobs, atol=1e-4)
