@@ -17,6 +17,7 @@ What it does, in order (every pipeline step is printed as the command a user wou
    test split) -> `python -m kd_mlx.report`.
 Artifacts: OUT/task, OUT/splits.json, OUT/models/{teacher_4bit,student}, OUT/store, OUT/run, OUT/results/*,
 OUT/report/report.md, OUT/demo.json (figures and seconds per stage).
+"""
 
 from __future__ import annotations
 
