@@ -121,7 +121,7 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
         np.testing.assert_allclose(a.answer_logprobs, b.answer_logprobs, atol=1e-4)
 
     model, _ = load_model(Path(world["teacher"]))
-    for q in qs:
+    for q in qs[::3]:  # both subjects, first/middle/last shard
         rec = st[q.id]
         p = fit_prompt(q, cmmlu.dev[q.subject], 2, None, None)
         ids, offs = tok.encode_with_offsets(p.text)
@@ -334,7 +334,7 @@ def test_real_smollm2_answer_distribution(tmp_path):
     from kd_mlx.tokenizer import load_tokenizer
 
     model_dir = smollm2_fp32_dir()
-    data = write_cmmlu(tmp_path / "cmmlu", n_dev=1, n_test=2)
+    data = write_cmmlu(tmp_path / "cmmlu", n_dev=1, n_test=1)
     cfg = {"teacher": str(model_dir), "data": str(data), "shots": 1, "top_k": 16, "shard_size": 4,
            "positions": "answer", "encoding": "fp16", "out": str(tmp_path / "s")}
     dump_store(cfg, progress=False, log=lambda m: None)
@@ -358,8 +358,8 @@ def test_real_smollm2_answer_distribution(tmp_path):
 
 
 def test_prompt_and_answer_position_spans(world, tmp_path):
-    """--positions prompt: a top-k row at every token (no shared prefix); answer: only the last token, whose row
-    holds the answer log-probs among its top-k when they are large enough."""
+    """--positions prompt: a top-k row at every token (no shared prefix); answer: only the last token. Both agree
+    with the question-span dump on the rows they share."""
     from kd_mlx.store import TopKStore
     from kd_mlx.teacher.dump import dump_store
 
