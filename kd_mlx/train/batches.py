@@ -45,17 +45,39 @@ class Batch:
     kd_rest: np.ndarray  # (B, P) float32 (1 where padded)
     kd_mask: np.ndarray  # (B, P) float32, 1 for real KD positions
     qids: list[str]
+    # (rows, KD positions) of the whole optimizer batch the loss is normalised by; None = this batch's own counts.
+    # A data-parallel shard keeps the global counts so the ranks' parts sum to the single-process mean.
+    norm: tuple[float, float] | None = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def counts(self) -> tuple[float, float]:
+        return float(len(self.qids)), float(self.kd_mask.sum())
+
     def arrays(self) -> tuple:
         import mlx.core as mx
 
+        norm = self.norm if self.norm is not None else self.counts()
         return (mx.array(self.tokens), mx.array(self.lengths), mx.array(self.gold),
                 mx.array(self.teacher_answer_probs), mx.array(self.kd_pos), mx.array(self.kd_ids),
-                mx.array(self.kd_probs), mx.array(self.kd_rest), mx.array(self.kd_mask))
+                mx.array(self.kd_probs), mx.array(self.kd_rest), mx.array(self.kd_mask),
+                mx.array(norm, dtype=mx.float32))
+
+    def shard(self, rank: int, size: int) -> "Batch":
+        """Rows `rank::size`-contiguous slice of a global batch for one data-parallel rank (the batch size must be
+        divisible by `size`); padding and the loss normaliser stay those of the global batch."""
+        B = len(self.qids)
+        if B % size:
+            raise ValueError(f"batch of {B} rows cannot be split over {size} ranks")
+        n = B // size
+        sl = slice(rank * n, (rank + 1) * n)
+        return Batch(tokens=self.tokens[sl], lengths=self.lengths[sl], gold=self.gold[sl],
+                     teacher_answer_probs=self.teacher_answer_probs[sl], kd_pos=self.kd_pos[sl],
+                     kd_ids=self.kd_ids[sl], kd_probs=self.kd_probs[sl], kd_rest=self.kd_rest[sl],
+                     kd_mask=self.kd_mask[sl], qids=self.qids[sl],
+                     norm=self.norm if self.norm is not None else self.counts())
 
 
 def _round_up(n: int, m: int) -> int:

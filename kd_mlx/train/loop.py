@@ -212,28 +212,38 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def validate(model: nn.Module, split, examples: list[Example], letter_ids: mx.array, cfg: dict) -> dict:
+def validate(model: nn.Module, split, examples: list[Example], letter_ids: mx.array, cfg: dict,
+             group=None) -> dict:
     """Mean objective parts and A–D accuracy (argmax over the four letter logits at the answer position, the
-    official CMMLU scoring) over the validation examples, dropout off."""
+    official CMMLU scoring of kd_mlx.evaluate) over the validation examples, dropout off. With a data-parallel
+    `group`, rank r scores batches r, r+size, ... and the sums are all-reduced (same result on every rank)."""
     if not examples:
         return {}
     was_training = model.training
     model.eval()
-    sums = np.zeros(len(PART_NAMES) + 2)
-    n = 0
-    for batch in eval_batches(examples, int(cfg["eval_batch_size"] or cfg["batch_size"]), int(cfg["pad_to"])):
-        total, parts = objective(model, split, batch.arrays(), letter_ids, cfg)
-        mx.eval(total, parts)
-        b = len(batch.qids)
-        p = np.array(parts.tolist())
-        sums[0] += float(total.item()) * b
-        sums[1:4] += p[:3] * b
-        sums[4] += p[3]
-        n += b
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    sums = mx.zeros(len(PART_NAMES) + 1)  # part sums (KD over positions), n_correct
+    counts = np.zeros(2)  # rows, KD positions
+    for i, batch in enumerate(eval_batches(examples, int(cfg["eval_batch_size"] or cfg["batch_size"]),
+                                           int(cfg["pad_to"]))):
+        counts += batch.counts()
+        if i % size != rank:
+            continue
+        batch.norm = (1.0, 1.0)  # sums: normalised once over the whole set below
+        _, parts = objective(model, split, batch.arrays(), letter_ids, cfg)
+        sums = sums + parts
+        mx.eval(sums)
+    if size > 1:
+        sums = mx.distributed.all_sum(sums, group=group, stream=mx.cpu)
+    s = np.array(sums.tolist(), np.float64)
     if was_training:
         model.train()
-    out = {"val_loss": float(sums[0] / n), "val_acc": float(sums[4] / n), "val_n": n}
-    out.update({f"val_{k}": float(sums[1 + i] / n) for i, k in enumerate(PART_NAMES)})
+    n, n_kd = counts[0], max(counts[1], 1.0)
+    parts = {"answer_kl": s[0] / n, "token_kd": s[1] / n_kd, "ce": s[2] / n}
+    loss = sum(float(cfg[w]) * parts[k] for k, w in (("answer_kl", "answer_weight"), ("token_kd", "kd_weight"),
+                                                      ("ce", "ce_weight")))
+    out = {"val_loss": float(loss), "val_acc": float(s[3] / n), "val_n": int(n)}
+    out.update({f"val_{k}": float(v) for k, v in parts.items()})
     return out
 
 
@@ -248,8 +258,13 @@ def _better(metric: str, new: float, best: float | None) -> bool:
 
 def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_examples: list[Example],
                letter_ids: list[int], cfg: dict, run: Path, resume: bool = False,
-               on_step: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict:
+               on_step: Callable[[int, dict], None] | None = None, progress: bool = True, group=None) -> dict:
     """Train `model` (already set up by `setup_trainable`) on the examples; returns a summary dict.
+
+    Data parallel when `group` (an `mx.distributed` group) has more than one rank: every rank draws the same global
+    batch of `batch_size` rows, computes its contiguous slice, the gradients are averaged across ranks inside the
+    compiled step (mlx's `average_gradients`, as mlx-lm's trainer does) and every rank applies the same update.
+    Only rank 0 writes metrics, checkpoints and adapters; a resume reads RUN/last on every rank.
 
     `on_step(step, row)` is called after each optimizer step's metrics are logged (tests use it to interrupt a
     run). `cfg["debug_nan_at_step"]` (test hook) poisons that step's teacher answer distribution with NaN, to
@@ -257,11 +272,18 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
     from tqdm import tqdm
 
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    if size == 1:
+        group = None
+    main = rank == 0
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
     letter_ids_mx = mx.array(letter_ids, dtype=mx.int32)
     accum = int(cfg["grad_accumulation"])
     if accum < 1:
         raise KDError("grad_accumulation must be >= 1")
+    if int(cfg["batch_size"]) % size:
+        raise KDError(f"batch_size={cfg['batch_size']} must be divisible by the number of ranks ({size})")
     steps = int(cfg["steps"])
     optimizer = make_optimizer(cfg)
     optimizer.init(model.trainable_parameters())
@@ -274,7 +296,7 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
             raise KDError(f"nothing to resume in {run}: no checkpoint")
         state = load_checkpoint(ckpt, model, optimizer)
         _set_rng_state(state["rng"])
-    metrics = Metrics(run / "metrics.jsonl", state["step"] if resume else None)
+    metrics = Metrics(run / "metrics.jsonl", state["step"] if resume else None) if main else None
     stream = BatchStream(train_examples, int(cfg["batch_size"]), int(cfg["seed"]), int(cfg["pad_to"]),
                          state["epoch"], state["index"])
 
@@ -285,14 +307,19 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
         grad_checkpoint(model.layers[0])
     loss_and_grad = nn.value_and_grad(model, lambda m, *b: objective(m, split, b, letter_ids_mx, cfg))
     max_norm = cfg.get("max_grad_norm")
+    # each rank's loss is its share of the global mean (see objective._parts): the global gradient is the *sum*
+    # over ranks = size x average_gradients; folded into the accumulation divisor
+    grad_scale = size / accum
 
     def step_fn(batch, prev_grad, do_update):
         (loss, parts), grad = loss_and_grad(model, *batch)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
         if do_update:
-            if accum > 1:
-                grad = tree_map(lambda g: g / accum, grad)
+            if group is not None:
+                grad = nn.average_gradients(grad, group)
+            if grad_scale != 1:
+                grad = tree_map(lambda g: g * grad_scale, grad)
             if max_norm:
                 grad, _ = optim.clip_grad_norm(grad, float(max_norm))
             optimizer.update(model, grad)
@@ -306,54 +333,64 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
     last_good = latest_checkpoint(run) if resume else None
     eval_every, save_every = int(cfg["eval_every"]), int(cfg["save_every"])
     patience = int(cfg["patience"]) if cfg.get("patience") else 0
-    bar = tqdm(total=steps, initial=state["step"], desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state["step"], desc="train", disable=not (progress and main), dynamic_ncols=True)
     summary: dict = {}
     try:
         while state["step"] < steps:
             step = state["step"] + 1
             tic = time.perf_counter()
             grad = None
-            sums = np.zeros(len(PART_NAMES) + 2)
+            sums = mx.zeros(len(PART_NAMES) + 2)
             ntok = nseq = 0
             for micro in range(accum):
-                batch = next(stream)
+                batch = next(stream)  # the global batch: identical on every rank
+                ntok += batch.n_tokens
+                nseq += len(batch.qids)
+                if size > 1:
+                    batch = batch.shard(rank, size)
                 if cfg.get("debug_nan_at_step") == step:
                     batch.teacher_answer_probs[:] = np.nan
                 loss, parts, grad = step_call(batch.arrays(), grad, micro == accum - 1)
                 mx.eval(captured, loss, parts, grad)
-                sums[0] += loss.item()
-                sums[1:] += np.array(parts.tolist())
-                ntok += batch.n_tokens
-                nseq += len(batch.qids)
+                sums = sums + mx.concatenate([loss[None], parts])
+            if group is not None:  # every rank logs (and decides on) the global values
+                sums = mx.distributed.all_sum(sums, group=group, stream=mx.cpu)
+            s = np.array(sums.tolist(), np.float64)
             dt = time.perf_counter() - tic
             lr = float(optimizer.learning_rate.item())
-            row = {"kind": "train", "step": step, "loss": float(sums[0] / accum)}
-            row.update({k: float(sums[1 + i] / accum) for i, k in enumerate(PART_NAMES)})
-            row.update({"train_acc": float(sums[4] / nseq), "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
+            row = {"kind": "train", "step": step, "loss": float(s[0] / accum)}
+            row.update({k: float(s[1 + i] / accum) for i, k in enumerate(PART_NAMES)})
+            row.update({"train_acc": float(s[4] / nseq), "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
                         "peak_memory_gb": mx.get_peak_memory() / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9})
+            if size > 1:
+                row["ranks"] = size
             state["step"] = step
             if not math.isfinite(row["loss"]):
-                metrics.log(row)
+                if main:
+                    metrics.log(row)
                 where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint had been saved yet"
                 state["stopped"] = "non-finite loss"
                 raise KDError(f"non-finite loss ({row['loss']}) at step {step}; training stopped, {where}")
-            metrics.log(row)
+            if main:
+                metrics.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
 
             stop = False
             if val_examples and (step % eval_every == 0 or step == steps):
-                v = validate(model, split, val_examples, letter_ids_mx, cfg)
+                v = validate(model, split, val_examples, letter_ids_mx, cfg, group)
                 improved = _better(cfg["best_metric"], v[cfg["best_metric"]], state["best_metric"])
-                metrics.log({"kind": "val", "step": step, **v, "improved": improved})
+                if main:
+                    metrics.log({"kind": "val", "step": step, **v, "improved": improved})
                 if improved:
                     state["best_metric"], state["best_step"], state["bad_evals"] = v[cfg["best_metric"]], step, 0
-                    tmp = run / ".best.tmp"
-                    if tmp.exists():
-                        shutil.rmtree(tmp)
-                    save_adapters(model, acfg, tmp)
-                    write_json_atomic(tmp / "best.json", {"step": step, **v})
-                    _replace_dir(tmp, run / "best")
+                    if main:
+                        tmp = run / ".best.tmp"
+                        if tmp.exists():
+                            shutil.rmtree(tmp)
+                        save_adapters(model, acfg, tmp)
+                        write_json_atomic(tmp / "best.json", {"step": step, **v})
+                        _replace_dir(tmp, run / "best")
                 else:
                     state["bad_evals"] += 1
                     if patience and state["bad_evals"] >= patience:
@@ -362,7 +399,10 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
             state.update(stream.position())
             state["rng"] = _rng_state()
             if step % save_every == 0 or step == steps or stop:
-                last_good = save_checkpoint(run, model, acfg, optimizer, dict(state), int(cfg["keep_checkpoints"]))
+                if main:
+                    last_good = save_checkpoint(run, model, acfg, optimizer, dict(state), int(cfg["keep_checkpoints"]))
+                else:
+                    last_good = run / "checkpoints" / f"step_{step}"
             if on_step is not None:
                 on_step(step, row)
             if stop:
@@ -371,11 +411,13 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
                    "stopped": state["stopped"] or "completed", "last_checkpoint": str(last_good) if last_good else None}
     finally:
         bar.close()
-        if (run / "metrics.jsonl").stat().st_size:
+        if main and (run / "metrics.jsonl").stat().st_size:
             try:
                 plot_curves(run / "metrics.jsonl", run / "curves.png")
             except Exception as e:  # a plotting failure must not hide the training result
                 print(f"warning: could not draw curves: {e}", file=sys.stderr)
+    if not main:
+        return summary
     if not (run / "best").exists():  # no validation set: the final adapters stand in as "best"
         tmp = run / ".best.tmp"
         if tmp.exists():

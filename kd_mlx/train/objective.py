@@ -1,7 +1,8 @@
 """The distillation objective on one padded batch, built from kd_mlx.losses:
 
-    total = answer_weight · answer_kl(student A–D at the answer position ‖ teacher A–D)      (× T² inside)
-          + kd_weight     · projected_kl(student at aligned positions ‖ aligned teacher top-k)  (× T² inside)
+    total = answer_weight · answer_kl(student A–D at the answer position ‖ teacher A–D)   (temperature, × T²)
+          + kd_weight     · projected_kl(student at aligned positions ‖ aligned teacher top-k + tail bucket)
+                                                                                (kd_temperature, default 1)
           + ce_weight     · cross_entropy(gold answer letter)
 
 Fast path: run the backbone once, gather the hidden states at the few positions the loss reads (answer position +
@@ -49,22 +50,52 @@ def head_split(model: nn.Module) -> tuple[Callable, Callable] | None:
     return backbone, head
 
 
+def kd_targets(kd_probs: mx.array, kd_rest: mx.array, tail: str) -> tuple[mx.array, mx.array]:
+    """The token-level teacher distribution the student is compared with.
+
+    "bucket" (default): the aligned top-k mass as given, the rest (teacher mass outside the top-k, or on teacher
+    ids with no student counterpart) as one tail category compared with the student's mass outside the listed ids.
+    "renorm": the listed mass rescaled to sum to 1, no tail.
+
+    Why bucket is the default: renormalising turns a flat teacher row (top-k mass 0.05, each id ~0.006) into a
+    confident one (each id ~0.12) and trains the student to put all its mass on k ids the teacher barely
+    preferred; the bucket form keeps the teacher's own confidence (a flat row asks for ~nothing beyond "not more
+    than p_i here"), which is also the only form that is a true KL between the two (k+1)-category distributions.
+    With a peaked teacher (most mass in the top-k) the two forms agree."""
+    if tail == "bucket":
+        return kd_probs, kd_rest
+    z = kd_probs.sum(axis=-1, keepdims=True)
+    return kd_probs / mx.where(z > 0, z, mx.ones_like(z)), mx.zeros_like(kd_rest)
+
+
 def _parts(answer_logits: mx.array, kd_logits: mx.array | None, batch: tuple, letter_ids: mx.array,
            cfg: dict) -> tuple[mx.array, mx.array]:
-    _, _, gold, t_ans, _, kd_ids, kd_probs, kd_rest, kd_mask = batch
+    """Each part is a sum over this batch's rows (KD positions) divided by the *global* count in `norm`
+    (rows, KD positions of the whole optimizer batch): on one process that is the plain mean; across data-parallel
+    ranks the per-rank parts add up to exactly the single-process mean, whatever the per-rank KD counts."""
+    _, _, gold, t_ans, _, kd_ids, kd_probs, kd_rest, kd_mask, norm = batch
+    n_rows, n_kd = norm[0], mx.maximum(norm[1], 1.0)
     T = float(cfg["temperature"])
     zero = mx.array(0.0)
-    a_kl = losses.answer_kl(answer_logits, letter_ids, t_ans, temperature=T) if cfg["answer_weight"] else zero
+    a_kl = (losses.answer_kl(answer_logits, letter_ids, t_ans, temperature=T, reduction="sum") / n_rows
+            if cfg["answer_weight"] else zero)
     if cfg["kd_weight"] and kd_logits is not None:
-        t_kd = losses.projected_kl(kd_logits, kd_ids, kd_probs, kd_rest, mask=kd_mask, temperature=T)
+        p, r = kd_targets(kd_probs, kd_rest, cfg.get("kd_tail", "bucket"))
+        # the token-level KL has its own temperature, 1 by default: a top-k store cannot be tempered exactly (the
+        # tempered tail mass depends on how the tail is spread over ~V ids) and treating the tail as one category
+        # at T > 1 grossly inflates the listed ids (flat teacher, k=8 of V=51200: 0.016% -> 3.5%), an unlearnable
+        # floor (measured: token_kd stuck at 1.8 against a teacher within a small perturbation of the student,
+        # 0.001 at T=1). At T=1 the bucket form is the exact KL between the (k+1)-category coarsenings.
+        T_kd = float(cfg.get("kd_temperature", 1.0))
+        t_kd = losses.projected_kl(kd_logits, kd_ids, p, r, mask=kd_mask, temperature=T_kd, reduction="sum") / n_kd
     else:
         t_kd = zero
     letters4 = mx.take(answer_logits, letter_ids, axis=-1)
     if cfg["ce_weight"]:
         if cfg.get("ce_over", "vocab") == "choices":
-            ce = losses.cross_entropy(letters4, gold)
+            ce = losses.cross_entropy(letters4, gold, reduction="sum") / n_rows
         else:
-            ce = losses.cross_entropy(answer_logits, mx.take(letter_ids, gold))
+            ce = losses.cross_entropy(answer_logits, mx.take(letter_ids, gold), reduction="sum") / n_rows
     else:
         ce = zero
     total = cfg["answer_weight"] * a_kl + cfg["kd_weight"] * t_kd + cfg["ce_weight"] * ce
@@ -74,7 +105,8 @@ def _parts(answer_logits: mx.array, kd_logits: mx.array | None, batch: tuple, le
 
 def objective(model: nn.Module, split: tuple[Callable, Callable] | None, batch: tuple, letter_ids: mx.array,
               cfg: dict) -> tuple[mx.array, mx.array]:
-    """(total loss, [answer_kl, token_kd, ce, n_correct]) for a batch from `Batch.arrays()`."""
+    """(total loss, [answer_kl, token_kd, ce, n_correct]) for a batch from `Batch.arrays()` (parts normalised by the
+    batch's `norm`, see `_parts`)."""
     if split is None:
         return objective_reference(model, batch, letter_ids, cfg)
     tokens, lengths, _, _, kd_pos, *_ = batch

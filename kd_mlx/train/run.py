@@ -25,7 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.0, "lora_keys": None,
     # objective
     "answer_weight": 1.0, "kd_weight": 0.5, "ce_weight": 0.5, "temperature": 2.0, "ce_over": "vocab",
-    "kd_max_positions": 64,
+    "kd_max_positions": 64, "kd_tail": "bucket", "kd_temperature": 1.0, "kd_align": "bytes",
     # optimisation
     "steps": 500, "batch_size": 4, "eval_batch_size": None, "grad_accumulation": 1, "grad_checkpoint": False,
     "compile": True, "fast_head": True, "pad_to": 32, "learning_rate": 1e-4, "warmup_steps": 20,
@@ -48,10 +48,15 @@ def check_config(cfg: dict) -> None:
             raise KDError(f"{k} must be a finite number >= 0, got {cfg[k]!r}")
     if not (cfg["answer_weight"] or cfg["kd_weight"] or cfg["ce_weight"]):
         raise KDError("all loss weights are 0: nothing to train")
-    if not (float(cfg["temperature"]) > 0):
-        raise KDError(f"temperature must be > 0, got {cfg['temperature']}")
+    for k in ("temperature", "kd_temperature"):
+        if not (float(cfg[k]) > 0 and math.isfinite(float(cfg[k]))):
+            raise KDError(f"{k} must be a finite number > 0, got {cfg[k]}")
     if cfg["best_metric"] not in ("val_loss", "val_acc"):
         raise KDError(f"best_metric must be val_loss or val_acc, got {cfg['best_metric']!r}")
+    if cfg.get("kd_tail", "bucket") not in ("bucket", "renorm"):
+        raise KDError(f"kd_tail must be bucket or renorm, got {cfg['kd_tail']!r}")
+    if cfg.get("kd_align", "bytes") not in ("bytes", "chars"):
+        raise KDError(f"kd_align must be bytes or chars, got {cfg['kd_align']!r}")
     if cfg["ce_over"] not in ("vocab", "choices"):
         raise KDError(f"ce_over must be vocab or choices, got {cfg['ce_over']!r}")
     for k in ("steps", "batch_size", "eval_every", "save_every", "grad_accumulation", "pad_to"):
@@ -66,6 +71,7 @@ class Prepared:
     val: list
     letter_ids: list[int]
     student_path: Path
+    store_manifest: dict
 
 
 def _teacher_tokenizer(cfg: dict, store):
@@ -114,27 +120,39 @@ def prepare(cfg: dict, progress: bool = True) -> Prepared:
     letter_ids = answer_token_ids(student_tok)
     train = build_examples(train_q, cmmlu, store, teacher_tok, student_tok, cfg, check, progress, "train")
     val = build_examples(val_q, cmmlu, store, teacher_tok, student_tok, cfg, check, progress, "val") if val_q else []
+    manifest = dict(store.manifest)
     store.close()
-    return Prepared(cfg, train, val, letter_ids, student_path)
+    return Prepared(cfg, train, val, letter_ids, student_path, manifest)
 
 
-def train_prepared(prep: Prepared, cfg: dict, resume: bool = False, progress: bool = True, on_step=None) -> dict:
-    """Load the student, set up its adapters, train; writes RUN/config.json first."""
+def train_prepared(prep: Prepared, cfg: dict, resume: bool = False, progress: bool = True, on_step=None,
+                   group="auto") -> dict:
+    """Load the student, set up its adapters, train; rank 0 writes RUN/config.json first.
+
+    `group`: the data-parallel `mx.distributed` group ("auto": the launched world, None when single-process)."""
     import mlx.core as mx
 
+    from .distributed import check_ranks_agree, digest, examples_digest, rank_of, world
     from .loop import train_loop
     from .model import load_student, setup_trainable, trainable_parameter_count
 
+    if group == "auto":
+        group = world()
     run = Path(cfg["out"])
-    run.mkdir(parents=True, exist_ok=True)
-    mx.random.seed(int(cfg["seed"]))  # the adapters' initialisation
+    check_ranks_agree(group, config=digest({k: v for k, v in cfg.items() if k in DEFAULTS}),
+                      store=digest(prep.store_manifest), train_examples=examples_digest(prep.train),
+                      val_examples=examples_digest(prep.val))
+    mx.random.seed(int(cfg["seed"]))  # the adapters' initialisation (the same on every rank)
     model, _, _ = load_student(str(prep.student_path), cfg["dtype"])
     acfg = setup_trainable(model, cfg)
     acfg["model"] = str(cfg["student"])
-    write_json_atomic(run / "config.json", {**cfg, "trainable_parameters": trainable_parameter_count(model),
-                                            "n_train": len(prep.train), "n_val": len(prep.val)})
+    if rank_of(group) == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run / "config.json", {**cfg, "trainable_parameters": trainable_parameter_count(model),
+                                                "n_train": len(prep.train), "n_val": len(prep.val),
+                                                "ranks": group.size() if group is not None else 1})
     return train_loop(model, acfg, prep.train, prep.val, prep.letter_ids, cfg, run, resume=resume,
-                      on_step=on_step, progress=progress)
+                      on_step=on_step, progress=progress, group=group)
 
 
 def run_training(cfg: dict, resume: bool = False, progress: bool = True, on_step=None) -> dict:
