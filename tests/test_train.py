@@ -70,7 +70,8 @@ def write_store_from_teacher(store_dir: Path, teacher_dir: Path, cmmlu, question
             lp = nn.log_softmax(model(mx.array([ids]))[0].astype(mx.float32), axis=-1)
             lp_np = np.array(lp)
             pos = np.array([i for i, (a, _) in enumerate(offs) if a >= len(p.prefix)], np.int32)
-            top = np.argsort(-lp_np[pos], axis=-1)[:, :TOPK].astype(np.int32)
+            part = np.argpartition(-lp_np[pos], TOPK, axis=-1)[:, :TOPK]  # top-k, then sorted
+            top = np.take_along_axis(part, np.argsort(-np.take_along_axis(lp_np[pos], part, -1), -1), -1).astype(np.int32)
             w.add(StoreRecord(id=q.id, answer_logprobs=lp_np[-1, letters].astype(np.float32),
                               token_ids=np.array(ids, np.int32), offsets=np.array(offs, np.int32), positions=pos,
                               topk_ids=top, topk_logprobs=np.take_along_axis(lp_np[pos], top, -1).astype(np.float32),
@@ -232,9 +233,18 @@ def test_train_cli_loss_decreases_and_adapters_load_in_mlx_lm(world, tmp_path):
     assert rows[-1]["lr"] < 0.01 and max(x["lr"] for x in rows) == pytest.approx(0.01, rel=1e-3)
     for key in ("loss", "answer_kl", "token_kd", "ce", "lr", "tokens_per_s", "peak_memory_gb"):
         assert all(math.isfinite(x[key]) for x in rows), key
-    # the training set (24 questions, batch 4) repeats every 6 steps: compare the first and last epoch
-    first, last = np.mean([x["loss"] for x in rows[:6]]), np.mean([x["loss"] for x in rows[-6:]])
-    assert last < 0.8 * first, (first, last)
+    # the training set (24 questions, batch 4) repeats every 6 steps: compare the first and last epoch, per part.
+    # The token-level part is not required to fall here: the store comes from a *random* Kimi-K2 whose top-k is
+    # peaked on arbitrary ids, and this random 2-layer student's frozen head bounds its logits (|logit| < ~5 over
+    # 51,200 ids), so it cannot reproduce those rows in 18 steps (measured: even the true next tokens as targets
+    # barely move). test_token_kd_form checks that part's loss form by hand instead.
+    def epoch_mean(key, part):
+        return float(np.mean([x[key] for x in part]))
+
+    for key, ratio in (("answer_kl", 0.5), ("ce", 0.95), ("loss", 0.95)):
+        first, last = epoch_mean(key, rows[:6]), epoch_mean(key, rows[-6:])
+        assert last < ratio * first, (key, first, last)
+    assert epoch_mean("token_kd", rows[-6:]) <= 1.02 * epoch_mean("token_kd", rows[:6])
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["shots"] == SHOTS and cfg["steps"] == 18
     for f in ("curves.png", "summary.json", "best/adapters.safetensors", "best/adapter_config.json",
@@ -253,6 +263,37 @@ def test_train_cli_loss_decreases_and_adapters_load_in_mlx_lm(world, tmp_path):
     assert np.allclose(np.array(m_lm(x)), np.array(ours(x)), atol=1e-5)
     base, _, _ = load_student(str(world["student"]))
     assert not np.allclose(np.array(base(x)), np.array(ours(x)), atol=1e-4)  # the adapters did something
+
+
+def test_token_kd_form():
+    """The default token-level loss (tail bucket, kd_temperature 1) by hand on the cases that motivated it."""
+    from kd_mlx import losses
+    from kd_mlx.train.objective import kd_targets
+
+    V, k = 51200, 8
+    student = mx.zeros((1, V))  # a uniform student
+    ids = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
+    flat = mx.full((1, k), 1.0 / V)  # a flat teacher: its top-8 hold 8/V of the mass
+    rest = mx.array([1.0 - k / V])
+
+    def kl(probs, rest_, tail, T=1.0):
+        p, r = kd_targets(probs, rest_, tail)
+        return losses.projected_kl(student, ids, p, r, temperature=T).item()
+
+    assert abs(kl(flat, rest, "bucket")) < 1e-4  # the student already is the teacher: nothing to learn
+    assert kl(flat, rest, "renorm") == pytest.approx(math.log(V / k), rel=1e-4)  # renorm invents confidence
+    # tempering the (k+1)-category coarsening at T=2 would leave the same exact student far from its "target"
+    # (hand: tempered weights sqrt(1/V) x8 and sqrt(1-8/V) renormalised, vs the still-uniform student, x T^2)
+    w_i, w_t = (1 / V) ** 0.5, (1 - k / V) ** 0.5
+    z = k * w_i + w_t
+    want = 4 * (k * (w_i / z) * math.log((w_i / z) * V) + (w_t / z) * math.log((w_t / z) / (1 - k / V)))
+    assert kl(flat, rest, "bucket", T=2.0) == pytest.approx(want, rel=1e-3) and want > 0.5
+    # a peaked teacher (95% in the top-8): both forms ask for nearly the same thing
+    peaked = mx.full((1, k), 0.95 / k)
+    b, r = kl(peaked, mx.array([0.05]), "bucket"), kl(peaked, mx.array([0.05]), "renorm")
+    want_b = 0.95 * math.log((0.95 / k) / (1 / V)) + 0.05 * math.log(0.05 / ((V - k) / V))
+    assert b == pytest.approx(want_b, rel=1e-4) and r == pytest.approx(math.log(V / k), rel=1e-4)
+    assert abs(b - r) / r < 0.1
 
 
 @pytest.mark.slow

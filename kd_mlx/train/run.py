@@ -103,7 +103,10 @@ def prepare(cfg: dict, progress: bool = True) -> Prepared:
     cmmlu = load_cmmlu(cfg["data"])
     train_q = split_questions(cmmlu, splits, cfg["train_split"])
     # the guard runs on the full training split, before any truncation or model loading
-    check_no_leak([q.id for q in train_q], splits, [s for s in cfg["eval_splits"] if s != cfg["train_split"]])
+    if cfg["train_split"] in cfg["eval_splits"]:
+        raise KDError(f"train_split {cfg['train_split']!r} is an evaluation split ({', '.join(cfg['eval_splits'])}): "
+                      f"refusing to train on it")
+    check_no_leak([q.id for q in train_q], splits, list(cfg["eval_splits"]))
     val_q = split_questions(cmmlu, splits, cfg["val_split"]) if cfg.get("val_split") else []
     if cfg.get("max_train_questions"):
         train_q = train_q[: int(cfg["max_train_questions"])]
