@@ -267,8 +267,8 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
     Only rank 0 writes metrics, checkpoints and adapters; a resume reads RUN/last on every rank.
 
     `on_step(step, row)` is called after each optimizer step's metrics are logged (tests use it to interrupt a
-    run). `cfg["debug_nan_at_step"]` (test hook) poisons that step's teacher answer distribution with NaN, to
-    exercise the non-finite-loss stop."""
+    run). `cfg["debug_nan_at_step"]` (test hook) makes that step's loss normaliser NaN, to exercise the
+    non-finite-loss stop."""
     from tqdm import tqdm
 
     run = Path(run)
@@ -348,8 +348,8 @@ def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_
                 nseq += len(batch.qids)
                 if size > 1:
                     batch = batch.shard(rank, size)
-                if cfg.get("debug_nan_at_step") == step:
-                    batch.teacher_answer_probs[:] = np.nan
+                if cfg.get("debug_nan_at_step") == step:  # test hook: a NaN loss normaliser (NaN loss + gradient)
+                    batch.norm = (float("nan"), float("nan"))
                 loss, parts, grad = step_call(batch.arrays(), grad, micro == accum - 1)
                 mx.eval(captured, loss, parts, grad)
                 sums = sums + mx.concatenate([loss[None], parts])

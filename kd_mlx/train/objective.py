@@ -40,13 +40,19 @@ def head_split(model: nn.Module) -> tuple[Callable, Callable] | None:
     def backbone(tokens: mx.array) -> mx.array:
         return inner(tokens, None)
 
-    try:  # numerical check on a tiny input: the split must equal the model's own forward
+    # numerical check on a tiny input: the split must equal the model's own forward. In eval mode: with LoRA
+    # dropout active the two forwards would differ, and would draw from the RNG (a resumed run must not)
+    was_training = model.training
+    model.eval()
+    try:
         x = mx.array([[1, 2, 3]], dtype=mx.int32)
         ref, fast = model(x), head(backbone(x))
         if ref.shape != fast.shape or not mx.allclose(ref, fast, rtol=1e-4, atol=1e-4).item():
             return None
     except Exception:  # any architecture whose backbone does not take (tokens, cache)
         return None
+    finally:
+        model.train(was_training)
     return backbone, head
 
 
