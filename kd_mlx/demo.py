@@ -17,6 +17,12 @@ What it does, in order (every pipeline step is printed as the command a user wou
    test split) -> `python -m kd_mlx.report`.
 Artifacts: OUT/task, OUT/splits.json, OUT/models/{teacher_4bit,student}, OUT/store, OUT/run, OUT/results/*,
 OUT/report/report.md, OUT/demo.json (figures and seconds per stage).
+
+Measured 2026-11-29 (Linux x86_64, 2 cores shared with other jobs, load ~2.7, MLX CPU + OpenBLAS), default (full)
+run: 3 min 50 s wall (set-up 64 s: teacher trained 300 steps; dump 69 s; train 69 s; three evals 25 s; report 2 s;
+split 0.3 s), demo process peak RSS 0.32 GB. Held-out test accuracy: teacher 58.3% | student baseline 22.8% |
+distilled 32.8% (chance 25%; 180 questions; the same figures in three runs: everything is seeded).
+`--quick`: ~200 s under heavier load (the CI test).
 """
 
 from __future__ import annotations
