@@ -3,6 +3,7 @@
     python -m kd_mlx.train --student DIR|HUB_ID --store STORE --data CMMLU_DIR --splits splits.json \\
         [--teacher-tokenizer DIR] [--config configs/train_phi15.yaml] --out RUN
     python -m kd_mlx.train --resume RUN            # continue from RUN/last (settings from RUN/config.json)
+    mlx.launch -n 2 --backend ring -- python -m kd_mlx.train ...   # data parallel (batch_size = global batch)
     python -m kd_mlx.train sweep --config configs/train_sweep.yaml --grid temperature=1,2 \\
         --grid answer_weight=0.5,0.9 --steps 50 --out SWEEP
 """
