@@ -291,35 +291,7 @@ def test_mlx_launch_two_ranks_byte_identical(world, tmp_path):
     assert not (bad / "manifest.json").exists()
 
 
-def smollm2_fp32_dir() -> Path:
-    """Real SmolLM2-135M dequantized to fp32 (CPU quantized matmuls in fp16 run ~100x slower than fp32 BLAS),
-    converted once next to smollm2_dir's own cache."""
-    import json
-
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import dequantize_model, load_model
-
-    from kd_mlx.testing.models import smollm2_dir
-
-    src = smollm2_dir()
-    out = src.parent / (src.name + "-fp32")
-    if (out / "done").exists():
-        return out
-    model, _ = load_model(src)
-    model = dequantize_model(model)
-    model.set_dtype(mx.float32)
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
-    cfg = json.loads((src / "config.json").read_text())
-    for key in ("quantization", "quantization_config"):
-        cfg.pop(key, None)
-    cfg["torch_dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, out / name)
-    (out / "done").write_text("ok\n")
-    return out
+from kd_mlx.testing.models import smollm2_fp32_dir  # noqa: E402  (shared fp32 conversion)
 
 
 @pytest.mark.slow

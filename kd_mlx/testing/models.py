@@ -305,6 +305,35 @@ def smollm2_dir(out_dir: str | Path | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------------- Phi student
 
+
+def smollm2_fp32_dir() -> Path:
+    """Real SmolLM2-135M dequantized to fp32, converted once next to smollm2_dir's cache (CPU quantized matmuls
+    in fp16 run ~100x slower than fp32 BLAS). Used by the dump tests and benchmarks/bench_store.py."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import dequantize_model, load_model
+
+    src = smollm2_dir()
+    out = src.parent / (src.name + "-fp32")
+    if (out / "done").exists():
+        return out
+    model, _ = load_model(src)
+    model = dequantize_model(model)
+    model.set_dtype(mx.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    cfg = json.loads((src / "config.json").read_text())
+    for key in ("quantization", "quantization_config"):
+        cfg.pop(key, None)
+    cfg["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, out / name)
+    (out / "done").write_text("ok\n")
+    return out
+
+
 def tiny_phi_dir(out_dir: str | Path, seed: int = 0, n_layers: int = 2, hidden: int = 64, heads: int = 4,
                  intermediate: int | None = None, vocab_size: int = 51200, partial_rotary_factor: float = 0.5,
                  max_position_embeddings: int = 2048) -> Path:
