@@ -100,7 +100,7 @@ def score_prompts(model: str | Path, prompts: list[str], memory_budget: int | No
     import mlx.core as mx
     import numpy as np
 
-    from .safetensors_io import StreamingShardWriter
+    from ..safetensors_io import StreamingShardWriter
     from .streaming import StreamingTeacher
 
     t = StreamingTeacher(resolve_model_path(str(model)), memory_budget, trust_remote_code=trust_remote_code,

@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..utils import KDError, format_bytes, write_json_atomic
 from .loading import normalise_config, read_config
-from .safetensors_io import StreamingShardWriter, WeightFiles, mx_to_bytes, st_dtype
+from ..safetensors_io import StreamingShardWriter, WeightFiles, mx_to_bytes, st_dtype
 
 _EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -88,7 +88,7 @@ class _Converter:
     def _get_fn(self, dry: bool) -> Callable[[str], object]:
         import mlx.core as mx
 
-        from .safetensors_io import _DTYPES
+        from ..safetensors_io import _DTYPES
 
         def get(k: str):
             t = self.files.info(k)
@@ -193,7 +193,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: int = 4, group_si
         raise KDError(f"{src}: duplicate output tensors after conversion")
 
     # 2) shards by size, in a temporary directory renamed at the end
-    from .safetensors_io import _DTYPES
+    from ..safetensors_io import _DTYPES
 
     def nbytes(entry):
         _, dt, shape = entry

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..utils import KDError
-from .safetensors_io import WeightFiles
+from ..safetensors_io import WeightFiles
 
 
 def read_config(model_dir: str | Path) -> dict:

@@ -377,7 +377,7 @@ def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int
     import mlx.core as mx
     import numpy as np
 
-    from ..teacher.safetensors_io import StreamingShardWriter, mx_to_bytes, st_dtype
+    from ..safetensors_io import StreamingShardWriter, mx_to_bytes, st_dtype
 
     out = Path(out_dir)
     if _done(out):
@@ -486,7 +486,7 @@ def _synthetic_layout(config: dict, bits: int, group_size: int):
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    from ..teacher.safetensors_io import st_dtype
+    from ..safetensors_io import st_dtype
 
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
@@ -509,7 +509,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     import mlx.core as mx  # noqa: F401  (MLX must be importable: the layout comes from mlx-lm's classes)
     import numpy as np
 
-    from ..teacher.safetensors_io import StreamingShardWriter
+    from ..safetensors_io import StreamingShardWriter
 
     out = Path(out_dir)
     if _done(out):
@@ -524,7 +524,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
         return cfg, lay
 
     def nbytes(lay):
-        from ..teacher.safetensors_io import _DTYPES
+        from ..safetensors_io import _DTYPES
         return sum(int(np.prod(s, dtype=np.int64)) * _DTYPES[dt][2] for _, dt, s in lay)
 
     if n_layers is None:
@@ -543,7 +543,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
 
     shards: list[list] = [[]]
     size = 0
-    from ..teacher.safetensors_io import _DTYPES
+    from ..safetensors_io import _DTYPES
     for e in layout:
         b = int(np.prod(e[2], dtype=np.int64)) * _DTYPES[e[1]][2]
         if shards[-1] and size + b > shard_bytes:

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ..utils import KDError
+from .utils import KDError
 
 # safetensors dtype -> (numpy storage dtype, MLX dtype name to view it as, bytes per element)
 _DTYPES: dict[str, tuple[type, str, int]] = {
