@@ -38,7 +38,7 @@ def plain_official_loop(em, questions, dev, shots: int, max_tokens: int) -> tupl
     from tqdm import tqdm
 
     from kd_mlx.data import fit_prompt
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
 
     tok, model = em.tokenizer, em.model
     ids = mx.array(answer_token_ids(tok))
@@ -67,7 +67,7 @@ def plain_official_loop(em, questions, dev, shots: int, max_tokens: int) -> tupl
 def main(model, data, subjects, limit, shots, batch_size, max_tokens, reuse_prefix) -> None:
     import mlx.core as mx
 
-    from kd_mlx.evaluate import _peak_rss_bytes, evaluate_model, load_eval_model, select_questions, softmax4
+    from kd_mlx.eval import _peak_rss_bytes, evaluate_model, load_eval_model, select_questions, softmax4
     from kd_mlx.utils import format_bytes
 
     data = data or os.environ.get("KD_MLX_CMMLU") or str(REPO.parent / "shared" / "cmmlu")

@@ -190,7 +190,7 @@ def measure_encodings(rows, vocab: int, label: str) -> list[dict]:
 def dump_vs_bare(model_dir: Path, cmmlu_path: str, n: int, repeats: int) -> dict:
     """Wall time of dump_store vs the bare streaming forward of the same prompts in the same teacher calls."""
     from kd_mlx.data import load_cmmlu
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
     from kd_mlx.teacher.dump import _prefix_groups, _shared_len, build_items, dump_store
     from kd_mlx.teacher.streaming import StreamingTeacher
 

@@ -37,7 +37,7 @@ LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 def sequences(tok, n: int, shots: int, seed: int = 0) -> list[tuple[list[int], int, int]]:
     """(prompt ids, gold 0-3, letter id) of the first n test questions over subjects (round robin)."""
     from kd_mlx.data import fit_prompt, load_cmmlu
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
 
     cm = load_cmmlu(CMMLU)
     letters = answer_token_ids(tok)
@@ -57,7 +57,7 @@ def run_kd(student: Path, seqs, steps: int, batch: int) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
     from kd_mlx.tokenizer import load_tokenizer
     from kd_mlx.train.batches import Example
     from kd_mlx.train.loop import train_loop

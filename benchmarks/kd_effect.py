@@ -15,7 +15,7 @@ questions (the demo's train split), the SAME number of optimizer steps, batch si
   answer_kl+tok   answer_kl + token-level cross-tokenizer KD (teacher top-k on the question tokens, aligned to
                   the student's tokens by kd_mlx.align, tail bucket), weight --kd-weight
 All arms train through kd_mlx.train's own loop (`prepare` once, `train_prepared` per arm) and are scored on the
-demo's held-out test split by kd_mlx.evaluate (official protocol). Prints mean ± std over seeds, the teacher's test
+demo's held-out test split by kd_mlx.eval (official protocol). Prints mean ± std over seeds, the teacher's test
 accuracy (from the demo's results), and wall time / peak memory per arm. Results also go to OUT/kd_effect.json.
 
 Measured 2026-11-29 on the build machine (Linux x86_64, 2 shared cores, MLX CPU + OpenBLAS), on a demo directory
@@ -64,7 +64,7 @@ ARMS = {
 
 
 def evaluate_model_on_test(student: Path, adapters: Path | None, data: Path, splits: Path, shots: int) -> float:
-    from kd_mlx.evaluate import evaluate_model, load_eval_model, select_questions
+    from kd_mlx.eval import evaluate_model, load_eval_model, select_questions
 
     questions, dev = select_questions(str(data), str(splits), "test")
     em = load_eval_model(str(student), str(adapters) if adapters else None, dtype="float32")

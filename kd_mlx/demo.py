@@ -302,7 +302,7 @@ def task_prompts(data_dir: str | Path, splits_path: str | Path, split: str, toke
                  add_bos: bool = False, max_tokens: int = 2048) -> tuple[list[list[int]], list[int]]:
     """Token ids of the official prompts of one split (exactly what kd_mlx.eval builds) and the gold indices."""
     from .data import load_cmmlu, load_splits, split_questions
-    from .evaluate import build_prompt_ids
+    from .eval import build_prompt_ids
 
     cmmlu = load_cmmlu(data_dir)
     qs = split_questions(cmmlu, load_splits(splits_path), split)
@@ -343,7 +343,7 @@ def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, step
 
     from mlx_lm.utils import load_model
 
-    from .evaluate import answer_token_ids
+    from .data import answer_token_ids
     from .testing.models import tiny_kimi_k2_dir
     from .tokenizer import load_tokenizer
 
@@ -516,3 +516,11 @@ def demo_cmd(out: str, quick: bool, seed: int) -> None:
     if (advice := linux_blas_advice()):
         click.echo(advice, err=True)
     run_demo(out, quick=quick, seed=seed, log=lambda s: click.echo(s))
+
+
+def main() -> None:
+    demo_cmd()
+
+
+if __name__ == "__main__":
+    main()

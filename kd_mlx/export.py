@@ -548,7 +548,8 @@ class Asker:
     one-forward-per-question scoring, then a softmax over the four letter logits."""
 
     def __init__(self, model: str | os.PathLike):
-        from .evaluate import answer_token_ids, load_eval_model
+        from .data import answer_token_ids
+        from .eval import load_eval_model
 
         self.model_dir = check_model_dir(model)
         self.em = load_eval_model(str(self.model_dir))
@@ -559,7 +560,7 @@ class Asker:
         return ([tok.bos_id] if self.em.add_bos else []) + tok.encode(prompt)
 
     def ask(self, question_text: str, subject: str | None = None) -> AskResult:
-        from .evaluate import letter_logits_reference, letter_logits_streaming, softmax4
+        from .eval import letter_logits_reference, letter_logits_streaming, softmax4
 
         question, choices = parse_question(question_text)
         prompt = build_ask_prompt(question, choices, subject)
@@ -682,8 +683,11 @@ def ask_cmd(ctx: click.Context, model: str, question: str, config_file: str | No
         click.echo(f"{k} {res.probs[k]:.4f}")
 
 
+cli.add_command(ask_cmd)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.main(args=list(argv) if argv is not None else None, prog_name="python -m kd_mlx.export")
+    cli.main(args=list(argv) if argv is not None else None)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ class Tokenizer:
         ids = self.encode(text)
         return ids, _char_offsets_from_token_bytes([self.token_bytes(i) for i in ids], text)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of many texts; subclasses use their library's native batch encoder."""
+        return [self.encode(t) for t in texts]
+
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
@@ -130,6 +134,9 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._tok.encode(text, add_special_tokens=False)
@@ -205,6 +212,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, disallowed_special=())
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._enc.encode_batch(list(texts), disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")

@@ -86,7 +86,7 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
     from mlx_lm.utils import load_model
 
     from kd_mlx.data import fit_prompt, load_cmmlu
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
     from kd_mlx.store import TopKStore, verify_store
     from kd_mlx.teacher.dump import _hidden_teacher_class, build_items, compute_shard, max_call_positions
 
@@ -146,7 +146,7 @@ def test_answer_distribution_equals_teacher_score(world, tmp_path):
     from safetensors.numpy import load_file
 
     from kd_mlx.data import fit_prompt, load_cmmlu
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
     from kd_mlx.store import TopKStore
     from kd_mlx.teacher.cli import score_prompts
 
@@ -300,7 +300,7 @@ def test_real_smollm2_answer_distribution(tmp_path):
     from mlx_lm.utils import load_model
 
     from kd_mlx.data import fit_prompt, load_cmmlu
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
     from kd_mlx.store import TopKStore
     from kd_mlx.teacher.dump import dump_store
     from kd_mlx.tokenizer import load_tokenizer

@@ -1,4 +1,4 @@
-"""Tests for kd_mlx.evaluate / `python -m kd_mlx.eval`: the official CMMLU protocol on a tiny Phi-shaped model.
+"""Tests for kd_mlx.eval / `python -m kd_mlx.eval`: the official CMMLU protocol on a tiny Phi-shaped model.
 
 Run: python -m pytest -q tests/test_eval.py
 """
@@ -104,7 +104,7 @@ def fixture_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(peaked_phi):
-    from kd_mlx.evaluate import load_eval_model
+    from kd_mlx.eval import load_eval_model
 
     return load_eval_model(str(peaked_phi))
 
@@ -120,7 +120,7 @@ def direct_letter_logits(model, tokenizer, text: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ tokens
 def test_answer_token_ids_real_tokenizers(phi_tok, kimi_tok):
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
 
     # GPT-2 BPE (Phi) and cl100k (Kimi format) both keep each letter as its own token after the fullwidth colon,
     # and it is the same id as the bare letter: 32..35 in both vocabularies.
@@ -133,7 +133,7 @@ def test_answer_token_ids_real_tokenizers(phi_tok, kimi_tok):
 def test_answer_token_ids_rejects_merging_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
     from kd_mlx.tokenizer import HFTokenizer
 
     # whitespace word-level: "答案是：A" is one unknown word, so no letter is a token of its own
@@ -151,7 +151,7 @@ def test_prefix_boundary_tokenization_differs(phi_tok):
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_summary_by_hand():
-    from kd_mlx.evaluate import summarize_scores
+    from kd_mlx.eval import summarize_scores
 
     table = {"a": {"categories": ["STEM"]}, "b": {"categories": ["STEM", "China specific"]},
              "c": {"categories": ["Humanities"]}}
@@ -164,7 +164,7 @@ def test_summary_by_hand():
 
 
 def test_calibration_by_hand():
-    from kd_mlx.evaluate import calibration
+    from kd_mlx.eval import calibration
 
     probs = np.array([[0.9, 0.05, 0.03, 0.02],   # conf .9, right
                       [0.1, 0.85, 0.03, 0.02],   # conf .85, wrong (answer A)
@@ -185,7 +185,7 @@ def test_calibration_by_hand():
 @pytest.mark.parametrize("shots", [0, 5])
 def test_hand_checked_predictions_and_overall(peaked_phi, fixture_data, loaded, tmp_path, shots):
     """Predictions equal a separate direct forward on hand-built prompts; overall is hand-averaged from them."""
-    from kd_mlx.evaluate import DEFAULTS, run_eval
+    from kd_mlx.eval import DEFAULTS, run_eval
 
     cfg = dict(DEFAULTS, model=str(peaked_phi), data=str(fixture_data), shots=shots, batch_size=3,
                out=str(tmp_path / "res"))
@@ -224,7 +224,7 @@ def test_hand_checked_predictions_and_overall(peaked_phi, fixture_data, loaded, 
 
 def _fixture_prompts(loaded, fixture_data, shots=5):
     from kd_mlx.data import load_cmmlu
-    from kd_mlx.evaluate import build_prompt_ids
+    from kd_mlx.eval import build_prompt_ids
 
     cm = load_cmmlu(fixture_data)
     qs = [q for s in sorted(cm.test) for q in cm.test[s]]
@@ -234,9 +234,9 @@ def _fixture_prompts(loaded, fixture_data, shots=5):
 
 def test_batched_and_prefix_reuse_equal_reference(loaded, fixture_data):
     """Fast path (right padding, shared-prefix KV cache) == plain one-at-a-time full forwards."""
-    from kd_mlx.evaluate import ScoreStats, answer_token_ids, letter_logits_batched, letter_logits_reference
+    from kd_mlx.eval import ScoreStats, answer_token_ids, letter_logits_batched, letter_logits_reference
 
-    from kd_mlx.evaluate import _split_head
+    from kd_mlx.eval import _split_head
 
     seqs, keys = _fixture_prompts(loaded, fixture_data)
     assert _split_head(loaded.model) is not None  # the head-at-last-token path is the one being compared
@@ -257,7 +257,7 @@ def test_batched_and_prefix_reuse_equal_reference(loaded, fixture_data):
 
 
 def test_length_batches_by_hand():
-    from kd_mlx.evaluate import _length_batches
+    from kd_mlx.eval import _length_batches
 
     lengths = [100, 40, 90, 80, 74, 30, 35, 76]
     # longest first: 100, 90, 80, 76 (>= 75) | 74, ... (< 0.75*100 -> new batch) 74 | 40, 35, 30
@@ -266,7 +266,7 @@ def test_length_batches_by_hand():
 
 
 def test_padding_value_does_not_matter(loaded, fixture_data):
-    from kd_mlx.evaluate import answer_token_ids, letter_logits_batched
+    from kd_mlx.eval import answer_token_ids, letter_logits_batched
 
     seqs, keys = _fixture_prompts(loaded, fixture_data, shots=0)
     ids = answer_token_ids(loaded.tokenizer)
@@ -277,7 +277,7 @@ def test_padding_value_does_not_matter(loaded, fixture_data):
 
 def test_shot_fitting_long_example(peaked_phi, fixture_data, loaded, tmp_path):
     """A very long dev example is dropped first when the prompt does not fit; the rest stay in order."""
-    from kd_mlx.evaluate import DEFAULTS, run_eval
+    from kd_mlx.eval import DEFAULTS, run_eval
 
     long_q = "请阅读下面的材料并回答问题。" + "水稻是中国最重要的粮食作物之一，其种植历史悠久。" * 40
     dev = {s: list(v) for s, v in DEV.items()}
@@ -342,7 +342,7 @@ def test_streaming_teacher_eval_equals_in_memory(fixture_data, tmp_path):
     """The teacher path (StreamingTeacher under a budget, prefix passed once per group) gives the in-memory
     mlx-lm results on a tiny Kimi-K2-shaped model with the Kimi-format tokenizer."""
     from kd_mlx.data import load_cmmlu
-    from kd_mlx.evaluate import evaluate_model, load_eval_model
+    from kd_mlx.eval import evaluate_model, load_eval_model
     from kd_mlx.testing.models import tiny_kimi_k2_dir
 
     d = tiny_kimi_k2_dir(tmp_path / "kimi", n_layers=2)
@@ -367,7 +367,7 @@ def test_adapters_from_training_are_applied(peaked_phi, fixture_data, loaded, tm
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
-    from kd_mlx.evaluate import DEFAULTS, run_eval
+    from kd_mlx.eval import DEFAULTS, run_eval
 
     model, _ = load_model(peaked_phi)
     lora = {"rank": 4, "scale": 10.0, "dropout": 0.0, "keys": ["self_attn.q_proj", "self_attn.v_proj", "mlp.fc2"]}
@@ -403,7 +403,7 @@ def test_adapters_from_training_are_applied(peaked_phi, fixture_data, loaded, tm
 def test_dequantized_cpu_path_equals_quantized(fixture_data, tmp_path):
     """On CPU a quantized model runs dequantized in fp32 (fast path); it agrees with MLX's quantized matmul."""
     from kd_mlx.data import load_cmmlu
-    from kd_mlx.evaluate import evaluate_model, load_eval_model
+    from kd_mlx.eval import evaluate_model, load_eval_model
     from kd_mlx.testing.models import tiny_kimi_k2_dir
 
     d = tiny_kimi_k2_dir(tmp_path / "kimi4", bits=4, n_layers=2)

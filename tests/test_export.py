@@ -116,7 +116,7 @@ def _save_adapters(model, best: Path, run_config: dict | None = None, student: P
 BEST = {"step": 300, "val_loss": 1.234, "val_acc": 0.375}
 RUN_CONFIG = {"student": "tiny-phi", "loss": "forward_kl", "alpha": 0.5, "temperature": 2.0, "learning_rate": 3e-4,
               "iters": 1234, "seed": 7, "lora_rank": 4}
-# as kd_mlx.evaluate writes it: percentages, per-subject question counts
+# as kd_mlx.eval writes it: percentages, per-subject question counts
 SUMMARY = {"overall": 31.25, "categories": {"STEM": 30.0, "Humanities": 32.5},
            "subjects": {SUBJECT: 31.25, "anatomy": 25.0}, "n": {SUBJECT: 16, "anatomy": 8}}
 
@@ -284,7 +284,7 @@ def test_ask_cli_prints_letter_and_probabilities(exported):
     from click.testing import CliRunner
 
     from kd_mlx.__main__ import main
-    from kd_mlx.evaluate import answer_token_ids, load_eval_model
+    from kd_mlx.eval import answer_token_ids, load_eval_model
     from kd_mlx.export import build_ask_prompt, parse_question
 
     r = CliRunner().invoke(main, ["ask", str(exported), QUESTION, "--subject", "初等数学"])

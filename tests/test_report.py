@@ -125,7 +125,7 @@ def test_report_bad_input_one_line(three, tmp_path, case):
 def test_report_from_real_eval_runs(tmp_path):
     """End to end: three real kd_mlx.eval runs (a tiny Kimi-K2-shaped teacher with the Kimi-format tokenizer and two
     tiny Phi students) on the hand-written fixture, then the report."""
-    from kd_mlx.evaluate import DEFAULTS, run_eval
+    from kd_mlx.eval import DEFAULTS, run_eval
     from kd_mlx.report import build_report
     from kd_mlx.testing.models import tiny_kimi_k2_dir, tiny_phi_dir
 

@@ -54,7 +54,7 @@ def write_store_from_teacher(store_dir: Path, teacher_dir: Path, cmmlu, question
     from mlx_lm.utils import load_model
 
     from kd_mlx.data import fit_prompt
-    from kd_mlx.evaluate import answer_token_ids
+    from kd_mlx.data import answer_token_ids
     from kd_mlx.store import StoreRecord, StoreWriter
     from kd_mlx.tokenizer import load_tokenizer
 

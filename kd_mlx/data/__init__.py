@@ -16,7 +16,10 @@ from .loader import (  # noqa: F401
     subject_table,
 )
 from .prompt import (  # noqa: F401
+    ANSWER_CUE,
     Prompt,
+    PromptTokens,
+    answer_token_ids,
     build_prompt,
     count_tokens_batch,
     count_tokens_reference,
@@ -25,6 +28,8 @@ from .prompt import (  # noqa: F401
     format_question,
     format_shot,
     header,
+    prompt_ids,
+    read_add_bos,
     subject_zh,
 )
 from .splits import SPLIT_NAMES, check_no_leak, load_splits, make_splits, split_questions  # noqa: F401
@@ -32,6 +37,7 @@ from .splits import SPLIT_NAMES, check_no_leak, load_splits, make_splits, split_
 __all__ = [
     "CMMLU", "HUB_REPO", "LETTERS", "Question", "SkippedRow", "content_hash", "content_key", "load_cmmlu",
     "parse_csv", "subject_table", "Prompt", "build_prompt", "count_tokens_batch", "count_tokens_reference",
-    "fit_prompt", "fit_prompts", "format_question", "format_shot", "header", "subject_zh", "SPLIT_NAMES",
+    "fit_prompt", "fit_prompts", "format_question", "format_shot", "header", "subject_zh", "ANSWER_CUE",
+    "PromptTokens", "answer_token_ids", "prompt_ids", "read_add_bos", "SPLIT_NAMES",
     "check_no_leak", "load_splits", "make_splits", "split_questions",
 ]

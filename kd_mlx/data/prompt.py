@@ -23,7 +23,9 @@ official script does) and the bare question block is returned; truncation is the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from ..utils import KDError
@@ -104,16 +106,9 @@ def fit_prompt(q: Question, dev_examples: Sequence[Question], k: int,
 def count_tokens_batch(tokenizer, texts: Sequence[str], extra_tokens: int = 0) -> list[int]:
     """Token counts of many texts (+ `extra_tokens` each, e.g. 1 for a BOS) in one call.
 
-    Fast path: the batch encoders of `tokenizers` / `tiktoken` (native threads) behind kd_mlx's tokenizer classes;
-    reference: `tokenizer.encode` per text. Tests check that they agree on real prompts."""
-    texts = list(texts)
-    raw = getattr(tokenizer, "_tok", None)  # HFTokenizer's tokenizers.Tokenizer
-    if raw is not None and hasattr(raw, "encode_batch"):
-        return [len(e.ids) + extra_tokens for e in raw.encode_batch(texts, add_special_tokens=False)]
-    enc = getattr(tokenizer, "_enc", None)  # TiktokenTokenizer's tiktoken.Encoding (specials read as plain text)
-    if enc is not None and hasattr(enc, "encode_ordinary_batch"):
-        return [len(ids) + extra_tokens for ids in enc.encode_ordinary_batch(texts)]
-    return count_tokens_reference(tokenizer, texts, extra_tokens)
+    Fast path: `tokenizer.encode_batch` (the native batch encoders of `tokenizers` / `tiktoken`); reference:
+    `tokenizer.encode` per text. Tests check that they agree on real prompts."""
+    return [len(ids) + extra_tokens for ids in tokenizer.encode_batch(list(texts))]
 
 
 def count_tokens_reference(tokenizer, texts: Sequence[str], extra_tokens: int = 0) -> list[int]:
@@ -135,3 +130,72 @@ def fit_prompts(questions: Sequence[Question], dev: dict[str, list[Question]], k
 
     return [p if n <= max_tokens else fit_prompt(q, dev.get(q.subject, []), k, count, max_tokens, cot)
             for q, p, n in zip(questions, full, counts)]
+
+
+# ------------------------------------------------------------------------------------------------ answer facts
+def answer_token_ids(tokenizer) -> list[int]:
+    """The single token id of each of "A".."D" as it follows the answer cue in a prompt.
+
+    The official score reads the logits of these four ids at the last prompt position, which is only meaningful if
+    each letter is one token that does not merge with the cue; raise otherwise."""
+    cue = tokenizer.encode(ANSWER_CUE)
+    ids = []
+    for letter in LETTERS:
+        full = tokenizer.encode(ANSWER_CUE + letter)
+        if full[: len(cue)] != cue or len(full) != len(cue) + 1:
+            raise KDError(f"answer letter {letter!r} is not a single token after {ANSWER_CUE.strip()!r} with "
+                          f"tokenizer {getattr(tokenizer, 'name', '?')} ({len(full) - len(cue)} tokens or merged "
+                          f"with the cue)")
+        ids.append(full[-1])
+    if len(set(ids)) != 4:
+        raise KDError(f"answer letters map to repeated token ids {ids}")
+    return ids
+
+
+def read_add_bos(model_dir: str | Path) -> bool:
+    """The BOS rule: a prompt starts with BOS exactly when the model's tokenizer_config.json says
+    `add_bos_token: true` (what mlx-lm's and transformers' loaders do); absent or unreadable means no BOS."""
+    cfg = Path(model_dir) / "tokenizer_config.json"
+    if not cfg.exists():
+        return False
+    try:
+        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("add_bos_token", False))
+    except json.JSONDecodeError:
+        return False
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A question's model input: `ids` (BOS included), char `offsets` into `prompt.text` (BOS: (0, 0)) when asked
+    for, the fitted `prompt`, and whether even the bare question was too long and was cut from the left."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]] | None
+    prompt: Prompt
+    truncated: bool
+
+
+def prompt_ids(q: Question, dev_examples: Sequence[Question], tokenizer, shots: int, max_tokens: int | None,
+               add_bos: bool = False, offsets: bool = False) -> PromptTokens:
+    """The one rule for turning a question into token ids, used by eval, the teacher dump and training:
+    the official k-shot prompt fitted to `max_tokens` (BOS counted), BOS prepended when `add_bos`, and when even the
+    bare question does not fit, its end is kept (the options and the answer cue, which the score reads)."""
+    if add_bos and tokenizer.bos_id is None:
+        raise KDError(f"a BOS token was requested but tokenizer {getattr(tokenizer, 'name', '?')} has none")
+    bos = [tokenizer.bos_id] if add_bos else []
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text)) + len(bos)
+
+    prompt = fit_prompt(q, dev_examples, shots, count if max_tokens else None, max_tokens)
+    if offsets:
+        body, offs = tokenizer.encode_with_offsets(prompt.text)
+        offs = [(0, 0)] * len(bos) + [tuple(o) for o in offs]
+    else:
+        body, offs = tokenizer.encode(prompt.text), None
+    ids = bos + list(body)
+    truncated = bool(max_tokens) and len(ids) > max_tokens
+    if truncated:
+        ids = ids[len(ids) - max_tokens:]
+        offs = offs[len(offs) - max_tokens:] if offs is not None else None
+    return PromptTokens(ids, offs, prompt, truncated)

@@ -31,12 +31,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import click
+import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
-from ..store import (MANIFEST, StoreRecord, StoreWriter, _sort_rows_by_value, build_manifest,
+from ..data import (LETTERS, Question, answer_token_ids, build_prompt, load_cmmlu, load_splits, prompt_ids,
+                    read_add_bos, split_questions)
+from ..store import (ENCODINGS, MANIFEST, StoreRecord, StoreWriter, _sort_rows_by_value, build_manifest,
                      read_safetensors_header)
 from ..utils import (KDError, cli_errors, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
                      resolve_model_path, sha256_text, write_json_atomic)
+from .streaming import StreamingTeacher
 
 POSITIONS = ("answer", "question", "prompt")
 TEMPLATE = "cmmlu-official"
@@ -58,7 +63,6 @@ DEFAULTS: dict[str, Any] = {
 def template_hash() -> str:
     """Hash of the prompt template as rendered for a fixed synthetic question with one shot: changes whenever
     the header, the question block or the shot format changes."""
-    from ..data import Question, build_prompt
 
     q = Question(id="x/test/0", subject="computer_science", split="test", index=0, question="Q?",
                  choices=("a", "b", "c", "d"), answer="A")
@@ -91,12 +95,6 @@ def teacher_fingerprint(model_dir: Path) -> tuple[str, str]:
     return ch[:16], h.hexdigest()[:16]
 
 
-def _read_add_bos(model_dir: Path) -> bool:
-    from ..evaluate import _read_add_bos as read
-
-    return read(model_dir)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # per-question work
 
@@ -118,19 +116,12 @@ class PromptItem:
 def build_items(questions, cmmlu, tokenizer, shots: int, positions: str, max_tokens: int | None, add_bos: bool
                 ) -> list[PromptItem]:
     """The prompt of each question as the evaluation builds it (fit_prompt with the teacher's token count)."""
-    from ..data import LETTERS, fit_prompt
-
-    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    count = (lambda s: len(tokenizer.encode(s)) + len(bos)) if max_tokens else None
     items = []
     for q in questions:
-        p = fit_prompt(q, cmmlu.dev.get(q.subject, []), shots, count, max_tokens)
-        ids, offs = tokenizer.encode_with_offsets(p.text)
-        ids = bos + list(ids)
-        offs = [(0, 0)] * len(bos) + [tuple(o) for o in offs]
-        truncated = bool(max_tokens) and len(ids) > max_tokens
-        if truncated:  # even the bare question is too long: keep its end (options + answer cue), as eval does
-            ids, offs = ids[-max_tokens:], offs[-max_tokens:]
+        pt = prompt_ids(q, cmmlu.dev.get(q.subject, []), tokenizer, shots, max_tokens,
+                        add_bos and tokenizer.bos_id is not None, offsets=True)
+        p, ids, offs, truncated = pt.prompt, pt.ids, pt.offsets, pt.truncated
+        bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
         n = len(ids)
         if positions == "answer":
             pos = [n - 1]
@@ -203,7 +194,6 @@ def reference_summary(lp: np.ndarray, k: int, answer_ids: Sequence[int]) -> dict
 
 def _hidden_teacher_class():
     """StreamingTeacher that also keeps the final normed hidden states the LM head is applied to."""
-    from .streaming import StreamingTeacher
 
     class HiddenCapturingTeacher(StreamingTeacher):
         # `_run_chunk` applies `_head` once per chunk to the rows of all asked positions, in the order in which
@@ -212,7 +202,6 @@ def _hidden_teacher_class():
         cursor = 0
 
         def _head(self, x):
-            import mlx.core as mx
 
             self.captured = np.array(x.astype(mx.float32))
             self.cursor = 0
@@ -347,14 +336,12 @@ def quality_report(store: Path, manifest: dict) -> dict:
 
 
 def _group():
-    import mlx.core as mx
 
     return mx.distributed.init()
 
 
 def _all_gather_bytes(group, data: bytes, width: int = 32) -> list[bytes]:
     """Each rank's `width` bytes of `data` (zero padded), gathered on every rank."""
-    import mlx.core as mx
 
     if group.size() == 1:
         return [data[:width].ljust(width, b"\0")]
@@ -365,7 +352,6 @@ def _all_gather_bytes(group, data: bytes, width: int = 32) -> list[bytes]:
 
 def _all_ok(group, ok: bool) -> bool:
     """Barrier: True only if every rank reports ok (a tiny all_sum)."""
-    import mlx.core as mx
 
     if group.size() == 1:
         return ok
@@ -385,10 +371,6 @@ def _positions_ok(v: str) -> str:
 
 def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
     """Run the dump described by `cfg` (keys of DEFAULTS). Returns {"manifest", "quality", ...} on rank 0."""
-    from ..data import load_cmmlu, load_splits, split_questions
-    from ..evaluate import answer_token_ids
-    from ..store import ENCODINGS
-    from .streaming import StreamingTeacher
 
     cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
     for key in ("teacher", "data", "out"):
@@ -413,7 +395,7 @@ def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
     if k > teacher.vocab_size:
         raise KDError(f"--top-k {k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     answer_ids = answer_token_ids(tok)
-    add_bos = _read_add_bos(model_dir) if cfg["add_bos"] is None else bool(cfg["add_bos"])
+    add_bos = read_add_bos(model_dir) if cfg["add_bos"] is None else bool(cfg["add_bos"])
 
     cmmlu = load_cmmlu(cfg["data"])
     if cfg["splits"]:
@@ -469,7 +451,6 @@ def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
     t0 = time.perf_counter()
     ok, err = True, None
     try:
-        from tqdm import tqdm
 
         by_id = {q.id: q for q in questions}
         for s in tqdm(todo, desc=f"rank {rank} shards" if world > 1 else "shards", unit="shard",

@@ -51,7 +51,7 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
     from tqdm import tqdm
 
     from ..align import VocabMap, align_record, align_record_bytes
-    from ..data import fit_prompt
+    from ..data import fit_prompt, prompt_ids
 
     missing = [q.id for q in questions if q.id not in store]
     if missing:
@@ -65,11 +65,10 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
     for q in tqdm(questions, desc=f"{kind} examples", disable=not progress, leave=False):
         rec = store[q.id]
         dev = cmmlu.dev.get(q.subject, [])
-        bos = [teacher_tok.bos_id] if check.add_bos and teacher_tok.bos_id is not None else []
-        t_prompt = fit_prompt(q, dev, check.shots, (lambda s: len(teacher_tok.encode(s)) + len(bos))
-                              if check.max_tokens else None, check.max_tokens)
-        t_ids = bos + teacher_tok.encode(t_prompt.text)
-        if list(rec.token_ids) != t_ids:
+        t = prompt_ids(q, dev, teacher_tok, check.shots, check.max_tokens,
+                       check.add_bos and teacher_tok.bos_id is not None)
+        t_prompt = t.prompt
+        if list(rec.token_ids) != t.ids:
             raise KDError(f"store prompt for {q.id} does not match the prompt this run builds (template, shots or "
                           f"teacher tokenizer differ from the dump: store identity {store.identity})")
         s_prompt = fit_prompt(q, dev, check.shots, student_tok.count, max_len)

@@ -215,7 +215,7 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
 def validate(model: nn.Module, split, examples: list[Example], letter_ids: mx.array, cfg: dict,
              group=None) -> dict:
     """Mean objective parts and A–D accuracy (argmax over the four letter logits at the answer position, the
-    official CMMLU scoring of kd_mlx.evaluate) over the validation examples, dropout off. With a data-parallel
+    official CMMLU scoring of kd_mlx.eval) over the validation examples, dropout off. With a data-parallel
     `group`, rank r scores batches r, r+size, ... and the sums are all-reduced (same result on every rank)."""
     if not examples:
         return {}

@@ -92,7 +92,7 @@ def prepare(cfg: dict, progress: bool = True) -> Prepared:
     """Load data + splits (contamination guard first), the store (identity + per-prompt check), tokenizers,
     and build the training and validation examples."""
     from ..data import check_no_leak, load_cmmlu, load_splits, split_questions
-    from ..evaluate import answer_token_ids
+    from ..data import answer_token_ids
     from ..store import TopKStore
     from ..tokenizer import load_tokenizer
     from ..utils import resolve_model_path
