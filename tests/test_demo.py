@@ -91,10 +91,10 @@ def test_written_task_loads_splits_without_overlap(tmp_path):
 def test_demo_quick_end_to_end(tmp_path):
     from click.testing import CliRunner
 
-    from kd_mlx.__main__ import main
+    from kd_mlx.demo import demo_cmd
 
     out = tmp_path / "demo"
-    res = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    res = CliRunner().invoke(demo_cmd, ["--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "demo.json").read_text(encoding="utf-8"))
     report = (out / "report" / "report.md").read_text(encoding="utf-8")

@@ -283,7 +283,7 @@ def test_ask_cli_prints_letter_and_probabilities(exported):
     (log-softmax over the whole vocabulary at the last position, A-D renormalised)."""
     from click.testing import CliRunner
 
-    from kd_mlx.__main__ import main
+    from kd_mlx.export import cli as main
     from kd_mlx.eval import answer_token_ids, load_eval_model
     from kd_mlx.export import build_ask_prompt, parse_question
 
@@ -316,7 +316,7 @@ def test_ask_cli_prints_letter_and_probabilities(exported):
 def test_ask_cli_bad_input_is_one_line(exported, args, needle):
     from click.testing import CliRunner
 
-    from kd_mlx.__main__ import main
+    from kd_mlx.export import cli as main
 
     r = CliRunner().invoke(main, ["ask", str(exported), *args])
     assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output
