@@ -115,6 +115,15 @@ class CMMLU:
     def has_id(self, qid: str) -> bool:
         return qid in self._by_id
 
+    def check_shots(self, subjects, shots: int) -> None:
+        """Every subject in `subjects` has at least `shots` dev rows (checked before any compute)."""
+        short = sorted(s for s in set(subjects) if len(self.dev.get(s, [])) < shots)
+        if short:
+            s = short[0]
+            raise KDError(f"subject {s} has {len(self.dev.get(s, []))} dev row(s) in {self.source}, fewer than the "
+                          f"{shots} shots asked ({len(short)} subject(s) short: {', '.join(short[:5])}"
+                          f"{', ...' if len(short) > 5 else ''}): add dev rows or ask for fewer shots")
+
     def test_questions(self) -> list[Question]:
         """All test questions, subjects sorted, each in file order."""
         return [q for s in self.subjects for q in self.test[s]]
