@@ -472,12 +472,10 @@ def test_split_errors(tmp_path):
         load_splits(tmp_path / "missing.json")
 
 
-def test_show_gpt2_tokenizer_is_cached_phi(small, tmp_path, phi_tok):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    for _ in range(2):  # built once, then read from the cache
-        r = CliRunner(env=env).invoke(data_cli, ["show", "--data", str(small), "--subject", "agronomy", "--shots",
-                                                 "0", "--tokenizer", "gpt2"])
-        assert r.exit_code == 0 and r.stdout == ZERO_SHOT
-        assert r.stderr.strip() == f"tokens: {len(phi_tok.encode(ZERO_SHOT))}; shots: 0/0"
-    assert (tmp_path / "cache" / "kd_mlx" / "phi_tokenizer" / "tokenizer.json").is_file()
-    assert [p.name for p in (tmp_path / "cache" / "kd_mlx").iterdir()] == ["phi_tokenizer"]  # no temp dirs left
+def test_show_wants_a_tokenizer_directory(small, tmp_path, phi_tok_dir, phi_tok):
+    r = CliRunner().invoke(data_cli, ["show", "--data", str(small), "--subject", "agronomy", "--shots", "0",
+                                      "--tokenizer", str(phi_tok_dir)])
+    assert r.exit_code == 0 and r.stdout == ZERO_SHOT
+    assert r.stderr.strip() == f"tokens: {len(phi_tok.encode(ZERO_SHOT))}; shots: 0/0"
+    r = CliRunner().invoke(data_cli, ["show", "--data", str(small), "--subject", "agronomy", "--tokenizer", "gpt2"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: tokenizer directory not found: gpt2")

@@ -61,7 +61,6 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
     vmap = VocabMap.build(teacher_tok, student_tok) if cfg.kd_weight else None
     by_bytes = cfg.kd_align == "bytes"
     max_len = cfg.max_seq_len
-    letters = "ABCD"
     out = []
     for q in tqdm(questions, desc=f"{kind} examples", disable=not progress, leave=False):
         rec = store[q.id]
@@ -77,7 +76,7 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
         s_ids, s_offs = student_tok.encode_with_offsets(s_prompt.text)
         if len(s_ids) > max_len:
             raise KDError(f"{q.id}: the bare question is {len(s_ids)} student tokens, over max_seq_len={max_len}")
-        gold = letters.index(q.answer) if q.answer in letters else int(rec.label)
+        gold = q.answer_index if q.answer else int(rec.label)  # -1: no answer (transfer set), no CE
         ex = Example(q.id, np.array(s_ids, np.int32), gold, rec.answer_probs)
         if vmap is not None and len(rec.positions):
             t_text, s_text = t_prompt.text, s_prompt.text
