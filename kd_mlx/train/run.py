@@ -21,7 +21,14 @@ from .config import REQUIRED, RUN_FORMAT, TrainConfig, defaults
 from .distributed import check_ranks_agree, digest, examples_digest, rank_of, world
 from .examples import build_examples, check_store_identity
 from .loop import LossFn, TrainingCallback, latest_checkpoint, train_loop
-from .model import BASE_HASH_KEY, base_model_hash, load_student, setup_trainable, trainable_parameter_count
+from .model import (
+    BASE_HASH_KEY,
+    base_model_hash,
+    check_adapter_base,
+    load_student,
+    setup_trainable,
+    trainable_parameter_count,
+)
 from .objective import head_split, objective
 
 DEFAULTS = defaults()  # every setting's default as a dict (= configs/train_phi15.yaml)
@@ -100,8 +107,10 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
             raise KDError(f"--resume {cfg.out}: {k} is {given[k]!r} but the run was made with {recorded[k]!r} "
                           f"({len(differ)} setting(s) differ; only {', '.join(RESUMABLE_CHANGES)} may change): start "
                           f"a new run with another --out")
-        if latest_checkpoint(out) is None:
+        last = latest_checkpoint(out)
+        if last is None:
             raise KDError(f"nothing to resume in {cfg.out}: no checkpoint")
+        check_adapter_base(last, resolve_model_path(cfg.student))
         return
     if not out.is_dir():
         return
