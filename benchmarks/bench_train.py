@@ -59,10 +59,11 @@ def run_kd(student: Path, seqs, steps: int, batch: int) -> dict:
 
     from kd_mlx.data import answer_token_ids
     from kd_mlx.tokenizer import load_tokenizer
-    from kd_mlx.train.batches import Example
+    from kd_mlx.train.batches import BatchStream, Example
+    from kd_mlx.train.config import TrainConfig
     from kd_mlx.train.loop import train_loop
     from kd_mlx.train.model import load_student, setup_trainable
-    from kd_mlx.train.run import DEFAULTS
+    from kd_mlx.train.run import distillation_loss
 
     rng = np.random.default_rng(0)
     exs = []
@@ -75,16 +76,17 @@ def run_kd(student: Path, seqs, steps: int, batch: int) -> dict:
         probs[:, 0] = 0.8
         exs.append(Example(f"q{n}", t, g, np.eye(4, dtype=np.float32)[g] * 0.9 + 0.025, pos, kd_ids,
                            probs * 0.95, np.full(P, 0.05, np.float32)))
-    cfg = {**DEFAULTS, "student": str(student), "steps": steps + 1, "batch_size": batch, "learning_rate": 1e-5,
-           "warmup_steps": 0, "lora_rank": LORA["rank"], "lora_scale": LORA["scale"], "eval_every": 10**6,
-           "save_every": 10**6, "max_grad_norm": None, "keep_checkpoints": 1}
+    cfg = TrainConfig(student=str(student), steps=steps + 1, batch_size=batch, learning_rate=1e-5, warmup_steps=0,
+                      lora_rank=LORA["rank"], lora_scale=LORA["scale"], eval_every=10**6, save_every=10**6,
+                      max_grad_norm=None, keep_checkpoints=1)
     mx.random.seed(0)
     model, _, _ = load_student(str(student), "float32")
     acfg = setup_trainable(model, cfg)
     letters = answer_token_ids(load_tokenizer(student))
     mx.reset_peak_memory()
     with tempfile.TemporaryDirectory() as d:
-        train_loop(model, acfg, exs, [], letters, cfg, Path(d), progress=False)
+        train_loop(model, acfg, cfg, Path(d), distillation_loss(model, cfg, letters),
+                   BatchStream(exs, cfg.batch_size, cfg.seed, cfg.pad_to), progress=False)
         rows = [json.loads(ln) for ln in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:]  # step 1 compiles
     toks = sum(r["tokens"] for r in timed)

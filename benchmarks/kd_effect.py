@@ -123,12 +123,12 @@ def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperatu
         n_kd = sum(int(e.kd_pos.shape[0]) for e in prep.train)
         for arm, weights in ARMS.items():
             w = {k: (kd_weight if v is None else v) for k, v in weights.items()}
-            cfg = {**prep.cfg, **w, "seed": seed, "out": str(out_dir / f"seed{seed}_{arm}")}
+            cfg = prep.cfg.replace(**w, seed=seed, out=str(out_dir / f"seed{seed}_{arm}"))
             mx.reset_peak_memory()
             tic = time.perf_counter()
             train_prepared(prep, cfg, progress=False)
             secs[arm].append(time.perf_counter() - tic)
-            acc = evaluate_model_on_test(student, Path(cfg["out"]) / "last", data, splits, shots)
+            acc = evaluate_model_on_test(student, Path(cfg.out) / "last", data, splits, shots)
             rows[arm].append(acc)
             print(f"seed {seed} {arm:14s} test {acc:6.2f}%  ({secs[arm][-1]:.0f} s, peak MLX "
                   f"{mx.get_peak_memory() / 2**20:.0f} MiB)", flush=True)

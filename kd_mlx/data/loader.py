@@ -1,14 +1,18 @@
 """CMMLU loading: a local directory in the official layout, a zip of it, or the hub (`haonan-li/cmmlu`).
 
 Layouts accepted (all hold one CSV per subject and split, columns `,Question,A,B,C,D,Answer`):
-- a directory with `dev/*.csv` and `test/*.csv` (the official GitHub `data/` folder, `../shared/cmmlu`);
+- a directory with `dev/*.csv` and `test/*.csv` (the official GitHub `data/` folder, `../shared/cmmlu`), optionally
+  `transfer/*.csv` (a transfer set: extra questions whose Answer may be empty or the column absent; the teacher
+  labels them) and `subjects.json` (subject -> {"zh": Chinese name for the prompt header, "categories": [...]},
+  merged over the packaged CMMLU table, so subjects of one's own load);
 - a zip with those two folders (optionally under one top folder), e.g. the hub's `cmmlu_v1_0_1.zip`;
 - a hub dataset repo id: the snapshot is fetched with `huggingface_hub.snapshot_download(repo_type="dataset")`
   (cache/offline rules of huggingface_hub apply: `HF_HUB_CACHE`, `HF_HUB_OFFLINE=1`) and then read as a directory
   or, as `haonan-li/cmmlu` ships it (README.md, cmmlu.py, cmmlu_v1_0_1.zip), through the zip inside it.
 
-Every row is validated (question and four options non-empty, answer in A-D, valid UTF-8, seven columns); a bad
-row is a `KDError` naming file and line, or, with `skip_bad=True`, is left out and listed in `CMMLU.skipped`.
+Every row is validated (question and four options non-empty, answer in A-D (transfer: A-D or empty), valid UTF-8,
+as many columns as the header); a bad row is a `KDError` naming file and line, or, with `skip_bad=True`, is left out
+and listed in `CMMLU.skipped`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable
 
+from huggingface_hub import snapshot_download
+from tqdm import tqdm
+
 from ..utils import KDError
 
-SPLITS = ("dev", "test")
+SPLITS = ("dev", "test", "transfer")
+TRANSFER = "transfer"  # the folder of a transfer set, its questions' `split` and its name in splits.json
 LETTERS = ("A", "B", "C", "D")
 HUB_REPO = "haonan-li/cmmlu"
 _REQUIRED_COLUMNS = ("Question", "A", "B", "C", "D", "Answer")
-_MEMBER_RE = re.compile(r"^(?P<prefix>(?:[^/]+/)*)(?P<split>dev|test)/(?P<subject>[^/]+)\.csv$")
+_MEMBER_RE = re.compile(r"^(?P<prefix>(?:[^/]+/)*)(?P<split>dev|test|transfer)/(?P<subject>[^/]+)\.csv$")
 # surrogateescape turns each undecodable byte into one lone surrogate U+DC80..U+DCFF: found per row below.
 _BAD_BYTE_RE = re.compile("[\udc80-\udcff]")
 
@@ -42,15 +50,17 @@ class Question:
 
     id: str
     subject: str
-    split: str  # "dev" or "test": the CMMLU file it came from (not a train/val/test split of ours)
+    split: str  # "dev", "test" or "transfer": the file it came from (not a train/val/test split of ours)
     index: int
     question: str
     choices: tuple[str, str, str, str]
-    answer: str  # "A".."D"
+    answer: str | None  # "A".."D"; None: a transfer question without an answer
+    subject_zh: str = field(default="", compare=False)  # the prompt header's name ("" = the packaged table's)
 
     @property
     def answer_index(self) -> int:
-        return LETTERS.index(self.answer)
+        """0..3, or -1 without an answer."""
+        return LETTERS.index(self.answer) if self.answer else -1
 
     @property
     def content_key(self) -> str:
@@ -79,6 +89,23 @@ def subject_table() -> dict[str, dict]:
     return {k: dict(v) for k, v in _packaged_subject_table().items()}
 
 
+def read_subject_table(path: Path) -> dict[str, dict]:
+    """A data directory's own subjects.json: {subject: {"zh": name, "categories": [...], ...}}; one-line errors."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KDError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise KDError(f"{path} must map subject -> {{\"zh\": Chinese name, \"categories\": [...]}}")
+    for subject, entry in data.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("zh"), str) and entry["zh"].strip()):
+            raise KDError(f"{path}: subject {subject!r} needs {{\"zh\": its Chinese name}} (the prompt header's)")
+        cats = entry.get("categories", [])
+        if not (isinstance(cats, list) and all(isinstance(c, str) for c in cats)):
+            raise KDError(f"{path}: categories of {subject!r} must be a list of names")
+    return {k: {"categories": [], "subcategories": [], **v} for k, v in data.items()}
+
+
 @dataclass
 class SkippedRow:
     file: str
@@ -91,15 +118,18 @@ class SkippedRow:
 
 @dataclass
 class CMMLU:
-    """Loaded CMMLU: `dev[subject]` (few-shot exemplars, file order), `test[subject]` (file order)."""
+    """Loaded CMMLU: `dev[subject]` (few-shot exemplars, file order), `test[subject]` (file order), `transfer[subject]`
+    (a transfer set, answers optional; empty without one), `subjects_table` (the packaged table + the data's own)."""
 
     dev: dict[str, list[Question]]
     test: dict[str, list[Question]]
     source: str = ""
     skipped: list[SkippedRow] = field(default_factory=list)
+    transfer: dict[str, list[Question]] = field(default_factory=dict)
+    subjects_table: dict[str, dict] = field(default_factory=subject_table)
 
     def __post_init__(self) -> None:
-        self._by_id = {q.id: q for qs in (*self.dev.values(), *self.test.values()) for q in qs}
+        self._by_id = {q.id: q for part in (self.dev, self.test, self.transfer) for qs in part.values() for q in qs}
 
     @property
     def subjects(self) -> list[str]:
@@ -115,9 +145,22 @@ class CMMLU:
     def has_id(self, qid: str) -> bool:
         return qid in self._by_id
 
+    def check_shots(self, subjects, shots: int) -> None:
+        """Every subject in `subjects` has at least `shots` dev rows (checked before any compute)."""
+        short = sorted(s for s in set(subjects) if len(self.dev.get(s, [])) < shots)
+        if short:
+            s = short[0]
+            raise KDError(f"subject {s} has {len(self.dev.get(s, []))} dev row(s) in {self.source}, fewer than the "
+                          f"{shots} shots asked ({len(short)} subject(s) short: {', '.join(short[:5])}"
+                          f"{', ...' if len(short) > 5 else ''}): add dev rows or ask for fewer shots")
+
     def test_questions(self) -> list[Question]:
         """All test questions, subjects sorted, each in file order."""
         return [q for s in self.subjects for q in self.test[s]]
+
+    def transfer_questions(self) -> list[Question]:
+        """All transfer-set questions, subjects sorted, each in file order."""
+        return [q for s in sorted(self.transfer) for q in self.transfer[s]]
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.test.values())
@@ -127,9 +170,12 @@ class CMMLU:
 # Reading and validating one CSV
 
 
-def parse_csv(data: bytes, name: str, subject: str, split: str,
-              skip_bad: bool = False, skipped: list[SkippedRow] | None = None) -> list[Question]:
-    """Validate and parse one subject file (`name` is used in error messages). Raises KDError on a bad row."""
+def parse_csv(data: bytes, name: str, subject: str, split: str, skip_bad: bool = False,
+              skipped: list[SkippedRow] | None = None, subject_zh: str = "") -> list[Question]:
+    """Validate and parse one subject file (`name` is used in error messages). Raises KDError on a bad row.
+
+    A transfer file (`split` "transfer") may leave the Answer empty or have no Answer column."""
+    transfer = split == TRANSFER
     text = data.decode("utf-8", errors="surrogateescape")
     if text.startswith("\ufeff"):  # a UTF-8 byte-order mark from spreadsheet exports
         text = text[1:]
@@ -140,10 +186,11 @@ def parse_csv(data: bytes, name: str, subject: str, split: str,
         raise KDError(f"{name}: empty file (expected a header ,Question,A,B,C,D,Answer)") from None
     except csv.Error as e:
         raise KDError(f"{name}:1: malformed CSV header: {e}") from None
-    missing = [c for c in _REQUIRED_COLUMNS if c not in header]
+    required = _REQUIRED_COLUMNS[:-1] if transfer else _REQUIRED_COLUMNS
+    missing = [c for c in required if c not in header]
     if missing:
         raise KDError(f"{name}:1: missing column(s) {', '.join(missing)} (header must be ,Question,A,B,C,D,Answer)")
-    cols = [header.index(c) for c in _REQUIRED_COLUMNS]
+    cols = [header.index(c) if c in header else None for c in _REQUIRED_COLUMNS]
     n_cols = len(header)
 
     out: list[Question] = []
@@ -160,36 +207,36 @@ def parse_csv(data: bytes, name: str, subject: str, split: str,
         start, line = line, reader.line_num + 1
         if not row or (len(row) == 1 and not row[0].strip()):
             continue  # blank line
-        reason = _row_problem(row, n_cols, cols)
+        reason = _row_problem(row, n_cols, cols, transfer)
         if reason is not None:
             if not skip_bad:
                 raise KDError(f"{name}:{start}: {reason}")
             if skipped is not None:
                 skipped.append(SkippedRow(name, start, reason))
             continue
-        q, a, b, c, d, ans = (row[i] for i in cols)
+        q, a, b, c, d, ans = ("" if i is None else row[i] for i in cols)
         h = content_hash(q, (a, b, c, d))
         # CMMLU repeats a few questions verbatim inside a subject (2 in test): keep every row, number the copies
         seen[h] = seen.get(h, 0) + 1
         qid = f"{subject}/{split}/{h}" + (f"-{seen[h]}" if seen[h] > 1 else "")
-        out.append(Question(qid, subject, split, len(out), q, (a, b, c, d), ans.strip()))
+        out.append(Question(qid, subject, split, len(out), q, (a, b, c, d), ans.strip() or None, subject_zh))
     return out
 
 
-def _row_problem(row: list[str], n_cols: int, cols: list[int]) -> str | None:
+def _row_problem(row: list[str], n_cols: int, cols: list[int | None], transfer: bool) -> str | None:
     if len(row) != n_cols:
         return f"expected {n_cols} columns, found {len(row)}"
     bad = next((i for i, v in enumerate(row) if _BAD_BYTE_RE.search(v)), None)
     if bad is not None:
         return "invalid UTF-8"
-    q, a, b, c, d, ans = (row[i] for i in cols)
+    q, a, b, c, d, ans = ("" if i is None else row[i] for i in cols)
     if not q.strip():
         return "empty question"
     for letter, opt in zip(LETTERS, (a, b, c, d)):
         if not opt.strip():
             return f"empty option {letter}"
-    if ans.strip() not in LETTERS:
-        return f"answer {ans!r} is not one of A, B, C, D"
+    if ans.strip() not in LETTERS and not (transfer and not ans.strip()):
+        return f"answer {ans!r} is not one of A, B, C, D" + (" (or empty, in a transfer set)" if transfer else "")
     return None
 
 
@@ -222,13 +269,13 @@ def _zip_files(zpath: Path) -> list[tuple[str, str, str, Callable[[], bytes]]]:
 
 
 def _is_repo_id(s: str) -> bool:
-    return not s.startswith((".", "/", "~")) and s.count("/") == 1 and all(s.split("/"))
+    """`owner/name`, and not a local path: a mistyped local path (its first part exists here) is no hub id."""
+    return (not s.startswith((".", "/", "~")) and s.count("/") == 1 and all(s.split("/"))
+            and not Path(s.split("/")[0]).exists())
 
 
 def fetch_hub_dataset(repo_id: str, revision: str | None = None) -> Path:
     """snapshot_download of a dataset repo; errors (no network, no such repo) become one-line KDErrors."""
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision,
                                       allow_patterns=["*.zip", "*.csv", "*.json", "*.md"]))
@@ -249,9 +296,8 @@ def find_files(path_or_repo: str | Path) -> tuple[str, list[tuple[str, str, str,
         return str(p), _zip_files(p)
     if (p / "test").is_dir():
         return str(p), _dir_files(p)
-    for sub in ("data",):  # the official GitHub repo keeps the CSVs under data/
-        if (p / sub / "test").is_dir():
-            return str(p / sub), _dir_files(p / sub)
+    if (p / "data" / "test").is_dir():  # the official GitHub repo keeps the CSVs under data/
+        return str(p / "data"), _dir_files(p / "data")
     zips = sorted(p.glob("*.zip"))
     if len(zips) == 1:
         return str(zips[0]), _zip_files(zips[0])
@@ -261,19 +307,21 @@ def find_files(path_or_repo: str | Path) -> tuple[str, list[tuple[str, str, str,
 
 
 def load_cmmlu(path_or_repo: str | Path, skip_bad: bool = False, progress: bool = False) -> CMMLU:
-    """Load CMMLU dev and test from a directory, a zip or a hub dataset id (default layout: see module doc)."""
-    from tqdm import tqdm
-
+    """Load CMMLU dev, test (and a transfer set) from a directory, a zip or a hub dataset id (see module doc)."""
     source, files = find_files(path_or_repo)
     if not any(split == "test" for split, *_ in files):
         raise KDError(f"no test/*.csv found in {source}")
-    table = _packaged_subject_table()
-    dev: dict[str, list[Question]] = {}
-    test: dict[str, list[Question]] = {}
+    table = subject_table()
+    own = Path(source) / "subjects.json"
+    if own.is_file():
+        table.update(read_subject_table(own))
+    parts: dict[str, dict[str, list[Question]]] = {s: {} for s in SPLITS}
     skipped: list[SkippedRow] = []
     for split, subject, name, read in tqdm(files, desc="loading CMMLU", unit="file", disable=not progress):
         if subject not in table:
-            raise KDError(f"{name}: unknown subject {subject!r} (not one of the {len(table)} CMMLU subjects)")
-        qs = parse_csv(read(), name, subject, split, skip_bad=skip_bad, skipped=skipped)
-        (dev if split == "dev" else test)[subject] = qs
-    return CMMLU(dev=dev, test=test, source=source, skipped=skipped)
+            raise KDError(f"{name}: unknown subject {subject!r} (not a CMMLU subject): name it in "
+                          f"{own} as {{\"{subject}\": {{\"zh\": \"<Chinese name>\", \"categories\": []}}}}")
+        parts[split][subject] = parse_csv(read(), name, subject, split, skip_bad=skip_bad, skipped=skipped,
+                                          subject_zh=table[subject]["zh"])
+    return CMMLU(dev=parts["dev"], test=parts["test"], source=source, skipped=skipped, transfer=parts[TRANSFER],
+                 subjects_table=table)

@@ -57,8 +57,9 @@ def subject_zh(subject: str) -> str:
     return table[subject]["zh"]
 
 
-def header(subject: str, cot: bool = False) -> str:
-    return (COT_HEADER if cot else HEADER).format(subject_zh(subject))
+def header(subject: str, cot: bool = False, zh: str = "") -> str:
+    """The header line; `zh` (a data directory's own subjects.json name) wins over the packaged table."""
+    return (COT_HEADER if cot else HEADER).format(zh or subject_zh(subject))
 
 
 def format_question(q: Question, cot: bool = False) -> str:
@@ -77,7 +78,7 @@ def build_prompt(q: Question, shots: Sequence[Question] = (), cot: bool = False)
     for s in shots:
         if s.subject != q.subject:
             raise KDError(f"shot {s.id} is from subject {s.subject}, question {q.id} from {q.subject}")
-    prefix = header(q.subject, cot) + "".join(format_shot(s) for s in shots)
+    prefix = header(q.subject, cot, q.subject_zh) + "".join(format_shot(s) for s in shots)
     return Prompt(prefix, format_question(q, cot), len(shots))
 
 

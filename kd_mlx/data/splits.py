@@ -5,10 +5,12 @@ by sha256(seed, content key) and the first round(n*test) go to "test", the next 
 "train". The content key is the hash of question and options (`content_key(id)`), so verbatim copies of a question
 (CMMLU has two pairs inside a subject and three across subjects) always land in the same split, and file order
 plays no part. The 335 dev questions are
-few-shot exemplars only and belong to no split.
+few-shot exemplars only and belong to no split. A transfer set (the data's `transfer/` files, answers optional) is
+the split "transfer", whole; a transfer question equal by content to a val or test question is refused.
 
-splits.json: {"train": [ids], "val": [ids], "test": [ids], "counts": {subject: {split: n}}, "seed": int,
-"fractions": {"train", "val", "test"}, "n_questions": int, "format": "kd_mlx.splits/1"}; id lists are sorted.
+splits.json: {"train": [ids], "val": [ids], "test": [ids], ("transfer": [ids],) "counts": {subject: {split: n}},
+"seed": int, "fractions": {"train", "val", "test"}, "n_questions": int, "format": "kd_mlx.splits/1"}; id lists are
+sorted; `n_questions` counts train + val + test.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..utils import KDError
-from .loader import CMMLU, Question, content_key
+from .loader import CMMLU, TRANSFER, Question, content_key
 
 SPLIT_NAMES = ("train", "val", "test")
 FORMAT = "kd_mlx.splits/1"
@@ -75,9 +77,20 @@ def make_splits(cmmlu: CMMLU, seed: int = 0, val: float = 0.1, test: float = 0.2
             subject = cmmlu.by_id(i).subject
             counts[subject][s] -= 1
             counts[subject][target] += 1
+    transfer = cmmlu.transfer_questions()
+    if transfer:
+        evaluated = {content_key(i): i for s in ("val", "test") for i in out[s]}
+        copies = [q.id for q in transfer if q.content_key in evaluated]
+        if copies:
+            raise KDError(f"{len(copies)} transfer question(s) repeat a val/test question, e.g. {copies[0]} = "
+                          f"{evaluated[content_key(copies[0])]}: remove them from the transfer set")
+        for q in transfer:
+            counts.setdefault(q.subject, {s: 0 for s in SPLIT_NAMES})
+            counts[q.subject][TRANSFER] = counts[q.subject].get(TRANSFER, 0) + 1
     return {
         "format": FORMAT,
         **{s: sorted(out[s]) for s in SPLIT_NAMES},
+        **({TRANSFER: sorted(q.id for q in transfer)} if transfer else {}),
         "counts": counts,
         "seed": seed,
         "fractions": {"train": round(1.0 - val - test, 10), "val": val, "test": test},
@@ -96,12 +109,13 @@ def load_splits(path: str | Path) -> dict:
         raise KDError(f"splits file {p} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise KDError(f"splits file {p} must hold a JSON object")
-    for s in SPLIT_NAMES:
+    names = [*SPLIT_NAMES, *([TRANSFER] if TRANSFER in data else [])]
+    for s in names:
         ids = data.get(s)
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise KDError(f"splits file {p}: {s!r} must be a list of question ids")
     seen: dict[str, str] = {}
-    for s in SPLIT_NAMES:
+    for s in names:
         for i in data[s]:
             if i in seen:
                 raise KDError(f"splits file {p}: question {i} is in both {seen[i]!r} and {s!r}")
@@ -115,7 +129,8 @@ def split_questions(cmmlu: CMMLU, splits: dict, names: str | Sequence[str]) -> l
     out: list[Question] = []
     for name in names:
         if name not in splits or not isinstance(splits[name], list):
-            raise KDError(f"no split named {name!r} (have: {', '.join(s for s in SPLIT_NAMES if s in splits)})")
+            have = [s for s in (*SPLIT_NAMES, TRANSFER) if s in splits]
+            raise KDError(f"no split named {name!r} (have: {', '.join(have)})")
         missing = [i for i in splits[name] if not cmmlu.has_id(i)]
         if missing:
             raise KDError(f"split {name!r} names {len(missing)} question(s) not in the data at {cmmlu.source}, "

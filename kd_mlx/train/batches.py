@@ -9,8 +9,9 @@ position of row b is `lengths[b] - 1` and padded KD slots carry a zero mask.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
+import mlx.core as mx
 import numpy as np
 
 
@@ -18,7 +19,7 @@ import numpy as np
 class Example:
     qid: str
     tokens: np.ndarray  # (n,) int32 student prompt ids; the answer letter is predicted at position n-1
-    gold: int  # 0..3 for A..D
+    gold: int  # 0..3 for A..D; -1: no gold answer (a transfer question: the teacher's terms only, no CE)
     teacher_answer_probs: np.ndarray  # (4,) float32 teacher A–D distribution (renormalised over the 4)
     # token-level KD targets from kd_mlx.align: student position whose logits are compared, student target ids
     # (-1 = padding), teacher mass projected onto them, and the mass that could not be placed
@@ -31,13 +32,28 @@ class Example:
         return int(self.tokens.shape[0])
 
 
+class BatchArrays(NamedTuple):
+    """One padded batch as mx arrays: what a loss function receives."""
+
+    tokens: mx.array  # (B, L) int32
+    lengths: mx.array  # (B,) int32
+    gold: mx.array  # (B,) int32, -1 = no gold answer
+    teacher_answer_probs: mx.array  # (B, 4) float32
+    kd_pos: mx.array  # (B, P) int32
+    kd_ids: mx.array  # (B, P, K) int32
+    kd_probs: mx.array  # (B, P, K) float32
+    kd_rest: mx.array  # (B, P) float32
+    kd_mask: mx.array  # (B, P) float32
+    norm: mx.array  # (3,) float32: rows, KD positions, rows with a gold answer (see Batch.norm)
+
+
 @dataclass
 class Batch:
-    """Numpy arrays of one padded batch (converted to mx arrays by the loop)."""
+    """Numpy arrays of one padded batch (`arrays()` gives the mx version a loss receives)."""
 
     tokens: np.ndarray  # (B, L) int32, right-padded with 0
     lengths: np.ndarray  # (B,) int32
-    gold: np.ndarray  # (B,) int32
+    gold: np.ndarray  # (B,) int32, -1 = no gold answer
     teacher_answer_probs: np.ndarray  # (B, 4) float32
     kd_pos: np.ndarray  # (B, P) int32 (0 where padded)
     kd_ids: np.ndarray  # (B, P, K) int32 (-1 where padded)
@@ -45,25 +61,24 @@ class Batch:
     kd_rest: np.ndarray  # (B, P) float32 (1 where padded)
     kd_mask: np.ndarray  # (B, P) float32, 1 for real KD positions
     qids: list[str]
-    # (rows, KD positions) of the whole optimizer batch the loss is normalised by; None = this batch's own counts.
-    # A data-parallel shard keeps the global counts so the ranks' parts sum to the single-process mean.
-    norm: tuple[float, float] | None = None
+    # (rows, KD positions, rows with a gold answer) of the whole optimizer batch the loss is normalised by; None =
+    # this batch's own counts. A data-parallel shard keeps the global counts so the ranks' parts sum to the
+    # single-process mean.
+    norm: tuple[float, float, float] | None = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
 
-    def counts(self) -> tuple[float, float]:
-        return float(len(self.qids)), float(self.kd_mask.sum())
+    def counts(self) -> tuple[float, float, float]:
+        return float(len(self.qids)), float(self.kd_mask.sum()), float((self.gold >= 0).sum())
 
-    def arrays(self) -> tuple:
-        import mlx.core as mx
-
+    def arrays(self) -> BatchArrays:
         norm = self.norm if self.norm is not None else self.counts()
-        return (mx.array(self.tokens), mx.array(self.lengths), mx.array(self.gold),
-                mx.array(self.teacher_answer_probs), mx.array(self.kd_pos), mx.array(self.kd_ids),
-                mx.array(self.kd_probs), mx.array(self.kd_rest), mx.array(self.kd_mask),
-                mx.array(norm, dtype=mx.float32))
+        return BatchArrays(mx.array(self.tokens), mx.array(self.lengths), mx.array(self.gold),
+                           mx.array(self.teacher_answer_probs), mx.array(self.kd_pos), mx.array(self.kd_ids),
+                           mx.array(self.kd_probs), mx.array(self.kd_rest), mx.array(self.kd_mask),
+                           mx.array(norm, dtype=mx.float32))
 
     def shard(self, rank: int, size: int) -> "Batch":
         """Rows `rank::size`-contiguous slice of a global batch for one data-parallel rank (the batch size must be
@@ -150,6 +165,11 @@ class BatchStream:
 
     def position(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
+
+    def seek(self, epoch: int, index: int) -> None:
+        """Continue from a saved `position()`."""
+        self.epoch, self.index = epoch, index
+        self._order = epoch_batches(self.examples, self.batch_size, self.seed, epoch, self.pad_to)
 
     def __iter__(self) -> Iterator[Batch]:
         return self

@@ -6,6 +6,8 @@
     mlx.launch -n 2 --backend ring -- python -m kd_mlx.train ...   # data parallel (batch_size = global batch)
     python -m kd_mlx.train sweep --config configs/train_sweep.yaml --grid temperature=1,2 \\
         --grid answer_weight=0.5,0.9 --steps 50 --out SWEEP
+
+Every setting, its default and its help: `kd_mlx.train.config.TrainConfig` (= configs/train_phi15.yaml).
 """
 
 from __future__ import annotations
@@ -16,36 +18,27 @@ from pathlib import Path
 import click
 
 from ..utils import KDError, cli_errors, linux_blas_advice, load_yaml_config, merge_config
-from .run import DEFAULTS
+from .config import TrainConfig, defaults, help_text
+from .run import format_sweep_table, parse_grid, read_run_config, run_sweep, run_training
 
-_COMMON = [
-    click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (flags win)."),
-    click.option("--student", help="Student model directory or hub id (mlx-lm architecture)."),
-    click.option("--store", help="Teacher logits store (python -m kd_mlx.teacher dump)."),
-    click.option("--data", help="CMMLU directory (dev/ test/) or hub id."),
-    click.option("--splits", help="splits.json (python -m kd_mlx.data split)."),
-    click.option("--teacher-tokenizer", "teacher_tokenizer", help="Teacher tokenizer directory."),
-    click.option("--out", help="Run directory."),
-    click.option("--steps", type=int, help="Optimizer steps."),
-    click.option("--fine-tune-type", "fine_tune_type", type=click.Choice(["lora", "dora", "full"])),
-    click.option("--learning-rate", "learning_rate", type=float),
-    click.option("--batch-size", "batch_size", type=int),
-    click.option("--seed", type=int),
-]
+# the settings with a flag (every other one: --config YAML); help and defaults come from TrainConfig
+_FLAGS = {"student": str, "store": str, "data": str, "splits": str, "teacher_tokenizer": str, "out": str,
+          "steps": int, "fine_tune_type": click.Choice(["lora", "dora", "full"]), "learning_rate": float,
+          "batch_size": int, "seed": int}
 
 
 def _with_common(fn):
-    for opt in reversed(_COMMON):
-        fn = opt(fn)
-    return fn
+    for name, kind in reversed(list(_FLAGS.items())):
+        fn = click.option(f"--{name.replace('_', '-')}", name, type=kind,
+                          help=f"{help_text(name)} [default: {defaults()[name]}]")(fn)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                        help="YAML config (every key of configs/train_phi15.yaml; flags win).")(fn)
 
 
-def _cfg(config_path: str | None, flags: dict, base: dict | None = None) -> dict:
+def _cfg(config_path: str | None, flags: dict, base: dict | None = None) -> TrainConfig:
+    """Defaults < the resumed run's recorded settings < YAML < flags, validated."""
     file_cfg = load_yaml_config(config_path)
-    defaults = dict(DEFAULTS)
-    if base:
-        defaults.update({k: v for k, v in base.items() if k in DEFAULTS})
-    return merge_config(file_cfg, flags, defaults)
+    return TrainConfig.from_dict(merge_config(file_cfg, flags, {**defaults(), **(base or {})}))
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,18 +53,13 @@ def main(ctx, config_path, resume, no_progress, **flags):
         if config_path or resume or any(v is not None for v in flags.values()):
             raise KDError(f"put options after the subcommand: python -m kd_mlx.train {ctx.invoked_subcommand} ...")
         return
-    from .run import run_training
-
     if advice := linux_blas_advice():
         click.echo(advice, err=True)
     base = None
     if resume:
-        cfg_file = Path(resume) / "config.json"
-        if not cfg_file.is_file():
-            raise KDError(f"cannot resume {resume}: no config.json there")
-        base = json.loads(cfg_file.read_text(encoding="utf-8"))
         if flags.get("out") and Path(flags["out"]).resolve() != Path(resume).resolve():
             raise KDError("--resume RUN continues RUN in place: --out must be RUN or left out")
+        base = read_run_config(resume)
         flags["out"] = resume
     cfg = _cfg(config_path, flags, base)
     summary = run_training(cfg, resume=bool(resume), progress=not no_progress)
@@ -85,9 +73,7 @@ def main(ctx, config_path, resume, no_progress, **flags):
 @cli_errors
 def sweep_cmd(config_path, grid, no_progress, **flags):
     """Short trials over a grid, ranked by validation accuracy; prints a table and writes OUT/sweep.json."""
-    from .run import format_sweep_table, parse_grid, run_sweep
-
     cfg = _cfg(config_path, flags)
     trials = run_sweep(cfg, parse_grid(grid), progress=not no_progress)
     click.echo(format_sweep_table(trials))
-    click.echo(f"wrote {Path(cfg['out']) / 'sweep.json'}")
+    click.echo(f"wrote {Path(cfg.out) / 'sweep.json'}")

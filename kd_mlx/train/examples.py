@@ -18,6 +18,7 @@ import numpy as np
 
 from ..utils import KDError
 from .batches import Example
+from .config import TrainConfig
 
 
 @dataclass
@@ -27,14 +28,14 @@ class StoreCheck:
     add_bos: bool
 
 
-def check_store_identity(store, teacher_tok, cfg: dict) -> StoreCheck:
+def check_store_identity(store, teacher_tok, cfg: TrainConfig) -> StoreCheck:
     """Compare the store's identity with the run: teacher tokenizer fingerprint and shots (one-line errors)."""
     ident = store.identity
     fp = teacher_tok.fingerprint()
     if ident.get("tokenizer") not in (None, fp):
         raise KDError(f"store {store.path} was dumped with teacher tokenizer {ident['tokenizer']}, but the run's "
                       f"teacher tokenizer is {fp}: pass the teacher's tokenizer with --teacher-tokenizer")
-    shots = cfg.get("shots")
+    shots = cfg.shots
     if shots is None:
         shots = ident.get("shots")
     if shots is None:
@@ -45,7 +46,7 @@ def check_store_identity(store, teacher_tok, cfg: dict) -> StoreCheck:
     return StoreCheck(int(shots), int(max_tokens) if max_tokens else None, bool(ident.get("add_bos", False)))
 
 
-def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, cfg: dict, check: StoreCheck,
+def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, cfg: TrainConfig, check: StoreCheck,
                    progress: bool = True, kind: str = "train") -> list[Example]:
     """Examples for `questions` (all must be in the store)."""
     from tqdm import tqdm
@@ -57,10 +58,9 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
     if missing:
         raise KDError(f"{len(missing)} {kind} question(s) are not in the store {store.path}, e.g. {missing[0]} "
                       f"(dump them first, or use the splits the store was made for)")
-    vmap = VocabMap.build(teacher_tok, student_tok) if float(cfg["kd_weight"]) else None
-    by_bytes = cfg.get("kd_align", "bytes") == "bytes"
-    max_len = int(cfg["max_seq_len"])
-    letters = "ABCD"
+    vmap = VocabMap.build(teacher_tok, student_tok) if cfg.kd_weight else None
+    by_bytes = cfg.kd_align == "bytes"
+    max_len = cfg.max_seq_len
     out = []
     for q in tqdm(questions, desc=f"{kind} examples", disable=not progress, leave=False):
         rec = store[q.id]
@@ -75,7 +75,7 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
         s_ids, s_offs = student_tok.encode_with_offsets(s_prompt.text)
         if len(s_ids) > max_len:
             raise KDError(f"{q.id}: the bare question is {len(s_ids)} student tokens, over max_seq_len={max_len}")
-        gold = letters.index(q.answer) if q.answer in letters else int(rec.label)
+        gold = q.answer_index if q.answer else int(rec.label)  # -1: no answer (transfer set), no CE
         ex = Example(q.id, np.array(s_ids, np.int32), gold, rec.answer_probs)
         if vmap is not None and len(rec.positions):
             t_text, s_text = t_prompt.text, s_prompt.text
@@ -83,10 +83,10 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
             region = 0 if t_text == s_text else len(t_text) - len(t_prompt.suffix)
             if by_bytes:  # boundaries compared in bytes: also where both cut inside one character
                 ex.kd_pos, ex.kd_ids, ex.kd_probs, ex.kd_rest = align_record_bytes(
-                    rec, s_ids, t_text, s_text, region, vmap, cfg.get("kd_max_positions"))
+                    rec, s_ids, t_text, s_text, region, vmap, cfg.kd_max_positions)
             else:
                 t_offs = np.asarray(rec.offsets)  # one row per stored id (a BOS included), as positions index them
                 ex.kd_pos, ex.kd_ids, ex.kd_probs, ex.kd_rest = align_record(
-                    rec, t_offs, s_offs, len(t_text) - len(s_text), region, vmap, cfg.get("kd_max_positions"))
+                    rec, t_offs, s_offs, len(t_text) - len(s_text), region, vmap, cfg.kd_max_positions)
         out.append(ex)
     return out

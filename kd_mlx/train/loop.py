@@ -1,6 +1,11 @@
 """The training loop: compiled step, gradient accumulation, AdamW with warm-up + cosine, validation with early
 stopping, checkpoints that resume exactly, non-finite-loss stop, metrics JSONL + PNG.
 
+The loop knows nothing of distillation: it takes the loss (`loss(model, batch) -> (total, parts)`, parts =
+[answer_kl, token_kd, ce, n_correct]) and the batches as arguments, as mlx-lm's `train(loss=..., iterate_batches=...)`
+does, and reports every train/validation row through `TrainingCallback`s (metrics.jsonl and the progress bar are
+two of them). `Trainer` holds the pieces: `step`, `validate`, `checkpoint`, `save_best`, `finish`.
+
 Run layout:
     RUN/config.json                      final merged config
     RUN/metrics.jsonl                    one line per optimizer step ("kind": "train") and per validation ("val")
@@ -21,35 +26,61 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.trainer import grad_checkpoint
+from tqdm import tqdm
 
 from ..utils import KDError, write_json_atomic
-from .batches import BatchStream, Example, eval_batches
-from .model import load_adapter_weights, save_adapters
-from .objective import PART_NAMES, head_split, objective
+from .batches import Batch, BatchArrays
+from .config import TrainConfig
+from .model import BASE_HASH_KEY, check_adapter_base, load_adapter_weights, save_adapters
+from .objective import PART_NAMES
 
 LOG_EVERY_FIELDS = ("loss",) + PART_NAMES
+# loss(model, batch) -> (total, [answer_kl, token_kd, ce, n_correct]): parts are sums over the batch divided by the
+# counts in `batch.norm` (rows, KD positions, rows with a gold answer)
+LossFn = Callable[[nn.Module, BatchArrays], tuple[mx.array, mx.array]]
 
 
-def make_schedule(cfg: dict) -> Callable:
+class TrainBatches(Protocol):
+    """Endless training batches with a resumable position (`BatchStream` is one)."""
+
+    def __next__(self) -> Batch: ...
+
+    def position(self) -> dict: ...
+
+    def seek(self, epoch: int, index: int) -> None: ...
+
+
+class TrainingCallback:
+    """Receives every logged row (mlx-lm's TrainingCallback, with our rows)."""
+
+    def on_train_report(self, row: dict) -> None:
+        """After each optimizer step: {"kind": "train", "step", "loss", parts, "train_acc", "lr", "tokens", ...}."""
+
+    def on_val_report(self, row: dict) -> None:
+        """After each validation: {"kind": "val", "step", "val_loss", "val_acc", "val_<part>", "improved", ...}."""
+
+
+def make_schedule(cfg: TrainConfig) -> Callable:
     """Linear warm-up from 0 to `learning_rate` over `warmup_steps`, then cosine decay to
     `learning_rate * min_lr_ratio` at `steps`."""
-    lr, steps, warm = float(cfg["learning_rate"]), int(cfg["steps"]), int(cfg["warmup_steps"])
-    decay = optim.cosine_decay(lr, max(steps - warm, 1), lr * float(cfg["min_lr_ratio"]))
+    lr, steps, warm = cfg.learning_rate, cfg.steps, cfg.warmup_steps
+    decay = optim.cosine_decay(lr, max(steps - warm, 1), lr * cfg.min_lr_ratio)
     if warm <= 0:
         return decay
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warm), decay], [warm])
 
 
-def make_optimizer(cfg: dict) -> optim.Optimizer:
-    return optim.AdamW(learning_rate=make_schedule(cfg), betas=[float(cfg["adam_beta1"]), float(cfg["adam_beta2"])],
-                       eps=float(cfg["adam_eps"]), weight_decay=float(cfg["weight_decay"]))
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    return optim.AdamW(learning_rate=make_schedule(cfg), betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps,
+                       weight_decay=cfg.weight_decay)
 
 
 def peak_rss_bytes() -> int:
@@ -97,6 +128,15 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def _fresh_dir(path: Path) -> Path:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def _point_last(run: Path, target: Path) -> None:
     link = run / "last"
     tmp = run / ".last.tmp"
@@ -112,18 +152,23 @@ def _point_last(run: Path, target: Path) -> None:
         _replace_dir(tmp, link)
 
 
+def write_adapters_dir(model: nn.Module, acfg: dict, final: Path, json_files: dict[str, dict] | None = None,
+                       optimizer: optim.Optimizer | None = None) -> Path:
+    """Adapters (+ `json_files`, + the optimizer state) written to a temp directory, then moved onto `final`."""
+    tmp = _fresh_dir(final.with_name(f".{final.name}.tmp"))
+    save_adapters(model, acfg, tmp)
+    if optimizer is not None:
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    for name, obj in (json_files or {}).items():
+        write_json_atomic(tmp / name, obj)
+    _replace_dir(tmp, final)
+    return final
+
+
 def save_checkpoint(run: Path, model: nn.Module, acfg: dict, optimizer: optim.Optimizer, state: dict,
                     keep: int) -> Path:
     ckdir = run / "checkpoints"
-    final = ckdir / f"step_{state['step']}"
-    tmp = ckdir / f".step_{state['step']}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_adapters(model, acfg, tmp)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    write_json_atomic(tmp / "state.json", state)
-    _replace_dir(tmp, final)
+    final = write_adapters_dir(model, acfg, ckdir / f"step_{state['step']}", {"state.json": state}, optimizer)
     _point_last(run, final)
     if keep > 0:  # prune the oldest checkpoints
         done = sorted((p for p in ckdir.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
@@ -152,10 +197,15 @@ def latest_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-# ------------------------------------------------------------------------------------------------ metrics
+# ------------------------------------------------------------------------------------------------ reporting
 
 
-class Metrics:
+def json_row(row: dict) -> dict:
+    """`row` with non-finite floats as null: metrics.jsonl stays JSON (a bare NaN is not)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+class MetricsLog(TrainingCallback):
     """Append-only JSONL; on resume, lines after the checkpoint's step are dropped so the file equals the
     uninterrupted run's."""
 
@@ -169,14 +219,27 @@ class Metrics:
 
     def log(self, row: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(json_row(row), allow_nan=False) + "\n")
 
-    def rows(self) -> list[dict]:
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+    on_train_report = on_val_report = log
+
+
+class ProgressBar(TrainingCallback):
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, desc="train", disable=not enabled, dynamic_ncols=True)
+
+    def on_train_report(self, row: dict) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def plot_curves(metrics_path: Path, out_png: Path) -> None:
     """PNG of the training loss parts, learning rate and validation curves (matplotlib Agg, no display)."""
+    # imported here: selecting the Agg backend at import time would change the backend of any program that
+    # imports kd_mlx.train
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,25 +275,21 @@ def plot_curves(metrics_path: Path, out_png: Path) -> None:
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def validate(model: nn.Module, split, examples: list[Example], letter_ids: mx.array, cfg: dict,
-             group=None) -> dict:
-    """Mean objective parts and A–D accuracy (argmax over the four letter logits at the answer position, the
-    official CMMLU scoring of kd_mlx.eval) over the validation examples, dropout off. With a data-parallel
-    `group`, rank r scores batches r, r+size, ... and the sums are all-reduced (same result on every rank)."""
-    if not examples:
-        return {}
+def validate(model: nn.Module, loss: LossFn, batches: Iterable[Batch], cfg: TrainConfig, group=None) -> dict:
+    """Mean loss parts and A–D accuracy (argmax over the four letter logits at the answer position, the official
+    CMMLU scoring of kd_mlx.eval) over the validation batches, dropout off. With a data-parallel `group`,
+    rank r scores batches r, r+size, ... and the sums are all-reduced (same result on every rank)."""
     was_training = model.training
     model.eval()
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     sums = mx.zeros(len(PART_NAMES) + 1)  # part sums (KD over positions), n_correct
-    counts = np.zeros(2)  # rows, KD positions
-    for i, batch in enumerate(eval_batches(examples, int(cfg["eval_batch_size"] or cfg["batch_size"]),
-                                           int(cfg["pad_to"]))):
+    counts = np.zeros(3)  # rows, KD positions, rows with a gold answer
+    for i, batch in enumerate(batches):
         counts += batch.counts()
         if i % size != rank:
             continue
-        batch.norm = (1.0, 1.0)  # sums: normalised once over the whole set below
-        _, parts = objective(model, split, batch.arrays(), letter_ids, cfg)
+        batch.norm = (1.0, 1.0, 1.0)  # sums: normalised once over the whole set below
+        _, parts = loss(model, batch.arrays())
         sums = sums + parts
         mx.eval(sums)
     if size > 1:
@@ -238,11 +297,10 @@ def validate(model: nn.Module, split, examples: list[Example], letter_ids: mx.ar
     s = np.array(sums.tolist(), np.float64)
     if was_training:
         model.train()
-    n, n_kd = counts[0], max(counts[1], 1.0)
-    parts = {"answer_kl": s[0] / n, "token_kd": s[1] / n_kd, "ce": s[2] / n}
-    loss = sum(float(cfg[w]) * parts[k] for k, w in (("answer_kl", "answer_weight"), ("token_kd", "kd_weight"),
-                                                      ("ce", "ce_weight")))
-    out = {"val_loss": float(loss), "val_acc": float(s[3] / n), "val_n": int(n)}
+    n, n_kd, n_gold = counts[0], max(counts[1], 1.0), max(counts[2], 1.0)
+    parts = {"answer_kl": s[0] / n, "token_kd": s[1] / n_kd, "ce": s[2] / n_gold}
+    total = cfg.answer_weight * parts["answer_kl"] + cfg.kd_weight * parts["token_kd"] + cfg.ce_weight * parts["ce"]
+    out = {"val_loss": float(total), "val_acc": float(s[3] / n_gold), "val_n": int(n)}
     out.update({f"val_{k}": float(v) for k, v in parts.items()})
     return out
 
@@ -256,173 +314,203 @@ def _better(metric: str, new: float, best: float | None) -> bool:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def train_loop(model: nn.Module, acfg: dict, train_examples: list[Example], val_examples: list[Example],
-               letter_ids: list[int], cfg: dict, run: Path, resume: bool = False,
-               on_step: Callable[[int, dict], None] | None = None, progress: bool = True, group=None) -> dict:
-    """Train `model` (already set up by `setup_trainable`) on the examples; returns a summary dict.
+class Trainer:
+    """One training run's optimizer, compiled step and state (`state.json` of every checkpoint).
 
     Data parallel when `group` (an `mx.distributed` group) has more than one rank: every rank draws the same global
-    batch of `batch_size` rows, computes its contiguous slice, the gradients are averaged across ranks inside the
-    compiled step (mlx's `average_gradients`, as mlx-lm's trainer does) and every rank applies the same update.
-    Only rank 0 writes metrics, checkpoints and adapters; a resume reads RUN/last on every rank.
+    batch, computes its contiguous slice, the gradients are averaged across ranks inside the compiled step (mlx's
+    `average_gradients`, as mlx-lm's trainer does) and every rank applies the same update. Only rank 0 writes."""
 
-    `on_step(step, row)` is called after each optimizer step's metrics are logged (tests use it to interrupt a
-    run). `cfg["debug_nan_at_step"]` (test hook) makes that step's loss normaliser NaN, to exercise the
-    non-finite-loss stop."""
-    from tqdm import tqdm
+    def __init__(self, model: nn.Module, adapter_config: dict, cfg: TrainConfig, run: Path, loss: LossFn,
+                 group=None):
+        self.model, self.acfg, self.cfg, self.run, self.loss = model, adapter_config, cfg, Path(run), loss
+        self.rank, self.size = (group.rank(), group.size()) if group is not None else (0, 1)
+        self.group = group if self.size > 1 else None
+        self.main = self.rank == 0
+        if cfg.batch_size % self.size:
+            raise KDError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({self.size})")
+        self.optimizer = make_optimizer(cfg)
+        self.optimizer.init(model.trainable_parameters())
+        self.state = {"step": 0, "epoch": 0, "index": 0, "rng": None, "best_metric": None, "best_step": None,
+                      "bad_evals": 0, "stopped": None}
+        self.last_good: Path | None = None
+        if cfg.grad_checkpoint:
+            grad_checkpoint(model.layers[0])  # patches the block class (mlx-lm's own mechanism)
+        self._captured: list | None = None
+        self._step_call: Callable | None = None
 
-    run = Path(run)
-    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
-    if size == 1:
-        group = None
-    main = rank == 0
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-    letter_ids_mx = mx.array(letter_ids, dtype=mx.int32)
-    accum = int(cfg["grad_accumulation"])
-    if accum < 1:
-        raise KDError("grad_accumulation must be >= 1")
-    if int(cfg["batch_size"]) % size:
-        raise KDError(f"batch_size={cfg['batch_size']} must be divisible by the number of ranks ({size})")
-    steps = int(cfg["steps"])
-    optimizer = make_optimizer(cfg)
-    optimizer.init(model.trainable_parameters())
+    def _build_step(self) -> None:
+        """The (compiled) step, built at the first step: after a resume has restored the state it captures."""
+        self._captured = [self.model.state, self.optimizer.state, mx.random.state]
+        step_fn = self._step_fn()
+        self._step_call = (partial(mx.compile, inputs=self._captured, outputs=self._captured)(step_fn)
+                           if self.cfg.compile else step_fn)
 
-    state = {"step": 0, "epoch": 0, "index": 0, "rng": None, "best_metric": None, "best_step": None,
-             "bad_evals": 0, "stopped": None}
-    if resume:
-        ckpt = latest_checkpoint(run)
+    def _step_fn(self) -> Callable:
+        model, optimizer, group, max_norm = self.model, self.optimizer, self.group, self.cfg.max_grad_norm
+        loss_and_grad = nn.value_and_grad(model, lambda m, *b: self.loss(m, BatchArrays(*b)))
+        # each rank's loss is its share of the global mean (see objective._parts): the global gradient is the *sum*
+        # over ranks = size x average_gradients; folded into the accumulation divisor
+        grad_scale = self.size / self.cfg.grad_accumulation
+
+        def step_fn(batch: tuple, prev_grad, do_update: bool):
+            (loss, parts), grad = loss_and_grad(model, *batch)
+            if prev_grad is not None:
+                grad = tree_map(lambda a, b: a + b, grad, prev_grad)
+            if do_update:
+                if group is not None:
+                    grad = nn.average_gradients(grad, group)
+                if grad_scale != 1:
+                    grad = tree_map(lambda g: g * grad_scale, grad)
+                if max_norm:
+                    grad, _ = optim.clip_grad_norm(grad, max_norm)
+                optimizer.update(model, grad)
+                grad = None
+            return loss, parts, grad
+
+        return step_fn
+
+    def resume(self) -> None:
+        """Restore adapters, optimizer, state and RNG from RUN/last."""
+        ckpt = latest_checkpoint(self.run)
         if ckpt is None:
-            raise KDError(f"nothing to resume in {run}: no checkpoint")
-        state = load_checkpoint(ckpt, model, optimizer)
-        _set_rng_state(state["rng"])
-    metrics = Metrics(run / "metrics.jsonl", state["step"] if resume else None) if main else None
-    stream = BatchStream(train_examples, int(cfg["batch_size"]), int(cfg["seed"]), int(cfg["pad_to"]),
-                         state["epoch"], state["index"])
+            raise KDError(f"nothing to resume in {self.run}: no checkpoint")
+        if self.acfg.get(BASE_HASH_KEY):
+            check_adapter_base(ckpt, self.acfg.get("model"), self.acfg[BASE_HASH_KEY])
+        self.state = load_checkpoint(ckpt, self.model, self.optimizer)
+        self.state["stopped"] = None  # a resumed run goes on to `steps`, even after an early stop
+        _set_rng_state(self.state["rng"])
+        self.last_good = ckpt
 
-    split = head_split(model) if cfg.get("fast_head", True) else None
-    if cfg.get("grad_checkpoint"):
-        from mlx_lm.tuner.trainer import grad_checkpoint  # patches the block class (mlx-lm's own mechanism)
+    def step(self, batches: Iterator[Batch]) -> dict:
+        """One optimizer step over `grad_accumulation` micro-batches; returns its metrics row (global values)."""
+        if self._step_call is None:
+            self._build_step()
+        step = self.state["step"] + 1
+        accum = self.cfg.grad_accumulation
+        tic = time.perf_counter()
+        grad = None
+        sums = mx.zeros(len(PART_NAMES) + 2)
+        ntok = n_gold = 0
+        for micro in range(accum):
+            batch = next(batches)  # the global batch: identical on every rank
+            ntok += batch.n_tokens
+            n_gold += int(batch.counts()[2])
+            if self.size > 1:
+                batch = batch.shard(self.rank, self.size)
+            loss, parts, grad = self._step_call(tuple(batch.arrays()), grad, micro == accum - 1)
+            mx.eval(self._captured, loss, parts, grad)
+            sums = sums + mx.concatenate([loss[None], parts])
+        if self.group is not None:  # every rank logs (and decides on) the global values
+            sums = mx.distributed.all_sum(sums, group=self.group, stream=mx.cpu)
+        s = np.array(sums.tolist(), np.float64)
+        dt = time.perf_counter() - tic
+        row = {"kind": "train", "step": step, "loss": float(s[0] / accum)}
+        row.update({k: float(s[1 + i] / accum) for i, k in enumerate(PART_NAMES)})
+        row.update({"train_acc": float(s[4] / max(n_gold, 1)), "lr": float(self.optimizer.learning_rate.item()),
+                    "tokens": ntok, "tokens_per_s": ntok / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                    "peak_rss_gb": peak_rss_bytes() / 1e9})
+        if self.size > 1:
+            row["ranks"] = self.size
+        self.state["step"] = step
+        return row
 
-        grad_checkpoint(model.layers[0])
-    loss_and_grad = nn.value_and_grad(model, lambda m, *b: objective(m, split, b, letter_ids_mx, cfg))
-    max_norm = cfg.get("max_grad_norm")
-    # each rank's loss is its share of the global mean (see objective._parts): the global gradient is the *sum*
-    # over ranks = size x average_gradients; folded into the accumulation divisor
-    grad_scale = size / accum
+    def validate(self, val_batches: Callable[[], Iterable[Batch]]) -> tuple[dict, bool]:
+        """Validation row and whether it improved on the best so far (state updated; early stop decided)."""
+        cfg = self.cfg
+        v = validate(self.model, self.loss, val_batches(), cfg, self.group)
+        improved = _better(cfg.best_metric, v[cfg.best_metric], self.state["best_metric"])
+        if improved:
+            self.state.update(best_metric=v[cfg.best_metric], best_step=self.state["step"], bad_evals=0)
+        else:
+            self.state["bad_evals"] += 1
+            if cfg.patience and self.state["bad_evals"] >= cfg.patience:
+                self.state["stopped"] = f"early stop: no improvement of {cfg.best_metric} in {cfg.patience} evaluations"
+        return {"kind": "val", "step": self.state["step"], **v, "improved": improved}, improved
 
-    def step_fn(batch, prev_grad, do_update):
-        (loss, parts), grad = loss_and_grad(model, *batch)
-        if prev_grad is not None:
-            grad = tree_map(lambda a, b: a + b, grad, prev_grad)
-        if do_update:
-            if group is not None:
-                grad = nn.average_gradients(grad, group)
-            if grad_scale != 1:
-                grad = tree_map(lambda g: g * grad_scale, grad)
-            if max_norm:
-                grad, _ = optim.clip_grad_norm(grad, float(max_norm))
-            optimizer.update(model, grad)
-            grad = None
-        return loss, parts, grad
+    def save_best(self, val_row: dict | None) -> None:
+        """RUN/best: the adapters now (+ best.json with the validation row that made them best)."""
+        if self.main:
+            extra = {"best.json": {k: v for k, v in val_row.items() if k not in ("kind", "improved")}} if val_row else {}
+            write_adapters_dir(self.model, self.acfg, self.run / "best", extra)
 
-    captured = [model.state, optimizer.state, mx.random.state]
-    step_call = partial(mx.compile, inputs=captured, outputs=captured)(step_fn) if cfg.get("compile", True) else step_fn
+    def checkpoint(self, position: dict) -> None:
+        """Checkpoint the step just taken (rank 0 writes; every rank knows where it is)."""
+        self.state.update(position)
+        self.state["rng"] = _rng_state()
+        step = self.state["step"]
+        if self.main:
+            self.last_good = save_checkpoint(self.run, self.model, self.acfg, self.optimizer, dict(self.state),
+                                             self.cfg.keep_checkpoints)
+        else:
+            self.last_good = self.run / "checkpoints" / f"step_{step}"
 
+    def stop_non_finite(self, row: dict) -> None:
+        where = f"last good checkpoint: {self.last_good}" if self.last_good else "no checkpoint had been saved yet"
+        self.state["stopped"] = "non-finite loss"
+        raise KDError(f"non-finite loss ({row['loss']}) at step {row['step']}; training stopped, {where}")
+
+    def finish(self) -> dict:
+        """RUN/best when no validation made one (the final adapters), RUN/summary.json; returns the summary."""
+        summary = {"step": self.state["step"], "best_step": self.state["best_step"],
+                   "best_metric": self.state["best_metric"], "stopped": self.state["stopped"] or "completed",
+                   "last_checkpoint": str(self.last_good) if self.last_good else None}
+        if self.main:
+            if not (self.run / "best").exists():
+                self.save_best(None)
+            write_json_atomic(self.run / "summary.json", summary)
+        return summary
+
+
+def train_loop(model: nn.Module, adapter_config: dict, cfg: TrainConfig, run: Path, loss: LossFn,
+               train_batches: TrainBatches, val_batches: Callable[[], Iterable[Batch]] | None = None,
+               resume: bool = False, callback: TrainingCallback | None = None, progress: bool = True,
+               group=None) -> dict:
+    """Train `model` (already set up by `setup_trainable`) on `train_batches` with `loss`; returns a summary dict.
+
+    `val_batches()` gives a fresh iterable of validation batches (None: no validation; the final adapters become
+    RUN/best). `callback` receives every train/validation row after it is logged (e.g. to interrupt a run)."""
+    run = Path(run)
+    trainer = Trainer(model, adapter_config, cfg, run, loss, group)
+    if trainer.main:
+        run.mkdir(parents=True, exist_ok=True)
+    if resume:
+        trainer.resume()
+        train_batches.seek(trainer.state["epoch"], trainer.state["index"])
+    reporters: list[TrainingCallback] = []
+    bar = ProgressBar(cfg.steps, trainer.state["step"], progress and trainer.main)
+    metrics = MetricsLog(run / "metrics.jsonl", trainer.state["step"] if resume else None) if trainer.main else None
+    if metrics is not None:
+        reporters += [metrics, bar]
+    if callback is not None:
+        reporters.append(callback)
     model.train()
-    last_good = latest_checkpoint(run) if resume else None
-    eval_every, save_every = int(cfg["eval_every"]), int(cfg["save_every"])
-    patience = int(cfg["patience"]) if cfg.get("patience") else 0
-    bar = tqdm(total=steps, initial=state["step"], desc="train", disable=not (progress and main), dynamic_ncols=True)
-    summary: dict = {}
     try:
-        while state["step"] < steps:
-            step = state["step"] + 1
-            tic = time.perf_counter()
-            grad = None
-            sums = mx.zeros(len(PART_NAMES) + 2)
-            ntok = nseq = 0
-            for micro in range(accum):
-                batch = next(stream)  # the global batch: identical on every rank
-                ntok += batch.n_tokens
-                nseq += len(batch.qids)
-                if size > 1:
-                    batch = batch.shard(rank, size)
-                if cfg.get("debug_nan_at_step") == step:  # test hook: a NaN loss normaliser (NaN loss + gradient)
-                    batch.norm = (float("nan"), float("nan"))
-                loss, parts, grad = step_call(batch.arrays(), grad, micro == accum - 1)
-                mx.eval(captured, loss, parts, grad)
-                sums = sums + mx.concatenate([loss[None], parts])
-            if group is not None:  # every rank logs (and decides on) the global values
-                sums = mx.distributed.all_sum(sums, group=group, stream=mx.cpu)
-            s = np.array(sums.tolist(), np.float64)
-            dt = time.perf_counter() - tic
-            lr = float(optimizer.learning_rate.item())
-            row = {"kind": "train", "step": step, "loss": float(s[0] / accum)}
-            row.update({k: float(s[1 + i] / accum) for i, k in enumerate(PART_NAMES)})
-            row.update({"train_acc": float(s[4] / nseq), "lr": lr, "tokens": ntok, "tokens_per_s": ntok / dt,
-                        "peak_memory_gb": mx.get_peak_memory() / 1e9, "peak_rss_gb": peak_rss_bytes() / 1e9})
-            if size > 1:
-                row["ranks"] = size
-            state["step"] = step
+        while trainer.state["step"] < cfg.steps:
+            row = trainer.step(train_batches)
+            step = row["step"]
             if not math.isfinite(row["loss"]):
-                if main:
-                    metrics.log(row)
-                where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint had been saved yet"
-                state["stopped"] = "non-finite loss"
-                raise KDError(f"non-finite loss ({row['loss']}) at step {step}; training stopped, {where}")
-            if main:
-                metrics.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-
-            stop = False
-            if val_examples and (step % eval_every == 0 or step == steps):
-                v = validate(model, split, val_examples, letter_ids_mx, cfg, group)
-                improved = _better(cfg["best_metric"], v[cfg["best_metric"]], state["best_metric"])
-                if main:
-                    metrics.log({"kind": "val", "step": step, **v, "improved": improved})
+                if metrics is not None:
+                    metrics.on_train_report(row)
+                trainer.stop_non_finite(row)
+            for r in reporters:
+                r.on_train_report(row)
+            if val_batches is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val_row, improved = trainer.validate(val_batches)
                 if improved:
-                    state["best_metric"], state["best_step"], state["bad_evals"] = v[cfg["best_metric"]], step, 0
-                    if main:
-                        tmp = run / ".best.tmp"
-                        if tmp.exists():
-                            shutil.rmtree(tmp)
-                        save_adapters(model, acfg, tmp)
-                        write_json_atomic(tmp / "best.json", {"step": step, **v})
-                        _replace_dir(tmp, run / "best")
-                else:
-                    state["bad_evals"] += 1
-                    if patience and state["bad_evals"] >= patience:
-                        stop = True
-                        state["stopped"] = f"early stop: no improvement of {cfg['best_metric']} in {patience} evaluations"
-            state.update(stream.position())
-            state["rng"] = _rng_state()
-            if step % save_every == 0 or step == steps or stop:
-                if main:
-                    last_good = save_checkpoint(run, model, acfg, optimizer, dict(state), int(cfg["keep_checkpoints"]))
-                else:
-                    last_good = run / "checkpoints" / f"step_{step}"
-            if on_step is not None:
-                on_step(step, row)
+                    trainer.save_best(val_row)
+                for r in reporters:
+                    r.on_val_report(val_row)
+            stop = trainer.state["stopped"] is not None
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
+                trainer.checkpoint(train_batches.position())
             if stop:
                 break
-        summary = {"step": state["step"], "best_step": state["best_step"], "best_metric": state["best_metric"],
-                   "stopped": state["stopped"] or "completed", "last_checkpoint": str(last_good) if last_good else None}
     finally:
         bar.close()
-        if main and (run / "metrics.jsonl").stat().st_size:
+        if trainer.main and (run / "metrics.jsonl").stat().st_size:
             try:
                 plot_curves(run / "metrics.jsonl", run / "curves.png")
             except Exception as e:  # a plotting failure must not hide the training result
                 print(f"warning: could not draw curves: {e}", file=sys.stderr)
-    if not main:
-        return summary
-    if not (run / "best").exists():  # no validation set: the final adapters stand in as "best"
-        tmp = run / ".best.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_adapters(model, acfg, tmp)
-        _replace_dir(tmp, run / "best")
-    write_json_atomic(run / "summary.json", summary)
-    return summary
+    return trainer.finish()

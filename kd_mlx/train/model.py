@@ -7,15 +7,19 @@ Adapters are written exactly as `mlx_lm.lora` writes them (`adapters.safetensors
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load_model
 
 from ..utils import KDError, atomic_path, resolve_model_path
+from .config import TrainConfig
 
 # Default LoRA targets per mlx-lm model type (keys are module paths inside one transformer block).
 DEFAULT_LORA_KEYS: dict[str, list[str]] = {
@@ -23,15 +27,12 @@ DEFAULT_LORA_KEYS: dict[str, list[str]] = {
     "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
 }
-FINE_TUNE_TYPES = ("lora", "dora", "full")
 
 
 def load_student(path_or_repo: str, dtype: str | None = "float32") -> tuple[nn.Module, dict, Path]:
     """Load the student model with mlx-lm (weights only; the tokenizer comes from kd_mlx.tokenizer).
 
     `dtype` casts floating weights (fp32 is the fast CPU path; None keeps the checkpoint's dtype)."""
-    from mlx_lm.utils import load_model
-
     path = resolve_model_path(path_or_repo, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.txt",
                                                              "*.model", "*.tiktoken", "*.py"])
     if not (path / "config.json").is_file():
@@ -50,8 +51,6 @@ def load_student(path_or_repo: str, dtype: str | None = "float32") -> tuple[nn.M
 
 
 def _cast_floats(tree: Any, dtype: mx.Dtype) -> Any:
-    from mlx.utils import tree_map
-
     return tree_map(lambda x: x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x, tree)
 
 
@@ -69,37 +68,23 @@ def lora_keys_for(model: nn.Module, keys: list[str] | None) -> list[str]:
     return sorted(k for k, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
 
 
-def adapter_config(cfg: dict, model: nn.Module) -> dict:
+def adapter_config(cfg: TrainConfig, model: nn.Module) -> dict:
     """The `adapter_config.json` content mlx-lm expects (plus our own keys, which mlx-lm ignores)."""
     n_layers = len(model.layers)
-    num_layers = n_layers if cfg["num_layers"] in (None, -1) else int(cfg["num_layers"])
-    out = {
-        "fine_tune_type": cfg["fine_tune_type"],
-        "num_layers": num_layers,
-        "model": str(cfg.get("student")),
-    }
-    if cfg["fine_tune_type"] != "full":
-        out["lora_parameters"] = {
-            "rank": int(cfg["lora_rank"]),
-            "scale": float(cfg["lora_scale"]),
-            "dropout": float(cfg["lora_dropout"]),
-            "keys": lora_keys_for(model, cfg.get("lora_keys")),
-        }
+    num_layers = n_layers if cfg.num_layers == -1 else cfg.num_layers
+    if not 0 < num_layers <= n_layers:
+        raise KDError(f"num_layers={num_layers} but the student has {n_layers} layers")
+    out = {"fine_tune_type": cfg.fine_tune_type, "num_layers": num_layers, "model": str(cfg.student)}
+    if cfg.fine_tune_type != "full":
+        out["lora_parameters"] = {"rank": cfg.lora_rank, "scale": cfg.lora_scale, "dropout": cfg.lora_dropout,
+                                  "keys": lora_keys_for(model, cfg.lora_keys)}
     return out
 
 
-def setup_trainable(model: nn.Module, cfg: dict) -> dict:
+def setup_trainable(model: nn.Module, cfg: TrainConfig) -> dict:
     """Freeze the model and make the requested part trainable with mlx-lm's tuner; returns the adapter config."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    ftt = cfg["fine_tune_type"]
-    if ftt not in FINE_TUNE_TYPES:
-        raise KDError(f"fine_tune_type must be one of {', '.join(FINE_TUNE_TYPES)}, got {ftt!r}")
-    n_layers = len(model.layers)
-    num_layers = n_layers if cfg["num_layers"] in (None, -1) else int(cfg["num_layers"])
-    if not 0 < num_layers <= n_layers:
-        raise KDError(f"num_layers={num_layers} but the student has {n_layers} layers")
     acfg = adapter_config(cfg, model)
+    ftt, num_layers = cfg.fine_tune_type, acfg["num_layers"]
     model.freeze()
     if ftt == "full":
         for layer in model.layers[-num_layers:]:
@@ -138,3 +123,40 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
         raise KDError(f"adapters in {directory} do not match the run's trainable parameters "
                       f"({len(weights)} tensors vs {len(expected)})")
     model.load_weights(list(weights.items()), strict=False)
+
+
+# ------------------------------------------------------------------------------------------------ base identity
+
+BASE_HASH_KEY = "base_model_hash"  # adapter_config.json key: the content hash of the model the adapters belong to
+
+
+def base_model_hash(model_dir: str | Path) -> str:
+    """Content hash of a model directory's weights and config (sha256 over config.json and every *.safetensors,
+    16 hex digits): two students of the same shape but other weights differ."""
+    d = Path(model_dir)
+    files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def check_adapter_base(adapter_dir: str | Path, model_dir: str | Path, base_hash: str | None = None) -> None:
+    """Refuse adapters trained on another base model than `model_dir` (its hash, or `base_hash` when the caller
+    has it). Adapters without the key (mlx-lm's own, older runs) are accepted."""
+    f = Path(adapter_dir) / "adapter_config.json"
+    if not f.is_file():
+        raise KDError(f"no adapter_config.json in {adapter_dir}")
+    try:
+        recorded = json.loads(f.read_text(encoding="utf-8")).get(BASE_HASH_KEY)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise KDError(f"{f} is not a valid adapter config: {e}") from None
+    if recorded is None:
+        return
+    actual = base_hash or base_model_hash(model_dir)
+    if recorded != actual:
+        raise KDError(f"adapters in {adapter_dir} were trained on another base model (hash {recorded}) than "
+                      f"{model_dir} (hash {actual}): use the student they were trained from")

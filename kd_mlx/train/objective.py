@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import losses
+from .batches import BatchArrays
+from .config import TrainConfig
 
 PART_NAMES = ("answer_kl", "token_kd", "ce")
 
@@ -74,53 +76,56 @@ def kd_targets(kd_probs: mx.array, kd_rest: mx.array, tail: str) -> tuple[mx.arr
     return kd_probs / mx.where(z > 0, z, mx.ones_like(z)), mx.zeros_like(kd_rest)
 
 
-def _parts(answer_logits: mx.array, kd_logits: mx.array | None, batch: tuple, letter_ids: mx.array,
-           cfg: dict) -> tuple[mx.array, mx.array]:
-    """Each part is a sum over this batch's rows (KD positions) divided by the *global* count in `norm`
-    (rows, KD positions of the whole optimizer batch): on one process that is the plain mean; across data-parallel
-    ranks the per-rank parts add up to exactly the single-process mean, whatever the per-rank KD counts."""
-    _, _, gold, t_ans, _, kd_ids, kd_probs, kd_rest, kd_mask, norm = batch
-    n_rows, n_kd = norm[0], mx.maximum(norm[1], 1.0)
-    T = float(cfg["temperature"])
+def _parts(answer_logits: mx.array, kd_logits: mx.array | None, batch: BatchArrays, letter_ids: mx.array,
+           cfg: TrainConfig) -> tuple[mx.array, mx.array]:
+    """Each part is a sum over this batch's rows (KD positions, rows with a gold answer) divided by the *global*
+    count in `norm` (of the whole optimizer batch): on one process that is the plain mean; across data-parallel
+    ranks the per-rank parts add up to exactly the single-process mean, whatever the per-rank KD counts. Rows
+    without a gold answer (gold -1, transfer questions) get no CE and do not count for accuracy."""
+    gold, norm = batch.gold, batch.norm
+    n_rows, n_kd, n_gold = norm[0], mx.maximum(norm[1], 1.0), mx.maximum(norm[2], 1.0)
+    has_gold = gold >= 0
+    T = cfg.temperature
     zero = mx.array(0.0)
-    a_kl = (losses.answer_kl(answer_logits, letter_ids, t_ans, temperature=T, reduction="sum") / n_rows
-            if cfg["answer_weight"] else zero)
-    if cfg["kd_weight"] and kd_logits is not None:
-        p, r = kd_targets(kd_probs, kd_rest, cfg.get("kd_tail", "bucket"))
+    a_kl = (losses.answer_kl(answer_logits, letter_ids, batch.teacher_answer_probs, temperature=T,
+                             reduction="sum") / n_rows if cfg.answer_weight else zero)
+    if cfg.kd_weight and kd_logits is not None:
+        p, r = kd_targets(batch.kd_probs, batch.kd_rest, cfg.kd_tail)
         # the token-level KL has its own temperature, 1 by default: a top-k store cannot be tempered exactly (the
         # tempered tail mass depends on how the tail is spread over ~V ids) and treating the tail as one category
         # at T > 1 grossly inflates the listed ids (flat teacher, k=8 of V=51200: 0.016% -> 3.5%), an unlearnable
         # floor (measured: token_kd stuck at 1.8 against a teacher within a small perturbation of the student,
         # 0.001 at T=1). At T=1 the bucket form is the exact KL between the (k+1)-category coarsenings.
-        T_kd = float(cfg.get("kd_temperature", 1.0))
-        t_kd = losses.projected_kl(kd_logits, kd_ids, p, r, mask=kd_mask, temperature=T_kd, reduction="sum") / n_kd
+        t_kd = losses.projected_kl(kd_logits, batch.kd_ids, p, r, mask=batch.kd_mask, temperature=cfg.kd_temperature,
+                                   reduction="sum") / n_kd
     else:
         t_kd = zero
     letters4 = mx.take(answer_logits, letter_ids, axis=-1)
-    if cfg["ce_weight"]:
-        if cfg.get("ce_over", "vocab") == "choices":
-            ce = losses.cross_entropy(letters4, gold, reduction="sum") / n_rows
+    if cfg.ce_weight:
+        if cfg.ce_over == "choices":
+            ce = losses.cross_entropy(letters4, gold, mask=has_gold, reduction="sum") / n_gold
         else:
-            ce = losses.cross_entropy(answer_logits, mx.take(letter_ids, gold), reduction="sum") / n_rows
+            target = mx.take(letter_ids, mx.maximum(gold, 0))
+            ce = losses.cross_entropy(answer_logits, target, mask=has_gold, reduction="sum") / n_gold
     else:
         ce = zero
-    total = cfg["answer_weight"] * a_kl + cfg["kd_weight"] * t_kd + cfg["ce_weight"] * ce
-    correct = (mx.argmax(letters4, axis=-1) == gold).sum()
+    total = cfg.answer_weight * a_kl + cfg.kd_weight * t_kd + cfg.ce_weight * ce
+    correct = ((mx.argmax(letters4, axis=-1) == gold) & has_gold).sum()
     return total, mx.stack([a_kl, t_kd, ce, correct.astype(mx.float32)])
 
 
-def objective(model: nn.Module, split: tuple[Callable, Callable] | None, batch: tuple, letter_ids: mx.array,
-              cfg: dict) -> tuple[mx.array, mx.array]:
+def objective(model: nn.Module, split: tuple[Callable, Callable] | None, batch: BatchArrays, letter_ids: mx.array,
+              cfg: TrainConfig) -> tuple[mx.array, mx.array]:
     """(total loss, [answer_kl, token_kd, ce, n_correct]) for a batch from `Batch.arrays()` (parts normalised by the
     batch's `norm`, see `_parts`)."""
     if split is None:
         return objective_reference(model, batch, letter_ids, cfg)
-    tokens, lengths, _, _, kd_pos, *_ = batch
+    tokens, lengths, kd_pos = batch.tokens, batch.lengths, batch.kd_pos
     backbone, head = split
     hidden = backbone(tokens)  # (B, L, D)
     B = tokens.shape[0]
     h_ans = hidden[mx.arange(B), lengths - 1][:, None, :]  # (B, 1, D)
-    use_kd = bool(cfg["kd_weight"]) and kd_pos.shape[1] > 0
+    use_kd = bool(cfg.kd_weight) and kd_pos.shape[1] > 0
     if use_kd:
         h_kd = mx.take_along_axis(hidden, kd_pos[..., None], axis=1)  # (B, P, D)
         logits = head(mx.concatenate([h_kd, h_ans], axis=1))
@@ -130,9 +135,10 @@ def objective(model: nn.Module, split: tuple[Callable, Callable] | None, batch: 
     return _parts(answer_logits, kd_logits, batch, letter_ids, cfg)
 
 
-def objective_reference(model: nn.Module, batch: tuple, letter_ids: mx.array, cfg: dict) -> tuple[mx.array, mx.array]:
+def objective_reference(model: nn.Module, batch: BatchArrays, letter_ids: mx.array,
+                        cfg: TrainConfig) -> tuple[mx.array, mx.array]:
     """Plain version: logits at every position, then gather."""
-    tokens, lengths, _, _, kd_pos, *_ = batch
+    tokens, lengths, kd_pos = batch.tokens, batch.lengths, batch.kd_pos
     logits = model(tokens)  # (B, L, V)
     B = tokens.shape[0]
     answer_logits = logits[mx.arange(B), lengths - 1]

@@ -1,72 +1,53 @@
-"""Orchestration: config defaults, preparing a run (data, splits, guards, store, tokenizers, examples), training,
-and the hyper-parameter sweep."""
+"""Orchestration: preparing a run (data, splits, guards, store, tokenizers, examples), the run directory rule,
+training with the distillation objective, and the hyper-parameter sweep."""
 
 from __future__ import annotations
 
 import itertools
 import json
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
-from ..utils import KDError, write_json_atomic
+import mlx.core as mx
+import yaml
 
-# Every key of configs/train_*.yaml (comments there); flags override the YAML, which overrides these.
-DEFAULTS: dict[str, Any] = {
-    # inputs / outputs
-    "student": None, "store": None, "data": None, "splits": None, "out": None, "teacher_tokenizer": None,
-    "train_split": "train", "val_split": "val", "eval_splits": ["val", "test"],
-    "max_train_questions": None, "max_val_questions": None,
-    # prompts
-    "shots": None, "max_seq_len": 2048,
-    # student and fine-tuning
-    "dtype": "float32", "fine_tune_type": "lora", "num_layers": -1, "lora_rank": 8, "lora_scale": 20.0,
-    "lora_dropout": 0.0, "lora_keys": None,
-    # objective
-    "answer_weight": 1.0, "kd_weight": 0.5, "ce_weight": 0.5, "temperature": 2.0, "ce_over": "vocab",
-    "kd_max_positions": 64, "kd_tail": "bucket", "kd_temperature": 1.0, "kd_align": "bytes",
-    # optimisation
-    "steps": 500, "batch_size": 4, "eval_batch_size": None, "grad_accumulation": 1, "grad_checkpoint": False,
-    "compile": True, "fast_head": True, "pad_to": 32, "learning_rate": 1e-4, "warmup_steps": 20,
-    "min_lr_ratio": 0.1, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
-    "max_grad_norm": 1.0, "seed": 0,
-    # validation, checkpoints
-    "eval_every": 50, "best_metric": "val_loss", "patience": 5, "save_every": 50, "keep_checkpoints": 3,
-    # test hook: poison this step's batch with NaN to exercise the non-finite-loss stop
-    "debug_nan_at_step": None,
-}
-REQUIRED = ("student", "store", "data", "splits", "out")
+from ..data import answer_token_ids, check_no_leak, load_cmmlu, load_splits, split_questions
+from ..store import TopKStore
+from ..tokenizer import load_tokenizer
+from ..utils import KDError, resolve_model_path, write_json_atomic
+from .batches import BatchStream, eval_batches
+from .config import REQUIRED, RUN_FORMAT, TrainConfig, defaults
+from .distributed import check_ranks_agree, digest, examples_digest, rank_of, world
+from .examples import build_examples, check_store_identity
+from .loop import LossFn, TrainingCallback, latest_checkpoint, train_loop
+from .model import (
+    BASE_HASH_KEY,
+    base_model_hash,
+    check_adapter_base,
+    load_student,
+    setup_trainable,
+    trainable_parameter_count,
+)
+from .objective import head_split, objective
+
+DEFAULTS = defaults()  # every setting's default as a dict (= configs/train_phi15.yaml)
+# settings a resumed run may change: how far it goes (and `shots` left null = "what the store says")
+RESUMABLE_CHANGES = ("steps",)
 
 
-def check_config(cfg: dict) -> None:
-    missing = [k for k in REQUIRED if not cfg.get(k)]
+def as_config(cfg: TrainConfig | dict) -> TrainConfig:
+    return cfg if isinstance(cfg, TrainConfig) else TrainConfig.from_dict(cfg)
+
+
+def check_required(cfg: TrainConfig) -> None:
+    missing = [k for k in REQUIRED if not getattr(cfg, k)]
     if missing:
-        raise KDError(f"missing required setting(s): {', '.join('--' + k for k in missing)}")
-    for k in ("answer_weight", "kd_weight", "ce_weight"):
-        if not (isinstance(cfg[k], (int, float)) and cfg[k] >= 0 and math.isfinite(cfg[k])):
-            raise KDError(f"{k} must be a finite number >= 0, got {cfg[k]!r}")
-    if not (cfg["answer_weight"] or cfg["kd_weight"] or cfg["ce_weight"]):
-        raise KDError("all loss weights are 0: nothing to train")
-    for k in ("temperature", "kd_temperature"):
-        if not (float(cfg[k]) > 0 and math.isfinite(float(cfg[k]))):
-            raise KDError(f"{k} must be a finite number > 0, got {cfg[k]}")
-    if cfg["best_metric"] not in ("val_loss", "val_acc"):
-        raise KDError(f"best_metric must be val_loss or val_acc, got {cfg['best_metric']!r}")
-    if cfg.get("kd_tail", "bucket") not in ("bucket", "renorm"):
-        raise KDError(f"kd_tail must be bucket or renorm, got {cfg['kd_tail']!r}")
-    if cfg.get("kd_align", "bytes") not in ("bytes", "chars"):
-        raise KDError(f"kd_align must be bytes or chars, got {cfg['kd_align']!r}")
-    if cfg["ce_over"] not in ("vocab", "choices"):
-        raise KDError(f"ce_over must be vocab or choices, got {cfg['ce_over']!r}")
-    for k in ("steps", "batch_size", "eval_every", "save_every", "grad_accumulation", "pad_to"):
-        if int(cfg[k]) < 1:
-            raise KDError(f"{k} must be >= 1, got {cfg[k]}")
+        raise KDError(f"missing required setting(s): {', '.join('--' + k.replace('_', '-') for k in missing)}")
 
 
 @dataclass
 class Prepared:
-    cfg: dict
+    cfg: TrainConfig
     train: list
     val: list
     letter_ids: list[int]
@@ -74,10 +55,81 @@ class Prepared:
     store_manifest: dict
 
 
-def _teacher_tokenizer(cfg: dict, store):
-    from ..tokenizer import load_tokenizer
+# ------------------------------------------------------------------------------------------------ run directory
 
-    path = cfg.get("teacher_tokenizer")
+
+def read_run_config(run: str | Path) -> dict:
+    """The settings recorded in RUN/config.json (validated); one-line errors for a missing or broken file."""
+    f = Path(run) / "config.json"
+    if not f.is_file():
+        raise KDError(f"cannot resume {run}: no config.json there (not a kd_mlx.train run directory)")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KDError(f"cannot resume {run}: {f} is not valid JSON ({e}); start a new run with another --out") from None
+    if not isinstance(data, dict) or data.get("format", RUN_FORMAT) != RUN_FORMAT:
+        raise KDError(f"cannot resume {run}: {f} is not a kd_mlx.train run config")
+    names = {fl.name for fl in fields(TrainConfig)}
+    settings = {k: v for k, v in data.items() if k in names}
+    try:
+        TrainConfig.from_dict(settings)
+    except KDError as e:
+        raise KDError(f"cannot resume {run}: {f}: {e}") from None
+    return settings
+
+
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
+    """The output-directory rule: RUN is new (or empty), or, with resume, a kd_mlx.train run made with the same
+    settings (only `steps` may change); anything else is refused with one line naming what is there. RUN never
+    is, contains or lies inside an input."""
+    out = Path(cfg.out).resolve()
+    for key in ("student", "store", "data", "splits", "teacher_tokenizer"):
+        value = getattr(cfg, key)
+        if value and Path(value).exists():
+            p = Path(value).resolve()
+            if _within(out, p) or _within(p, out):
+                raise KDError(f"--out {cfg.out} overlaps the {key} input {value}: choose a run directory apart "
+                              f"from the inputs")
+    if out.exists() and not out.is_dir():
+        raise KDError(f"--out {cfg.out} is a file, not a run directory")
+    if resume:
+        recorded = read_run_config(out)
+        given = cfg.to_dict()
+        differ = [k for k, v in recorded.items()
+                  if k not in (*RESUMABLE_CHANGES, "out") and given.get(k) != v and not (k == "shots" and given[k] is None)]
+        if differ:
+            k = differ[0]
+            raise KDError(f"--resume {cfg.out}: {k} is {given[k]!r} but the run was made with {recorded[k]!r} "
+                          f"({len(differ)} setting(s) differ; only {', '.join(RESUMABLE_CHANGES)} may change): start "
+                          f"a new run with another --out")
+        last = latest_checkpoint(out)
+        if last is None:
+            raise KDError(f"nothing to resume in {cfg.out}: no checkpoint")
+        check_adapter_base(last, resolve_model_path(cfg.student))
+        return
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if "config.json" in entries or "metrics.jsonl" in entries or "checkpoints" in entries:
+        last = latest_checkpoint(out)
+        where = f"last checkpoint {last.name}" if last else "no checkpoint"
+        raise KDError(f"--out {cfg.out} already holds a training run ({where}): continue it with --resume "
+                      f"{cfg.out}, or choose a new --out")
+    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    raise KDError(f"--out {cfg.out} is not empty (holds {shown}): choose a new or empty run directory")
+
+
+# ------------------------------------------------------------------------------------------------ preparing
+
+
+def _teacher_tokenizer(cfg: TrainConfig, store):
+    path = cfg.teacher_tokenizer
     if not path:
         cand = store.identity.get("teacher")
         if cand and Path(str(cand)).is_dir():
@@ -88,79 +140,105 @@ def _teacher_tokenizer(cfg: dict, store):
     return load_tokenizer(path)
 
 
-def prepare(cfg: dict, progress: bool = True) -> Prepared:
-    """Load data + splits (contamination guard first), the store (identity + per-prompt check), tokenizers,
-    and build the training and validation examples."""
-    from ..data import check_no_leak, load_cmmlu, load_splits, split_questions
-    from ..data import answer_token_ids
-    from ..store import TopKStore
-    from ..tokenizer import load_tokenizer
-    from ..utils import resolve_model_path
-    from .examples import build_examples, check_store_identity
+def check_student_vocab(student_path: Path, tokenizer) -> None:
+    """The student's embedding must have a row for every id its tokenizer can produce."""
+    try:
+        vocab = json.loads((student_path / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KDError(f"cannot read {student_path / 'config.json'}: {e}") from None
+    if isinstance(vocab, int) and vocab < tokenizer.vocab_size:
+        raise KDError(f"student {student_path} has vocab_size {vocab} but its tokenizer has {tokenizer.vocab_size} "
+                      f"tokens (ids past the embedding): use the tokenizer the student was made with")
 
-    check_config(cfg)
-    splits = load_splits(cfg["splits"])
-    cmmlu = load_cmmlu(cfg["data"])
-    train_q = split_questions(cmmlu, splits, cfg["train_split"])
+
+def prepare(cfg: TrainConfig | dict, progress: bool = True) -> Prepared:
+    """Check the settings and inputs (contamination guard first, then the store's identity, the shots every subject
+    needs, the student's vocabulary), then build the training and validation examples."""
+    cfg = as_config(cfg)
+    check_required(cfg)
+    splits = load_splits(cfg.splits)
+    cmmlu = load_cmmlu(cfg.data)
     # the guard runs on the full training split, before any truncation or model loading
-    if cfg["train_split"] in cfg["eval_splits"]:
-        raise KDError(f"train_split {cfg['train_split']!r} is an evaluation split ({', '.join(cfg['eval_splits'])}): "
-                      f"refusing to train on it")
-    check_no_leak([q.id for q in train_q], splits, list(cfg["eval_splits"]))
-    val_q = split_questions(cmmlu, splits, cfg["val_split"]) if cfg.get("val_split") else []
-    if cfg.get("max_train_questions"):
-        train_q = train_q[: int(cfg["max_train_questions"])]
-    if cfg.get("max_val_questions"):
-        val_q = val_q[: int(cfg["max_val_questions"])]
+    guarded = cfg.guarded_splits
+    for key in ("train_split", "transfer_split"):
+        name = getattr(cfg, key)
+        if name in guarded:
+            raise KDError(f"{key} {name!r} is evaluated in this run or after it (guarded splits: "
+                          f"{', '.join(guarded)}): refusing to train on it")
+    train_q = split_questions(cmmlu, splits, cfg.train_split)
+    transfer_q = split_questions(cmmlu, splits, cfg.transfer_split) if cfg.transfer_split else []
+    check_no_leak([q.id for q in train_q + transfer_q], splits, [g for g in guarded if g in splits])
+    val_q = split_questions(cmmlu, splits, cfg.val_split) if cfg.val_split else []
+    if cfg.max_train_questions:
+        train_q = train_q[: cfg.max_train_questions]
+    if cfg.max_val_questions:
+        val_q = val_q[: cfg.max_val_questions]
     if not train_q:
-        raise KDError(f"split {cfg['train_split']!r} has no questions")
-    store = TopKStore(cfg["store"])
+        raise KDError(f"split {cfg.train_split!r} has no questions")
+    store = TopKStore(cfg.store)
     teacher_tok = _teacher_tokenizer(cfg, store)
     check = check_store_identity(store, teacher_tok, cfg)
-    cfg["shots"] = check.shots
-    student_path = resolve_model_path(cfg["student"])
+    cfg = cfg.replace(shots=check.shots)
+    cmmlu.check_shots({q.subject for q in train_q + transfer_q + val_q}, check.shots)
+    student_path = resolve_model_path(cfg.student)
     student_tok = load_tokenizer(student_path)
+    check_student_vocab(student_path, student_tok)
     letter_ids = answer_token_ids(student_tok)
-    train = build_examples(train_q, cmmlu, store, teacher_tok, student_tok, cfg, check, progress, "train")
+    train = build_examples(train_q + transfer_q, cmmlu, store, teacher_tok, student_tok, cfg, check, progress,
+                           "train")
     val = build_examples(val_q, cmmlu, store, teacher_tok, student_tok, cfg, check, progress, "val") if val_q else []
     manifest = dict(store.manifest)
     store.close()
     return Prepared(cfg, train, val, letter_ids, student_path, manifest)
 
 
-def train_prepared(prep: Prepared, cfg: dict, resume: bool = False, progress: bool = True, on_step=None,
-                   group="auto") -> dict:
+# ------------------------------------------------------------------------------------------------ training
+
+
+def distillation_loss(model, cfg: TrainConfig, letter_ids: list[int]) -> LossFn:
+    """The objective of kd_mlx.train.objective as the loop's loss (LM head only where the loss reads, when the
+    model's head splits off exactly)."""
+    split = head_split(model) if cfg.fast_head else None
+    letters = mx.array(letter_ids, dtype=mx.int32)
+    return lambda m, batch: objective(m, split, batch, letters, cfg)
+
+
+def train_prepared(prep: Prepared, cfg: TrainConfig | dict, resume: bool = False, progress: bool = True,
+                   callback: TrainingCallback | None = None, loss: LossFn | None = None, group="auto") -> dict:
     """Load the student, set up its adapters, train; rank 0 writes RUN/config.json first.
 
-    `group`: the data-parallel `mx.distributed` group ("auto": the launched world, None when single-process)."""
-    import mlx.core as mx
-
-    from .distributed import check_ranks_agree, digest, examples_digest, rank_of, world
-    from .loop import train_loop
-    from .model import load_student, setup_trainable, trainable_parameter_count
-
+    `loss`: the loss the loop minimises (default: `distillation_loss`); `group`: the data-parallel
+    `mx.distributed` group ("auto": the launched world, None when single-process)."""
+    cfg = as_config(cfg)
     if group == "auto":
         group = world()
-    run = Path(cfg["out"])
-    check_ranks_agree(group, config=digest({k: v for k, v in cfg.items() if k in DEFAULTS}),
-                      store=digest(prep.store_manifest), train_examples=examples_digest(prep.train),
-                      val_examples=examples_digest(prep.val))
-    mx.random.seed(int(cfg["seed"]))  # the adapters' initialisation (the same on every rank)
-    model, _, _ = load_student(str(prep.student_path), cfg["dtype"])
+    run = Path(cfg.out)
+    check_ranks_agree(group, config=digest(cfg.to_dict()), store=digest(prep.store_manifest),
+                      train_examples=examples_digest(prep.train), val_examples=examples_digest(prep.val))
+    mx.random.seed(cfg.seed)  # the adapters' initialisation (the same on every rank)
+    model, _, _ = load_student(str(prep.student_path), cfg.dtype)
     acfg = setup_trainable(model, cfg)
-    acfg["model"] = str(cfg["student"])
+    acfg[BASE_HASH_KEY] = base_model_hash(prep.student_path)
     if rank_of(group) == 0:
         run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run / "config.json", {**cfg, "trainable_parameters": trainable_parameter_count(model),
+        write_json_atomic(run / "config.json", {"format": RUN_FORMAT, **cfg.to_dict(),
+                                                "trainable_parameters": trainable_parameter_count(model),
                                                 "n_train": len(prep.train), "n_val": len(prep.val),
                                                 "ranks": group.size() if group is not None else 1})
-    return train_loop(model, acfg, prep.train, prep.val, prep.letter_ids, cfg, run, resume=resume,
-                      on_step=on_step, progress=progress, group=group)
+    train_batches = BatchStream(prep.train, cfg.batch_size, cfg.seed, cfg.pad_to)
+    val_batches = ((lambda: eval_batches(prep.val, cfg.eval_batch_size or cfg.batch_size, cfg.pad_to))
+                   if prep.val else None)
+    return train_loop(model, acfg, cfg, run, loss or distillation_loss(model, cfg, prep.letter_ids), train_batches,
+                      val_batches, resume=resume, callback=callback, progress=progress, group=group)
 
 
-def run_training(cfg: dict, resume: bool = False, progress: bool = True, on_step=None) -> dict:
+def run_training(cfg: TrainConfig | dict, resume: bool = False, progress: bool = True,
+                 callback: TrainingCallback | None = None) -> dict:
+    cfg = as_config(cfg)
+    check_required(cfg)
+    check_run_dir(cfg, resume)
     prep = prepare(cfg, progress)
-    return train_prepared(prep, prep.cfg, resume, progress, on_step)
+    return train_prepared(prep, prep.cfg, resume, progress, callback)
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -168,8 +246,6 @@ def run_training(cfg: dict, resume: bool = False, progress: bool = True, on_step
 
 def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list]:
     """`["temperature=1,2", "answer_weight=0.5,0.9"]` -> {"temperature": [1, 2], ...} (YAML scalars)."""
-    import yaml
-
     grid: dict[str, list] = {}
     for it in items:
         if "=" not in it:
@@ -187,33 +263,37 @@ def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list]:
     return grid
 
 
-def run_sweep(cfg: dict, grid: dict[str, list], progress: bool = True) -> list[dict]:
+def run_sweep(cfg: TrainConfig | dict, grid: dict[str, list], progress: bool = True) -> list[dict]:
     """Short trials over the grid (examples built once), ranked by best validation accuracy; writes
     OUT/sweep.json and each trial's run under OUT/trial_NNN/."""
-    out = Path(cfg["out"])
-    base = dict(cfg)
-    base["best_metric"] = "val_acc"
-    if any(k in grid for k in ("kd_weight",)) and not base["kd_weight"]:
-        base["kd_weight"] = max(grid["kd_weight"])  # examples need KD targets if any trial uses them
-    prep = prepare(dict(base), progress)
+    cfg = as_config(cfg)
+    check_required(cfg)
+    out = Path(cfg.out)
+    if out.is_dir() and any(out.iterdir()):
+        raise KDError(f"sweep --out {out} is not empty: choose a new directory")
+    base = cfg.replace(best_metric="val_acc")
+    if "kd_weight" in grid and not base.kd_weight:
+        base = base.replace(kd_weight=max(grid["kd_weight"]))  # examples need KD targets if any trial uses them
+    keys = list(grid)
+    trial_cfgs = [base.replace(**dict(zip(keys, values)), out=str(out / f"trial_{n:03d}"))  # validated up front
+                  for n, values in enumerate(itertools.product(*(grid[k] for k in keys)))]
+    prep = prepare(base, progress)
     if not prep.val:
         raise KDError("a sweep ranks trials by validation accuracy: the val split is empty")
-    keys = list(grid)
     trials = []
-    for n, values in enumerate(itertools.product(*(grid[k] for k in keys))):
-        tcfg = {**prep.cfg, **dict(zip(keys, values)), "out": str(out / f"trial_{n:03d}")}
-        check_config(tcfg)
-        summary = train_prepared(prep, tcfg, progress=progress)
-        rows = [json.loads(ln) for ln in (Path(tcfg["out"]) / "metrics.jsonl").read_text().splitlines() if ln]
+    for n, tcfg in enumerate(trial_cfgs):
+        params = {k: getattr(tcfg, k) for k in keys}
+        summary = train_prepared(prep, tcfg.replace(shots=prep.cfg.shots), progress=progress)
+        rows = [json.loads(ln) for ln in (Path(tcfg.out) / "metrics.jsonl").read_text().splitlines() if ln]
         vals = [r for r in rows if r["kind"] == "val"]
         best = max(vals, key=lambda r: (r["val_acc"], -r["val_loss"])) if vals else {}
-        trials.append({"trial": n, "params": dict(zip(keys, values)), "val_acc": best.get("val_acc"),
-                       "val_loss": best.get("val_loss"), "best_step": best.get("step"), "run": tcfg["out"],
+        trials.append({"trial": n, "params": params, "val_acc": best.get("val_acc"),
+                       "val_loss": best.get("val_loss"), "best_step": best.get("step"), "run": tcfg.out,
                        "stopped": summary.get("stopped")})
     trials.sort(key=lambda t: (-(t["val_acc"] or 0.0), t["val_loss"] if t["val_loss"] is not None else 1e30))
     for rank, t in enumerate(trials, 1):
         t["rank"] = rank
-    write_json_atomic(out / "sweep.json", {"grid": grid, "steps": prep.cfg["steps"], "trials": trials})
+    write_json_atomic(out / "sweep.json", {"grid": grid, "steps": prep.cfg.steps, "trials": trials})
     return trials
 
 
