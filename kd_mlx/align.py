@@ -406,7 +406,8 @@ def _targets(rec, rows: np.ndarray, pos: np.ndarray, vmap: VocabMap, max_positio
         rows, pos = rows[keep], pos[keep]
     keep = _keep_last(len(rows), max_positions)
     rows, pos = rows[keep], pos[keep]
-    ids, probs, rest = project_topk(*_topk_rows(rec, rows, temperature), vmap.student_id)
+    t_ids, t_lp, cmass = _topk_rows(rec, rows, temperature)
+    ids, probs, rest = project_topk(t_ids, t_lp, vmap.student_id, cmass)
     return pos.astype(np.int32), ids, probs, rest
 
 
@@ -464,6 +465,7 @@ def _project_reference(rec, found: list[tuple[int, int]], vmap: VocabMap, max_po
     pos, ids, probs, rest = [], [], [], []
     for r, j in found:
         acc: dict[int, float] = {}
+        whole: dict[int, float] = {}  # the class mass the store gives, per student id
         for slot, (tid, lp) in enumerate(zip(np.asarray(rec.topk_ids[r]).tolist(),
                                              np.asarray(rec.topk_logprobs[r]).tolist())):
             sid = int(vmap.student_id[tid]) if 0 <= tid < V else -1
@@ -473,7 +475,8 @@ def _project_reference(rec, found: list[tuple[int, int]], vmap: VocabMap, max_po
                 lp = lp / temperature - float(rec.logz[temperature][r])
             acc[sid] = acc.get(sid, 0.0) + float(np.exp(lp))
             if cmass is not None:
-                acc[sid] = max(acc[sid], float(cmass[r][slot]))
+                whole[sid] = max(whole.get(sid, 0.0), float(cmass[r][slot]))
+        acc = {c: max(m, whole.get(c, 0.0)) for c, m in acc.items()}
         total = sum(acc.values())
         if total > 1.0:
             acc = {k: v / total for k, v in acc.items()}

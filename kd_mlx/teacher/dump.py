@@ -196,7 +196,7 @@ class Summariser:
             part[r] = np.concatenate([above, np.flatnonzero(lp[r] == thr[r])[: k - len(above)]])
         ids, vals = sort_rows_by_value(part.astype(np.int32), np.take_along_axis(lp, part, 1))
         p = np.exp(lp)
-        ent = -np.where(p > 0, p * lp, 0.0).sum(axis=1, dtype=np.float64)
+        ent = -(p * np.where(p > 0, lp, 0.0)).sum(axis=1, dtype=np.float64)  # 0 log 0 = 0
         logz, cmass = self.full_row_terms(lp, ids)
         return {"topk_ids": ids, "topk_logprobs": vals, "answer": lp[-1, self.answer_ids].astype(np.float32),
                 "entropy": ent, "mass": np.exp(vals.astype(np.float64)).sum(axis=1), "logz": logz,
