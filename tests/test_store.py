@@ -71,7 +71,7 @@ def write_store(path: Path, recs, encoding="fp32", k=16, shard_size=4, hidden=0)
 
 
 def files_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def kl_renorm(p_lp: np.ndarray, q_lp: np.ndarray) -> np.ndarray:

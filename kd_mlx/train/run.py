@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..store import TOKENIZER_DIR, store_tokenizer
 from ..utils import KDError, write_json_atomic
 
 # Every key of configs/train_*.yaml (comments there); flags override the YAML, which overrides these.
@@ -75,17 +76,16 @@ class Prepared:
 
 
 def _teacher_tokenizer(cfg: dict, store):
-    from ..tokenizer import load_tokenizer
-
-    path = cfg.get("teacher_tokenizer")
-    if not path:
-        cand = store.identity.get("teacher")
-        if cand and Path(str(cand)).is_dir():
-            path = cand
-    if not path:
-        raise KDError(f"set --teacher-tokenizer DIR (the teacher's tokenizer; the store says teacher="
-                      f"{store.identity.get('teacher')!r})")
-    return load_tokenizer(path)
+    """The teacher tokenizer the store carries (STORE/tokenizer/); `teacher_tokenizer` overrides it and must have
+    the store's fingerprint. A store written without tokenizer files falls back to its identity's "teacher"
+    directory."""
+    tok = store_tokenizer(store.path, store.identity, cfg.get("teacher_tokenizer"))
+    if tok is None and store.identity.get("teacher") and Path(str(store.identity["teacher"])).is_dir():
+        tok = store_tokenizer(store.path, store.identity, store.identity["teacher"])
+    if tok is None:
+        raise KDError(f"store {store.path} carries no teacher tokenizer ({TOKENIZER_DIR}/): pass the teacher's with "
+                      f"--teacher-tokenizer DIR, or re-dump with this kd_mlx")
+    return tok
 
 
 def prepare(cfg: dict, progress: bool = True) -> Prepared:
