@@ -7,7 +7,7 @@ read exactly the same text and are about to predict the token that starts at the
 1. **Aligned boundaries.** The teacher row at token i is the distribution of token i+1, whose text starts where
    token i ends. It is used when that point lies in the text both prompts share and a student token j (followed by
    another, j+1) ends at the same point of the text: the student's logits at j are then the target.
-   `align_record` (the drop-in for `train.examples.project_positions`) works from char offsets: character c = end
+   `align_record` works from char offsets: character c = end
    of teacher token i must be ≥ `region_start`, token i must end cleanly at c and a student token j+1 must start
    cleanly at c − shift. Char offsets follow `kd_mlx.tokenizer` (byte-level pieces of one character share that
    character's span), so "token k−1 ends where token k starts" holds exactly when the boundary falls between two
@@ -23,6 +23,17 @@ read exactly the same text and are about to predict the token that starts at the
    Probabilities of candidates mapping to the same student id are summed; the mass outside the top-k and the
    mass of unmappable candidates is kept as an explicit remainder, so that `probs.sum(-1) + rest == 1`.
    `kd_mlx.losses.projected_kl` compares that remainder with the student's mass outside the listed ids.
+   **Exact projection.** Many teacher tokens share one student first token (754 pure-Chinese cl100k tokens land on
+   107 GPT-2 ids), so tail tokens outside the top-k belong to listed student ids too. A store dumped with
+   `--student-tokenizer` keeps, per top-k slot, the full-row mass of its student class (`StoreRecord.class_mass`):
+   the target is then the exact projection of the whole teacher row onto the listed ids, the remainder exactly the
+   mass of the other classes. Without it the top-k sum is a lower bound of each listed id's mass.
+3. **Tempering.** At a token-KD temperature T != 1 the target is the full teacher row tempered (p^(1/T) / Z_T over
+   the whole vocabulary, Z_T kept by the dump) and then projected; a store without Z_T for T is refused.
+4. **Context check.** A row is dropped when the student's real next token is not the projection of the teacher's
+   real next token (given the student ids): there the context-free map is wrong about how the student continues
+   the text. Cases: a bare " " the teacher splits before a Chinese word (the student writes " 农" as one
+   piece), byte pieces, merges. Measured share of aligned rows: benchmarks/bench_align.py.
 
 What the projection assumes (and where it is only approximate):
 
@@ -215,10 +226,6 @@ class VocabMap:
     student_len: np.ndarray | None = None  # (V_student,)
 
     @property
-    def teacher_vocab_size(self) -> int:
-        return len(self.student_id)
-
-    @property
     def coverage(self) -> float:
         """Fraction of teacher ids that map to a student token."""
         return float((self.student_id >= 0).mean()) if len(self.student_id) else 0.0
@@ -251,8 +258,6 @@ class VocabMap:
             except OSError:  # an unwritable cache only costs the rebuild next time; the map itself is fine
                 pass
         return vmap
-
-    load_or_build = build  # the name DEVELOPING.md first used
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -312,11 +317,16 @@ def aligned_rows(positions, t_offsets, s_offsets, shift: int, region_start: int)
     return rows[hit], j1[k[hit]] - 1
 
 
-def project_topk(topk_ids, topk_logprobs, student_id: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def project_topk(topk_ids, topk_logprobs, student_id: np.ndarray, class_mass=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Teacher top-k rows (n, k) → student (ids (n, m) padded −1, probs (n, m), rest (n,)). Vectorised: one stable
     argsort of (row, student id) keys groups equal ids, `np.add.reduceat` sums their mass. Within a row ids keep
     the order of their first candidate (top-k order); rest = 1 − Σ probs (a row whose top-k sums past 1 by
-    rounding is renormalised)."""
+    rounding is renormalised).
+
+    `class_mass (n, k)`: the full-row mass of each slot's student class (the store's `class_mass`); a group then
+    takes that mass (the largest of its slots, which agree up to the encoding) instead of the sum of its listed
+    candidates: the exact projection of the full row."""
     tid = np.asarray(topk_ids, np.int64)
     n = tid.shape[0]
     if n == 0 or tid.size == 0:
@@ -333,6 +343,9 @@ def project_topk(topk_ids, topk_logprobs, student_id: np.ndarray) -> tuple[np.nd
     sk = key[order]
     starts = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
     mass = np.add.reduceat(p[order], starts)
+    if class_mass is not None:
+        cm = np.asarray(class_mass, np.float64).ravel()[order]
+        mass = np.maximum(mass, np.maximum.reduceat(cm, starts))
     g_key, g_first = sk[starts], order[starts]
     real = g_key % n_s != 0
     g_key, g_first, mass = g_key[real], g_first[real], mass[real]
@@ -362,12 +375,22 @@ def _as_offsets(offsets) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(offsets), np.int64, 2 * len(offsets)).reshape(-1, 2)
 
 
-def _topk_rows(rec, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids, lp = np.asarray(rec.topk_ids), np.asarray(rec.topk_logprobs)
-    if ids.ndim != 2:  # (P, k) expected; an empty record may come as (0,)
-        k = ids.size // max(len(rec.positions), 1)
-        ids, lp = ids.reshape(len(rec.positions), k), lp.reshape(len(rec.positions), k)
-    return ids[rows], lp[rows]
+def _topk_rows(rec, rows: np.ndarray, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, log-probs of the full row tempered at T, class masses at T or None) of the record's top-k `rows`."""
+    ids = np.asarray(rec.topk_ids)
+    k = ids.shape[1] if ids.ndim == 2 else ids.size // max(len(rec.positions), 1)  # an empty record: (0,)
+    ids = ids.reshape(len(rec.positions), k)
+    lp = rec.tempered_topk(temperature).reshape(len(rec.positions), k)
+    cm = rec.class_mass.get(temperature)
+    return ids[rows], lp[rows], None if cm is None else np.asarray(cm).reshape(len(rec.positions), k)[rows]
+
+
+def context_mismatch(rec, rows: np.ndarray, pos: np.ndarray, s_ids, vmap: "VocabMap") -> np.ndarray:
+    """(n,) bool: aligned rows where the student's real next token is not the map of the teacher's real next
+    token (the context-free class of the row's true continuation is wrong there)."""
+    t_next = np.asarray(rec.token_ids, np.int64)[np.asarray(rec.positions, np.int64)[rows] + 1]
+    s_next = np.asarray(s_ids, np.int64)[np.asarray(pos, np.int64) + 1]
+    return vmap.student_id[t_next] != s_next
 
 
 def _keep_last(n: int, max_positions: int | None) -> slice:
@@ -375,8 +398,22 @@ def _keep_last(n: int, max_positions: int | None) -> slice:
     return slice(0, n) if max_positions is None else slice(max(0, n - int(max_positions)), n)
 
 
+def _targets(rec, rows: np.ndarray, pos: np.ndarray, vmap: VocabMap, max_positions: int | None,
+             temperature: float, s_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Context check (with `s_ids`), keep the last `max_positions`, project the rows tempered at T."""
+    if s_ids is not None and len(rows):
+        keep = ~context_mismatch(rec, rows, pos, s_ids, vmap)
+        rows, pos = rows[keep], pos[keep]
+    keep = _keep_last(len(rows), max_positions)
+    rows, pos = rows[keep], pos[keep]
+    t_ids, t_lp, cmass = _topk_rows(rec, rows, temperature)
+    ids, probs, rest = project_topk(t_ids, t_lp, vmap.student_id, cmass)
+    return pos.astype(np.int32), ids, probs, rest
+
+
 def align_record(rec, t_offsets, s_offsets, shift: int, region_start: int, vmap: VocabMap,
-                 max_positions: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 max_positions: int | None = None, temperature: float = 1.0, s_ids=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Token-level targets for the student from one store record.
 
     rec: a `StoreRecord` (token_ids, positions (P,), topk_ids (P,k), topk_logprobs (P,k)); t_offsets (T, 2) char
@@ -384,17 +421,18 @@ def align_record(rec, t_offsets, s_offsets, shift: int, region_start: int, vmap:
     its own prompt; shift = len(teacher text) − len(student text) (the student prompt may hold fewer shots: the
     shared text is the end of both); region_start: first teacher character of the shared text.
 
+    temperature: the full teacher row tempered at T, then projected (exact with the store's logz / class masses);
+    s_ids: the student's prompt ids, to drop rows that fail the context check (module docstring); max_positions
+    keeps the last rows after that check.
+
     Returns (pos (n,) int32 student positions whose logits predict the next student token, ids (n, m) int32 student
     ids padded with −1, probs (n, m) float32, rest (n,) float32) with probs.sum(-1) + rest == 1."""
     rows, pos = aligned_rows(rec.positions, t_offsets, s_offsets, shift, region_start)
-    keep = _keep_last(len(rows), max_positions)
-    rows, pos = rows[keep], pos[keep]
-    ids, probs, rest = project_topk(*_topk_rows(rec, rows), vmap.student_id)
-    return pos.astype(np.int32), ids, probs, rest
+    return _targets(rec, rows, pos, vmap, max_positions, temperature, s_ids)
 
 
 def align_record_reference(rec, t_offsets, s_offsets, shift: int, region_start: int, vmap: VocabMap,
-                           max_positions: int | None = None):
+                           max_positions: int | None = None, temperature: float = 1.0, s_ids=None):
     """Plain loops, same contract as `align_record`."""
     s_start = {}
     for j in range(1, len(s_offsets)):
@@ -411,20 +449,34 @@ def align_record_reference(rec, t_offsets, s_offsets, shift: int, region_start: 
         j1 = s_start.get(c - shift)
         if j1 is not None:
             found.append((r, j1 - 1))
-    found = found[_keep_last(len(found), max_positions)]
-    return _project_reference(rec, found, vmap)
+    return _project_reference(rec, found, vmap, max_positions, temperature, s_ids)
 
 
-def _project_reference(rec, found: list[tuple[int, int]], vmap: VocabMap):
-    """Plain projection of the rows `found` = [(row, student position)], summed per student id in top-k order."""
-    pos, ids, probs, rest = [], [], [], []
+def _project_reference(rec, found: list[tuple[int, int]], vmap: VocabMap, max_positions: int | None,
+                       temperature: float, s_ids):
+    """Plain context check, keep-last and projection of the rows `found` = [(row, student position)]: per student
+    id in top-k order, the tempered mass of its listed candidates, or its class mass when the store has it."""
     V = len(vmap.student_id)
+    if s_ids is not None:
+        found = [(r, j) for r, j in found
+                 if int(vmap.student_id[int(rec.token_ids[int(rec.positions[r]) + 1])]) == int(s_ids[j + 1])]
+    found = found[_keep_last(len(found), max_positions)]
+    cmass = rec.class_mass.get(temperature)
+    pos, ids, probs, rest = [], [], [], []
     for r, j in found:
         acc: dict[int, float] = {}
-        for tid, lp in zip(np.asarray(rec.topk_ids[r]).tolist(), np.asarray(rec.topk_logprobs[r]).tolist()):
+        whole: dict[int, float] = {}  # the class mass the store gives, per student id
+        for slot, (tid, lp) in enumerate(zip(np.asarray(rec.topk_ids[r]).tolist(),
+                                             np.asarray(rec.topk_logprobs[r]).tolist())):
             sid = int(vmap.student_id[tid]) if 0 <= tid < V else -1
-            if sid >= 0:
-                acc[sid] = acc.get(sid, 0.0) + float(np.exp(lp))
+            if sid < 0:
+                continue
+            if temperature != 1.0:
+                lp = lp / temperature - float(rec.logz[temperature][r])
+            acc[sid] = acc.get(sid, 0.0) + float(np.exp(lp))
+            if cmass is not None:
+                whole[sid] = max(whole.get(sid, 0.0), float(cmass[r][slot]))
+        acc = {c: max(m, whole.get(c, 0.0)) for c, m in acc.items()}
         total = sum(acc.values())
         if total > 1.0:
             acc = {k: v / total for k, v in acc.items()}
@@ -488,22 +540,21 @@ def aligned_rows_bytes(positions, t_ends: np.ndarray, s_ends: np.ndarray, byte_s
 
 
 def align_record_bytes(rec, s_ids, t_text: str, s_text: str, region_start: int, vmap: VocabMap,
-                       max_positions: int | None = None):
+                       max_positions: int | None = None, temperature: float = 1.0, context_check: bool = True):
     """`align_record` with boundaries compared in bytes (also inside characters). rec.token_ids must encode
     `t_text` (a BOS is fine: specials stand for no text), `s_ids` must encode `s_text`; the shared text is
-    t_text[region_start:], which must end s_text. Same outputs as `align_record`."""
+    t_text[region_start:], which must end s_text. Same outputs as `align_record` (with its context check on
+    `s_ids` unless `context_check=False`)."""
     byte_shift, region_b = _byte_frame(t_text, s_text, region_start)
     t_ends = _byte_ends(rec.token_ids, vmap.teacher_len, t_text, "teacher")
     s_ends = _byte_ends(s_ids, vmap.student_len, s_text, "student")
     rows, pos = aligned_rows_bytes(rec.positions, t_ends, s_ends, byte_shift, region_b)
-    keep = _keep_last(len(rows), max_positions)
-    rows, pos = rows[keep], pos[keep]
-    ids, probs, rest = project_topk(*_topk_rows(rec, rows), vmap.student_id)
-    return pos.astype(np.int32), ids, probs, rest
+    return _targets(rec, rows, pos, vmap, max_positions, temperature, s_ids if context_check else None)
 
 
 def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_start: int, vmap: VocabMap,
-                                 max_positions: int | None = None):
+                                 max_positions: int | None = None, temperature: float = 1.0,
+                                 context_check: bool = True):
     """Plain loops over the tokens' bytes; same contract as `align_record_bytes`."""
     byte_shift, region_b = _byte_frame(t_text, s_text, region_start)
     s_end_at, e = {}, 0
@@ -518,5 +569,4 @@ def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_st
     for r, i in enumerate(np.asarray(rec.positions).tolist()):
         if 0 <= i and i + 1 < len(t_end) and t_end[i] >= region_b and (t_end[i] - byte_shift) in s_end_at:
             found.append((r, s_end_at[t_end[i] - byte_shift]))
-    found = found[_keep_last(len(found), max_positions)]
-    return _project_reference(rec, found, vmap)
+    return _project_reference(rec, found, vmap, max_positions, temperature, s_ids if context_check else None)

@@ -16,15 +16,14 @@ Conventions shared by every loss here:
 
 Sparse targets (a teacher known only on some ids) use one convention, shared with `kd_mlx.align`: `ids (N, m)`
 int, `probs`/`logprobs (N, m)`, padding slots have id `-1` and probability 0; the uncovered mass is kept as one
-explicit *tail bucket* compared with the student's total mass outside the listed ids.
+explicit *tail bucket* compared with the student's total mass outside the listed ids. A top-k cannot be tempered
+exactly on its own (the tempered tail depends on how the tail spreads over the vocabulary): sparse targets at
+T != 1 need the full row's log-normaliser (`log_z`, kept by the dump) or come tempered already (`projected_kl`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Mapping
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -243,8 +242,10 @@ def generalized_jsd_reference(student_logits, teacher_logits, beta: float = 0.5,
 
 def cross_entropy(logits: mx.array, targets: mx.array, mask=None, reduction: str = "mean") -> mx.array:
     """Next-token cross-entropy −log softmax(logits)[target] per position (natural log), masked mean by default.
-    `targets` (...) int; masked positions may hold any id (including −1)."""
+    `targets` (...) int; a negative target (−100, −1: padding) never counts, with or without `mask`."""
     targets = mx.array(targets)
+    valid = targets >= 0
+    mask = valid if mask is None else mx.logical_and(mx.array(mask).astype(mx.bool_), valid)
     safe = mx.where(targets >= 0, targets, mx.zeros_like(targets)).astype(mx.int32)
     logq = nn.log_softmax(_zero_masked(logits, mask), axis=-1)
     per = -mx.take_along_axis(logq, safe[..., None], axis=-1)[..., 0]
@@ -255,10 +256,13 @@ def cross_entropy_reference(logits, targets, mask=None, reduction: str = "mean")
     x = np.asarray(logits, np.float64)
     tg = np.asarray(targets)
     per = np.zeros(x.shape[:-1])
+    m = np.ones(per.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask).astype(bool), per.shape).copy()
     for idx in np.ndindex(per.shape):
         if tg[idx] >= 0:
             per[idx] = -_log_softmax_np(x[idx])[tg[idx]]
-    return _reduce_masked_np(per, mask, reduction)
+        else:
+            m[idx] = False
+    return _reduce_masked_np(per, m, reduction)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,24 +289,17 @@ def _student_logprobs_at(logq: mx.array, ids: mx.array) -> tuple[mx.array, mx.ar
 
 def _sparse_kl_core(student_logits: mx.array, ids, teacher_logp: mx.array, teacher_log_tail: mx.array | None,
                     temperature: float) -> mx.array:
-    """Σ_i p_i (log p_i − log q_{id_i}) [+ p_tail (log p_tail − log q_outside)] per position, × T².
-
-    teacher_logp (N..., m) are log-probabilities of the listed categories (−inf for padding); the teacher's known
-    categories (listed ids + tail) are tempered as one categorical distribution."""
+    """Σ_i p_i (log p_i − log q_{id_i}) [+ p_tail (log p_tail − log q_outside)] per position, × T², with
+    q = softmax(student_logits / T) and the teacher side (N..., m) log-probs (−inf for padding) + tail given
+    already at temperature T."""
     logq = nn.log_softmax(student_logits / temperature, axis=-1)
     at, log_out = _student_logprobs_at(logq, ids)
     lp = mx.stop_gradient(teacher_logp)
+    per = _xlogy_diff(mx.exp(lp), lp, at).sum(axis=-1)
     if teacher_log_tail is not None:
         lt = mx.stop_gradient(teacher_log_tail)
-        if temperature != 1.0:
-            cat = _temper_logprobs(mx.concatenate([lp, lt[..., None]], axis=-1), temperature)
-            lp, lt = cat[..., :-1], cat[..., -1]
-        per = _xlogy_diff(mx.exp(lp), lp, at).sum(axis=-1)
         pt = mx.exp(lt)
         per = per + mx.where(pt > 0, pt * (lt - log_out), mx.zeros_like(pt))
-    else:
-        lp = _temper_logprobs(lp, temperature)
-        per = _xlogy_diff(mx.exp(lp), lp, at).sum(axis=-1)
     return per * (temperature ** 2)
 
 
@@ -313,7 +310,7 @@ def _log_tail_from_logprobs(logp: mx.array) -> mx.array:
 
 
 def sparse_topk_kl(student_logits: mx.array, topk_ids, topk_logprobs, mask=None, temperature: float = 1.0,
-                   tail: str = "bucket", reduction: str = "mean") -> mx.array:
+                   tail: str = "bucket", reduction: str = "mean", log_z=None) -> mx.array:
     """Forward KL(p ‖ q) from a teacher known only by its top-k: `topk_ids (..., k)` and `topk_logprobs (..., k)`
     (the teacher's *full-vocabulary* log-probs of those ids, Σ exp ≤ 1), against the full student softmax over
     `student_logits (..., V)` (same vocabulary as the ids). Includes the teacher entropy of what is known.
@@ -325,9 +322,10 @@ def sparse_topk_kl(student_logits: mx.array, topk_ids, topk_logprobs, mask=None,
       with the student's *unrenormalised* full-softmax probabilities at those ids: Σ_i p̂_i log(p̂_i / q_i). Still
       ≥ 0 (Σ q_i ≤ 1) and pushes the student's mass into the top-k.
 
-    Temperature: the student logits are divided by T; the teacher's known categories (the k ids, plus the tail in
-    bucket mode) are tempered as a categorical (p^(1/T) renormalised) — exact for "renorm", an approximation for
-    "bucket" (the true tempered tail is unknown from a top-k). × T². Padding: id −1 with log-prob −inf."""
+    Temperature: the student logits are divided by T, × T². "renorm" tempers the renormalised top-k (exact: it is
+    the full row tempered, restricted and renormalised). "bucket" needs `log_z (...)` = log Σ_v exp(lp_v / T) over
+    the full vocabulary (the store's `logz`): the listed ids get exp(lp / T − log_z), the tail the rest; without it
+    T ≠ 1 is refused (tempering the tail as one category inflates it 12–26× on real rows). Padding: id −1."""
     _check_temperature(temperature)
     if tail not in ("bucket", "renorm"):
         raise KDError(f"tail must be 'bucket' or 'renorm', got {tail!r}")
@@ -336,53 +334,56 @@ def sparse_topk_kl(student_logits: mx.array, topk_ids, topk_logprobs, mask=None,
     ids = mx.array(topk_ids)
     lp = mx.where(ids < 0, mx.full(lp.shape, -mx.inf, dtype=lp.dtype), lp)
     if tail == "bucket":
+        if temperature != 1.0:
+            if log_z is None:
+                raise KDError("sparse_topk_kl with a tail bucket at temperature != 1 needs log_z (the full row's "
+                              "tempered log-normaliser, kept by teacher dump --temperatures)")
+            lp = lp / temperature - mx.array(log_z).astype(lp.dtype)[..., None]
         per = _sparse_kl_core(student_logits, ids, lp, _log_tail_from_logprobs(lp), temperature)
     else:
-        lse = mx.logsumexp(lp, axis=-1, keepdims=True)
-        lp = lp - mx.where(mx.isinf(lse), mx.zeros_like(lse), lse)  # all-padding row: stays −inf, not NaN
+        z = lp / temperature
+        lse = mx.logsumexp(z, axis=-1, keepdims=True)
+        lp = z - mx.where(mx.isinf(lse), mx.zeros_like(lse), lse)  # all-padding row: stays −inf, not NaN
         per = _sparse_kl_core(student_logits, ids, lp, None, temperature)
     return reduce_masked(per, mask, reduction)
 
 
 def _sparse_reference_one(s_logits: np.ndarray, ids, probs: np.ndarray, tail_p: float | None,
                           temperature: float) -> float:
-    """Plain loop: dense student softmax, teacher categories tempered as a categorical."""
+    """Plain loop: dense student softmax at T against teacher categories given at T (listed ids + tail)."""
     logq = _log_softmax_np(s_logits / temperature)
     q = np.exp(logq)
-    cats = [(int(i), float(p)) for i, p in zip(ids, probs) if i >= 0]
-    ps = [p for _, p in cats] + ([tail_p] if tail_p is not None else [])
-    if temperature != 1.0:
-        w = [p ** (1.0 / temperature) if p > 0 else 0.0 for p in ps]
-        z = sum(w)
-        ps = [x / z for x in w] if z > 0 else w  # an empty row (padding) stays empty
     acc = 0.0
     listed = set()
-    for (i, _), p in zip(cats, ps):
-        listed.add(i)
+    for i, p in zip(ids, probs):
+        if i < 0:
+            continue
+        listed.add(int(i))
         if p > 0:
-            acc += p * (math.log(p) - logq[i])
-    if tail_p is not None:
-        pt = ps[-1]
+            acc += p * (math.log(p) - logq[int(i)])
+    if tail_p is not None and tail_p > 0:
         q_out = sum(q[v] for v in range(len(q)) if v not in listed)
-        if pt > 0:
-            acc += pt * (math.log(pt) - math.log(q_out))
+        acc += tail_p * (math.log(tail_p) - math.log(q_out))
     return acc * temperature ** 2
 
 
 def sparse_topk_kl_reference(student_logits, topk_ids, topk_logprobs, mask=None, temperature: float = 1.0,
-                             tail: str = "bucket", reduction: str = "mean"):
+                             tail: str = "bucket", reduction: str = "mean", log_z=None):
     s = np.asarray(student_logits, np.float64)
     ids = np.asarray(topk_ids)
     lp = np.asarray(topk_logprobs, np.float64)
     per = np.zeros(s.shape[:-1])
     for idx in np.ndindex(per.shape):
-        probs = [math.exp(lp[idx][j]) if ids[idx][j] >= 0 else 0.0 for j in range(ids.shape[-1])]
         if tail == "bucket":
+            lz = 0.0 if temperature == 1.0 else float(np.asarray(log_z, np.float64)[idx])
+            probs = [math.exp(lp[idx][j] / temperature - lz) if ids[idx][j] >= 0 else 0.0
+                     for j in range(ids.shape[-1])]
             per[idx] = _sparse_reference_one(s[idx], ids[idx], np.array(probs), max(0.0, 1.0 - sum(probs)),
                                              temperature)
         else:
-            z = sum(probs)
-            per[idx] = _sparse_reference_one(s[idx], ids[idx], np.array(probs) / (z if z > 0 else 1.0), None,
+            w = [math.exp(lp[idx][j] / temperature) if ids[idx][j] >= 0 else 0.0 for j in range(ids.shape[-1])]
+            z = sum(w)
+            per[idx] = _sparse_reference_one(s[idx], ids[idx], np.array(w) / (z if z > 0 else 1.0), None,
                                              temperature)
     return _reduce_masked_np(per, mask, reduction)
 
@@ -396,7 +397,9 @@ def projected_kl(student_logits: mx.array, target_ids, target_probs, remainder, 
 
         Σ_i p_i log(p_i / q_{id_i}) + r log(r / q_outside)     (× T²; terms with zero mass count 0)
 
-    Includes the teacher entropy of the projected distribution. Temperature as in `sparse_topk_kl` bucket mode."""
+    Includes the teacher entropy of the projected distribution. The target is used as given: at T ≠ 1 it must
+    already be the tempered teacher (`kd_mlx.align` builds it so, exactly, from the store); the student logits are
+    divided by T, × T²."""
     _check_temperature(temperature)
     student_logits = _zero_masked(student_logits, mask)
     p = mx.array(target_probs).astype(student_logits.dtype)
@@ -527,21 +530,10 @@ def answer_kl_reference(student_logits, letter_ids, teacher_probs, mask=None, te
     return _reduce_masked_np(per, mask, reduction)
 
 
-class HiddenProjection(nn.Module):
-    """Learned linear map from the student's hidden size to the teacher's (trained together with the student)."""
-
-    def __init__(self, student_dim: int, teacher_dim: int, bias: bool = True):
-        super().__init__()
-        self.proj = nn.Linear(student_dim, teacher_dim, bias=bias)
-
-    def __call__(self, h: mx.array) -> mx.array:
-        return self.proj(h)
-
-
 def hidden_mse(student_hidden: mx.array, teacher_hidden: mx.array, projection: nn.Module | None = None,
                mask=None, reduction: str = "mean") -> mx.array:
     """Mean over feature dims of (W h_s + b − h_t)² per position: `student_hidden (..., d_s)` mapped by
-    `projection` (a `HiddenProjection`, or None when d_s == d_t) to `teacher_hidden (..., d_t)`; masked mean over
+    `projection` (e.g. an `nn.Linear(d_s, d_t)` trained with the student, or None when d_s == d_t) to `teacher_hidden (..., d_t)`; masked mean over
     positions by default. Differentiable w.r.t. the student hidden states and the projection's parameters."""
     student_hidden = _zero_masked(student_hidden, mask)
     h = projection(student_hidden) if projection is not None else student_hidden
@@ -568,104 +560,3 @@ def hidden_mse_reference(student_hidden, teacher_hidden, weight=None, bias=None,
                 y = y + np.asarray(bias, np.float64)
         per[idx] = sum((a - b) ** 2 for a, b in zip(y, ht[idx])) / len(y)
     return _reduce_masked_np(per, mask, reduction)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# mixing
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def combine_losses(parts: Mapping[str, mx.array], weights: Mapping[str, float]) -> tuple[mx.array, dict]:
-    """total = Σ_name weights[name] · parts[name] over names with a non-zero weight.
-
-    Returns `(total, parts)` where `parts` holds the *unweighted* values of the weighted parts (mx scalars, lazy:
-    call `float()` after evaluation to log). A weight naming a missing part is an error (a silent 0 would hide a
-    misconfigured run)."""
-    total = mx.array(0.0)
-    used: dict[str, mx.array] = {}
-    for name, w in weights.items():
-        if not w:
-            continue
-        if name not in parts:
-            raise KDError(f"loss weight given for {name!r} but no such loss was computed (have: {sorted(parts)})")
-        total = total + float(w) * parts[name]
-        used[name] = parts[name]
-    return total, used
-
-
-LOSS_NAMES = ("ce", "forward_kl", "forward_kl_ce_only", "reverse_kl", "jsd", "topk_kl", "projected_kl", "uld",
-              "answer_kl", "hidden_mse")
-
-
-@dataclass
-class KDLoss:
-    """A configured mix of the losses above.
-
-    `weights` maps names from `LOSS_NAMES` to weights; call it with the inputs of the parts you weight (keyword
-    arguments, see `__call__`); returns `(total, parts)` as `combine_losses`. The hidden-state projection, when
-    used, is an `nn.Module` held here (`self.projection`): include its parameters in the optimiser.
-
-    Inputs (each part only needs its own):
-      ce:                 student_logits (B,L,V), labels (B,L), ce_mask (B,L)
-      forward_kl, forward_kl_ce_only, reverse_kl, jsd, uld:
-                          student_logits, teacher_logits (B,L,V[_t]), kd_mask (B,L)
-      topk_kl:            student_logits, topk_ids, topk_logprobs (B,L,k), kd_mask
-      projected_kl:       student_logits, target_ids, target_probs (B,L,m), remainder (B,L), kd_mask
-      answer_kl:          answer_logits (B,V), letter_ids (4,), answer_probs (B,4), answer_mask (B,)
-      hidden_mse:         student_hidden (B,L,d_s), teacher_hidden (B,L,d_t), hidden_mask (B,L)
-    """
-
-    weights: dict = field(default_factory=lambda: {"ce": 1.0})
-    temperature: float = 1.0
-    beta: float = 0.5
-    tail: str = "bucket"
-    hidden_dims: tuple[int, int] | None = None
-    projection: HiddenProjection | None = None
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.weights) - set(LOSS_NAMES))
-        if unknown:
-            raise KDError(f"unknown loss name(s) {unknown}; known: {', '.join(LOSS_NAMES)}")
-        _check_temperature(self.temperature)
-        if self.weights.get("hidden_mse") and self.projection is None and self.hidden_dims is not None:
-            self.projection = HiddenProjection(*self.hidden_dims)
-
-    def __call__(self, **x) -> tuple[mx.array, dict]:
-        T = self.temperature
-
-        def need(*names):
-            missing = [n for n in names if x.get(n) is None]
-            if missing:
-                raise KDError(f"KDLoss: inputs {missing} are required by the weighted losses")
-            return [x[n] for n in names]
-
-        parts: dict[str, mx.array] = {}
-        active = [n for n, w in self.weights.items() if w]
-        for name in active:
-            if name == "ce":
-                s, y = need("student_logits", "labels")
-                parts[name] = cross_entropy(s, y, x.get("ce_mask"))
-            elif name in ("forward_kl", "forward_kl_ce_only", "reverse_kl", "jsd", "uld"):
-                s, t = need("student_logits", "teacher_logits")
-                m = x.get("kd_mask")
-                if name == "jsd":
-                    parts[name] = generalized_jsd(s, t, self.beta, m, T)
-                elif name == "uld":
-                    parts[name] = uld_loss(s, t, m, T, teacher_is_logprobs=bool(x.get("teacher_is_logprobs")))
-                else:
-                    fn = {"forward_kl": forward_kl, "forward_kl_ce_only": forward_kl_ce_only,
-                          "reverse_kl": reverse_kl}[name]
-                    parts[name] = fn(s, t, m, T)
-            elif name == "topk_kl":
-                s, i, lp = need("student_logits", "topk_ids", "topk_logprobs")
-                parts[name] = sparse_topk_kl(s, i, lp, x.get("kd_mask"), T, self.tail)
-            elif name == "projected_kl":
-                s, i, p, r = need("student_logits", "target_ids", "target_probs", "remainder")
-                parts[name] = projected_kl(s, i, p, r, x.get("kd_mask"), T)
-            elif name == "answer_kl":
-                s, ids, p = need("answer_logits", "letter_ids", "answer_probs")
-                parts[name] = answer_kl(s, ids, p, x.get("answer_mask"), T)
-            elif name == "hidden_mse":
-                hs, ht = need("student_hidden", "teacher_hidden")
-                parts[name] = hidden_mse(hs, ht, self.projection, x.get("hidden_mask"))
-        return combine_losses(parts, self.weights)

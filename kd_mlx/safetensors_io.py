@@ -277,3 +277,66 @@ def mx_to_bytes(a) -> np.ndarray:
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
     return np.asarray(a)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# numpy files written and read whole (the logits store's shards), on the same header parser and dtype table
+
+# numpy dtype -> safetensors name, for the dtypes numpy holds natively (bf16/fp8 have no numpy type)
+NUMPY_TO_ST: dict[np.dtype, str] = {np.dtype(v[0]): k for k, v in _DTYPES.items()
+                                    if k not in ("BF16", "F8_E4M3", "F8_E5M2")}
+
+
+def numpy_dtype(st_dtype: str) -> np.dtype:
+    """The little-endian numpy dtype a safetensors dtype name is read as."""
+    return np.dtype(_DTYPES[st_dtype][0]).newbyteorder("<")
+
+
+def write_numpy(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (in name order) with a sorted-key header and fsync: the same input gives the same bytes."""
+    header: dict = {}
+    blobs = []
+    pos = 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if a.dtype not in NUMPY_TO_ST:
+            raise TypeError(f"unsupported dtype {a.dtype} for {name}")
+        b = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": NUMPY_TO_ST[a.dtype], "shape": list(a.shape), "data_offsets": [pos, pos + len(b)]}
+        blobs.append(b)
+        pos += len(b)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file ({} when absent); KDError if the header is unreadable."""
+    path = Path(path)
+    read_header(path)  # validates the length, the JSON and every tensor entry
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(hlen).decode("utf-8")).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise KDError(f"corrupt shard {path}: __metadata__ must map names to strings")
+    return meta
+
+
+def check_weight_dtypes(tensors: dict[str, TensorInfo]) -> None:
+    """Refuse a model checkpoint whose header gives a tensor a type no model weight has: signed integers anywhere,
+    or an unsigned integer tensor without the `.scales` of a quantized weight. A one-byte header flip (F32->I32,
+    U32->I32) otherwise loads as garbage numbers or fails deep inside a matmul."""
+    for key, t in tensors.items():
+        base = key.rsplit(".", 1)[0]
+        packed = t.dtype in ("U32", "U8") and f"{base}.scales" in tensors
+        if t.dtype in ("I8", "I16", "I32", "I64", "U16", "U64") or (t.dtype in ("U32", "U8") and not packed):
+            raise KDError(f"{t.file}: tensor {key!r} has dtype {t.dtype}, which no model weight has (a corrupted "
+                          f"header?): re-download or re-convert this file")

@@ -26,7 +26,19 @@ Per question (row) a shard holds:
 - `positions` (P,) int32 + `position_splits` (Q+1,) int64: token indices that carry a top-k row; the row at
   position i is the teacher's distribution of token i+1 (for the last prompt token: of the answer)
 - the top-k payload, in one of the value encodings below
+- `logz_t<T>` (P,) float32 for every temperature T != 1 named at dump time (identity "temperatures"):
+  log sum_v exp(logprob_v / T) over the full vocabulary, so that the tempered teacher at a listed id is exactly
+  exp(logprob / T - logz) (a top-k alone cannot give the tempered normaliser)
+- `class_mass_t<T>` (P, k) for every named T when the dump was given a student tokenizer (identity
+  "student_tokenizer" = its fingerprint): for each top-k slot, the full-vocabulary (tempered) teacher mass of all
+  teacher tokens whose student-side first token is that slot's (kd_mlx.align.VocabMap); the exact projection of
+  the full row onto the listed student ids. Slots are kept in ascending-id order (recoverable from the decoded
+  ids whatever the encoding); float32 for `fp32`, else float16
 - `hidden` (Q, d) optional pooled final hidden state (float32 for `fp32`, else float16)
+
+Each shard's metadata holds `content_sha256` (its tensors + metadata), so a shard proves its own integrity; the
+manifest also keeps each file's sha256. A resumed dump recomputes every shard that fails either; training checks
+the manifest hashes once per run.
 
 Value encodings (top-k log-probs and their token ids; bytes per top-k row at k=32 in brackets):
 
@@ -41,6 +53,8 @@ Value encodings (top-k log-probs and their token ids; bytes per top-k row at k=3
 Decoded rows are always returned sorted by log-prob, descending (ties: lower id first). The encoding error
 of the lossy encodings is measured in tests/test_store.py and benchmarks/bench_store.py, not assumed.
 
+Format version 2 (version 1 stores have no content hashes, log-normalisers or class masses: re-dump them).
+
 CLI: `python -m kd_mlx.store verify STORE` (checksums, counts, NaN/Inf; exit 1 and one line per problem) and
 `python -m kd_mlx.store show STORE --id QID` (JSON).
 """
@@ -52,22 +66,38 @@ import json
 import mmap
 import os
 import re
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import click
 import numpy as np
 
-from .utils import KDError, sha256_file, write_json_atomic
+from .safetensors_io import NUMPY_TO_ST, numpy_dtype, read_header, read_metadata, write_numpy
+from .tokenizer import Tokenizer, load_tokenizer
+from .utils import KDError, cli_errors, sha256_file, write_json_atomic
 
 FORMAT = "kd_mlx.store"
-VERSION = 1
+VERSION = 2
 ENCODINGS = ("fp32", "fp16", "q8", "q8rice")
 MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+# the files kd_mlx.tokenizer.load_tokenizer reads (whichever the teacher has)
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 # identity keys every store has; the dump adds teacher/tokenizer/template/shots/positions/...
 REQUIRED_IDENTITY = ("k", "encoding")
+
+
+def temperature_tag(t: float) -> str:
+    """Tensor-name form of a temperature: 2.0 -> "2", 1.5 -> "1.5"."""
+    return f"{float(t):g}"
+
+
+def identity_temperatures(identity: Mapping[str, Any]) -> list[float]:
+    return sorted({1.0, *(float(t) for t in identity.get("temperatures") or [])})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,6 +117,8 @@ class StoreRecord:
     topk_logprobs: np.ndarray  # (p, k) float32
     hidden: np.ndarray | None = None  # (d,) float32
     label: int = -1  # gold answer 0..3, -1 if unknown
+    logz: dict[float, np.ndarray] = field(default_factory=dict)  # T != 1 -> (p,) log sum_v exp(lp_v / T)
+    class_mass: dict[float, np.ndarray] = field(default_factory=dict)  # T -> (p, k), slots as topk_ids
 
     @property
     def answer_probs(self) -> np.ndarray:
@@ -94,6 +126,17 @@ class StoreRecord:
         a = self.answer_logprobs.astype(np.float64)
         e = np.exp(a - a.max())
         return (e / e.sum()).astype(np.float32)
+
+    def tempered_topk(self, temperature: float) -> np.ndarray:
+        """(p, k) log-probs of the listed ids under the full-vocabulary teacher tempered at T:
+        logprob / T - log sum_v exp(logprob_v / T). Exact; needs the dump to have named T."""
+        lp = np.asarray(self.topk_logprobs, np.float64)
+        if temperature == 1.0:
+            return lp
+        if temperature not in self.logz:
+            raise KDError(f"the store has no log-normaliser for temperature {temperature:g} (it has "
+                          f"{sorted([1.0, *self.logz])}): re-dump with --temperatures 1,{temperature:g} or use 1")
+        return lp / temperature - np.asarray(self.logz[temperature], np.float64)[:, None]
 
     def to_json(self, max_positions: int | None = None) -> dict:
         p = len(self.positions) if max_positions is None else min(max_positions, len(self.positions))
@@ -117,62 +160,45 @@ class StoreRecord:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# a small deterministic safetensors writer/reader (the format is 8 bytes of header length, a JSON header,
-# then raw little-endian data); the `safetensors` package reads what we write (tested)
+# shard files: plain safetensors through kd_mlx.safetensors_io, each tensor of a known name and dtype
 
-_DT_TO_ST = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int32"): "I32",
-             np.dtype("int64"): "I64", np.dtype("uint8"): "U8", np.dtype("int8"): "I8",
-             np.dtype("uint32"): "U32"}
-_ST_TO_DT = {v: k for k, v in _DT_TO_ST.items()}
+# dtype of every tensor a shard may hold (a header byte flipped to another dtype is refused, not misread)
+_TENSOR_DTYPES = {
+    "answer_logprobs": ("F32",), "labels": ("I8",), "token_ids": ("I32",), "token_splits": ("I64",),
+    "char_offsets": ("I32",), "positions": ("I32",), "position_splits": ("I64",), "topk_ids": ("I32",),
+    "topk_logprobs": ("F32",), "topk_ids_u24": ("U8",), "topk_logprobs_f16": ("F16",), "topk_q8": ("U8",),
+    "topk_top1": ("F32",), "topk_step": ("F16",), "rice_b": ("U8",), "rice_unary": ("U8",),
+    "rice_unary_splits": ("I64",), "rice_rem": ("U8",), "rice_rem_splits": ("I64",), "hidden": ("F32", "F16"),
+}
+_PER_TEMPERATURE_DTYPES = {"logz": ("F32",), "class_mass": ("F32", "F16")}
+CONTENT_HASH_KEY = "content_sha256"
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` (in name order) with a sorted-key header: the same input gives the same bytes."""
-    header: dict[str, Any] = {}
-    blobs = []
-    pos = 0
+def _expected_dtypes(name: str) -> tuple[str, ...] | None:
+    if name in _TENSOR_DTYPES:
+        return _TENSOR_DTYPES[name]
+    base = name.rsplit("_t", 1)[0]
+    return _PER_TEMPERATURE_DTYPES.get(base) if name.startswith(base + "_t") else None
+
+
+def content_hash(tensors: Mapping[str, tuple[str, Sequence[int], bytes | memoryview]], meta: Mapping[str, str]
+                 ) -> str:
+    """sha256 of a shard's tensors (name, dtype, shape, bytes) and metadata (without this hash): kept in the shard's
+    own metadata, so any shard proves its integrity without a manifest (a flipped data byte or dtype shows)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in sorted(meta.items()) if k != CONTENT_HASH_KEY}, sort_keys=True).encode())
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        if a.dtype not in _DT_TO_ST:
-            raise TypeError(f"unsupported dtype {a.dtype} for {name}")
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        b = a.tobytes()
-        header[name] = {"dtype": _DT_TO_ST[a.dtype], "shape": list(a.shape), "data_offsets": [pos, pos + len(b)]}
-        blobs.append(b)
-        pos += len(b)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    h = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    h += b" " * (-len(h) % 8)  # pad so the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little"))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-        f.flush()
-        os.fsync(f.fileno())
+        dt, shape, data = tensors[name]
+        h.update(json.dumps([name, dt, list(shape)]).encode())
+        h.update(data)
+    return h.hexdigest()
 
 
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
-    """(tensor entries, metadata, data start) of a safetensors file; KDError if it is not one."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file too short")
-            n = int.from_bytes(raw, "little")
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
-            h = f.read(n)
-            if len(h) < n:
-                raise ValueError("header truncated")
-        header = json.loads(h.decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise KDError(f"{path.name}: not a readable safetensors file ({e})") from None
-    meta = header.pop("__metadata__", {}) or {}
-    return header, meta, 8 + n
+def write_shard_file(path: Path, tensors: Mapping[str, np.ndarray], meta: Mapping[str, str]) -> None:
+    """Write one shard with its content hash in the metadata (deterministic bytes)."""
+    parts = {n: (NUMPY_TO_ST[np.asarray(a).dtype], np.shape(a), np.ascontiguousarray(a).tobytes())
+             for n, a in tensors.items()}
+    write_numpy(path, dict(tensors), {**meta, CONTENT_HASH_KEY: content_hash(parts, meta)})
 
 
 class _Shard:
@@ -180,11 +206,16 @@ class _Shard:
 
     def __init__(self, path: Path):
         self.path = path
-        self.entries, self.meta, self.start = read_safetensors_header(path)
+        self.entries = read_header(path)
+        self.meta = read_metadata(path)
+        for name, e in self.entries.items():
+            want = _expected_dtypes(name)
+            if want is not None and e.dtype not in want:
+                raise KDError(f"{path.name}: tensor {name} has dtype {e.dtype}, a store shard holds "
+                              f"{'/'.join(want)} there (corrupted header): rerun the dump to recompute this shard")
         self._f = open(path, "rb")
         size = os.fstat(self._f.fileno()).st_size
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        self.size = size
         self._cache: dict[str, np.ndarray] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -196,15 +227,18 @@ class _Shard:
             e = self.entries.get(name)
             if e is None:
                 raise KDError(f"{self.path.name}: missing tensor {name}")
-            dt = _ST_TO_DT.get(e["dtype"])
-            b0, b1 = e["data_offsets"]
-            count = int(np.prod(e["shape"])) if e["shape"] else 1
-            if dt is None or self.start + b1 > self.size or b1 - b0 != count * dt.itemsize:
-                raise KDError(f"{self.path.name}: tensor {name} has a bad header entry")
-            a = np.frombuffer(self._mm, dtype=dt.newbyteorder("<"), count=count,
-                              offset=self.start + b0).reshape(e["shape"]) if count else np.zeros(e["shape"], dt)
+            count = int(np.prod(e.shape)) if e.shape else 1
+            dt = numpy_dtype(e.dtype)
+            a = np.frombuffer(self._mm, dtype=dt, count=count, offset=e.start).reshape(e.shape) if count \
+                else np.zeros(e.shape, dt)
             self._cache[name] = a
         return a
+
+    def hash_ok(self) -> bool:
+        """The shard's content equals the hash written with it."""
+        want = self.meta.get(CONTENT_HASH_KEY)
+        parts = {n: (e.dtype, e.shape, self._mm[e.start:e.end] if self._mm else b"") for n, e in self.entries.items()}
+        return want is not None and content_hash(parts, self.meta) == want
 
     def close(self) -> None:
         self._cache.clear()
@@ -257,7 +291,7 @@ def _dequantise_q8(q: np.ndarray, top1: np.ndarray, step: np.ndarray) -> np.ndar
     return (top1[:, None].astype(np.float32) - q.astype(np.float32) * step.astype(np.float32)[:, None])
 
 
-def _sort_by_value(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sort_rows_by_value_reference(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Plain reference: rows sorted by log-prob descending, ties by id ascending (what every decoder returns)."""
     out_i, out_v = np.array(ids, np.int32, copy=True), np.array(lps, np.float32, copy=True)
     for r in range(len(out_i)):
@@ -266,8 +300,8 @@ def _sort_by_value(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.nda
     return out_i, out_v
 
 
-def _sort_rows_by_value(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # vectorised version of _sort_by_value: primary key -value, secondary key id (ids < 2^24 fit exactly)
+def sort_rows_by_value(ids: np.ndarray, lps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by log-prob descending, ties by id ascending (vectorised `sort_rows_by_value_reference`)."""
     if ids.size == 0:
         return ids.astype(np.int32), lps.astype(np.float32)
     o1 = np.argsort(ids, axis=1, kind="stable")
@@ -366,18 +400,51 @@ def decode_topk(encoding: str, get: Callable[[str], np.ndarray], k: int, qi: int
     if encoding == "fp16":
         ids = _unpack_u24(get("topk_ids_u24")[r0:r1], k)
         lps = get("topk_logprobs_f16")[r0:r1].astype(np.float32)
-        return _sort_rows_by_value(ids, lps)
+        return sort_rows_by_value(ids, lps)
     lps = _dequantise_q8(get("topk_q8")[r0:r1], get("topk_top1")[r0:r1], get("topk_step")[r0:r1])
     if encoding == "q8":
         ids = _unpack_u24(get("topk_ids_u24")[r0:r1], k)
-        return _sort_rows_by_value(ids, lps)
+        return sort_rows_by_value(ids, lps)
     if encoding == "q8rice":
         us, rs = get("rice_unary_splits"), get("rice_rem_splits")
         d = _rice_decode(int(get("rice_b")[qi]), get("rice_unary")[us[qi]:us[qi + 1]],
                          get("rice_rem")[rs[qi]:rs[qi + 1]], (r1 - r0) * k)
         ids = (np.cumsum(d.reshape(r1 - r0, k) + 1, axis=1) - 1) if r1 > r0 else np.zeros((0, k), np.int64)
-        return _sort_rows_by_value(ids.astype(np.int32), lps)
+        return sort_rows_by_value(ids.astype(np.int32), lps)
     raise KDError(f"unknown encoding {encoding!r} in store")
+
+
+def encode_extras(identity: Mapping[str, Any], recs: Sequence["StoreRecord"], encoding: str, k: int
+                  ) -> dict[str, np.ndarray]:
+    """The per-temperature tensors (`logz_t<T>`, `class_mass_t<T>`) of one shard's records."""
+    out: dict[str, np.ndarray] = {}
+    if not recs:
+        return out
+    ids = np.concatenate([np.asarray(r.topk_ids, np.int64).reshape(-1, k) for r in recs])
+    order = np.argsort(ids, axis=1, kind="stable")  # class masses kept in ascending-id slot order
+    for t in identity_temperatures(identity):
+        tag = temperature_tag(t)
+        if t != 1.0:
+            out[f"logz_t{tag}"] = np.concatenate([np.asarray(r.logz[t], np.float32).reshape(-1) for r in recs])
+        if identity.get("student_tokenizer"):
+            cm = np.concatenate([np.asarray(r.class_mass[t], np.float32).reshape(-1, k) for r in recs])
+            out[f"class_mass_t{tag}"] = np.take_along_axis(cm, order, 1).astype(
+                np.float32 if encoding == "fp32" else np.float16)
+    return out
+
+
+def decode_extras(identity: Mapping[str, Any], get: Callable[[str], np.ndarray], ids: np.ndarray, r0: int, r1: int
+                  ) -> tuple[dict[float, np.ndarray], dict[float, np.ndarray]]:
+    """(logz, class_mass) of rows r0:r1 whose decoded ids are `ids` (p, k), class masses in the ids' slot order."""
+    logz, cmass = {}, {}
+    rank = np.argsort(np.argsort(ids, axis=1, kind="stable"), axis=1, kind="stable")  # slot -> ascending-id slot
+    for t in identity_temperatures(identity):
+        tag = temperature_tag(t)
+        if t != 1.0:
+            logz[t] = np.asarray(get(f"logz_t{tag}")[r0:r1], np.float32)
+        if identity.get("student_tokenizer"):
+            cmass[t] = np.take_along_axis(np.asarray(get(f"class_mass_t{tag}")[r0:r1], np.float32), rank, 1)
+    return logz, cmass
 
 
 def topk_bytes(tensors: Mapping[str, np.ndarray]) -> int:
@@ -416,23 +483,97 @@ def _list_shards(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if _SHARD_RE.match(p.name)) if path.is_dir() else []
 
 
-def _shard_info(p: Path) -> tuple[dict, list[str], dict]:
-    entries, meta, _ = read_safetensors_header(p)
+def _shard_info(s: "_Shard") -> tuple[dict, list[str], dict]:
     try:
-        identity = json.loads(meta["identity"])
-        ids = json.loads(meta["ids"])
-        counts = json.loads(meta["counts"])
+        identity = json.loads(s.meta["identity"])
+        ids = json.loads(s.meta["ids"])
+        counts = json.loads(s.meta["counts"])
     except (KeyError, ValueError):
-        raise KDError(f"{p}: shard metadata missing or unreadable (not written by kd_mlx.store?)") from None
+        raise KDError(f"{s.path}: shard metadata missing or unreadable (not written by kd_mlx.store?)") from None
+    if int(s.meta.get("version", 0)) != VERSION:
+        raise KDError(_old_version_message(s.path.parent, s.meta.get("version")))
     return identity, ids, counts
+
+
+def _old_version_message(path: Path, version: Any) -> str:
+    return (f"store {path} has format version {version}, this kd_mlx reads version {VERSION} (exact token targets need "
+            f"what version {VERSION} keeps): re-dump it with python -m kd_mlx.teacher dump into a new --out")
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """manifest.json of a finished store, checked: format, version, keys, shard file names. One-line KDErrors."""
+    path = Path(path)
+    if not path.is_dir():
+        raise KDError(f"store not found: {path}")
+    man = path / MANIFEST
+    if not man.exists():
+        raise KDError(f"{path} has no {MANIFEST}: not a finished store (rerun the dump command to finish it)")
+    try:
+        m = json.loads(man.read_text(encoding="utf-8"))
+        if not isinstance(m, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise KDError(f"{man} is truncated or not valid JSON: rerun the dump command that made this store (it keeps "
+                      f"the shards that pass their hash and rewrites the manifest)") from None
+    if m.get("format") != FORMAT:
+        raise KDError(f"{path} is not a kd_mlx store (manifest format {m.get('format')!r})")
+    if m.get("version") != VERSION:
+        raise KDError(_old_version_message(path, m.get("version")))
+    missing = [k for k in ("identity", "encoding", "k", "shards", "ids") if k not in m]
+    if missing:
+        raise KDError(f"{man} lacks {', '.join(missing)}: rerun the dump command that made this store")
+    for i, sh in enumerate(m["shards"]):
+        if not isinstance(sh, dict) or sh.get("file") != _shard_name(i):
+            raise KDError(f"{man}: shard entry {i} names {sh.get('file') if isinstance(sh, dict) else sh!r}, not "
+                          f"{_shard_name(i)} (shards are plain file names inside the store): rerun the dump")
+    return m
+
+
+def save_tokenizer_files(store: str | os.PathLike, src_dir: str | os.PathLike, fingerprint: str) -> None:
+    """Copy the teacher tokenizer's files into STORE/tokenizer/ (once; atomic), so training needs only the store.
+    An existing copy must have the same fingerprint."""
+    dst = Path(store) / TOKENIZER_DIR
+    if dst.exists():
+        fp = load_tokenizer(dst).fingerprint()
+        if fp != fingerprint:
+            raise KDError(f"{dst} holds tokenizer {fp}, not the teacher's {fingerprint}: use another --out")
+        return
+    names = [n for n in TOKENIZER_FILES if (Path(src_dir) / n).is_file()]
+    if not names:
+        raise KDError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src_dir}")
+    tmp = Path(store) / f"{_TMP_PREFIX}{TOKENIZER_DIR}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for n in names:
+        shutil.copyfile(Path(src_dir) / n, tmp / n)
+    fp = load_tokenizer(tmp).fingerprint()
+    if fp != fingerprint:
+        shutil.rmtree(tmp)
+        raise KDError(f"the tokenizer files of {src_dir} load as {fp}, not {fingerprint}: cannot copy them")
+    os.replace(tmp, dst)
+
+
+def store_tokenizer(path: str | os.PathLike, identity: Mapping[str, Any], override: str | os.PathLike | None = None
+                    ) -> Tokenizer | None:
+    """The teacher tokenizer a store was dumped with: `override` (must have the store's fingerprint), else the copy
+    inside the store; None when neither exists."""
+    src = Path(override) if override else Path(path) / TOKENIZER_DIR
+    if not override and not src.is_dir():
+        return None
+    tok = load_tokenizer(src)
+    want = identity.get("tokenizer")
+    if want is not None and tok.fingerprint() != want:
+        raise KDError(f"teacher tokenizer {src} has fingerprint {tok.fingerprint()}, but store {path} was dumped with "
+                      f"{want}: pass the teacher's own tokenizer (or none: the store carries it)")
+    return tok
 
 
 def build_manifest(path: str | os.PathLike, expected_ids: Sequence[str] | None = None) -> dict:
     """(Re)build and atomically write manifest.json from the shard files on disk (global shard order).
 
     Deterministic: it depends only on the shards' bytes. A multi-rank dump calls this once (rank 0), after every
-    rank closed its writer with `write_manifest=False`. Shards must be numbered 0..n-1 without a gap, and with
-    `expected_ids` the rows must be exactly those ids in that order."""
+    rank closed its writer with `write_manifest=False`. Shards must be numbered 0..n-1 without a gap, pass their
+    content hash, and with `expected_ids` the rows must be exactly those ids in that order."""
     path = Path(path)
     shards = _list_shards(path)
     if not shards:
@@ -445,12 +586,17 @@ def build_manifest(path: str | os.PathLike, expected_ids: Sequence[str] | None =
     ids: list[str] = []
     entries = []
     for p in shards:
-        ident, sids, counts = _shard_info(p)
-        _, meta, _ = read_safetensors_header(p)
-        if identity is None:
-            identity, shard_size = ident, int(meta.get("shard_size", 0))
-        elif (msg := _identity_mismatch(path, identity, ident)) is not None:
-            raise KDError(f"{p.name}: {msg}")
+        s = _Shard(p)
+        try:
+            if not s.hash_ok():
+                raise KDError(f"{p}: content does not match its hash (corrupted): rerun the dump to recompute it")
+            ident, sids, counts = _shard_info(s)
+            if identity is None:
+                identity, shard_size = ident, int(s.meta.get("shard_size", 0))
+            elif (msg := _identity_mismatch(path, identity, ident)) is not None:
+                raise KDError(f"{p.name}: {msg}")
+        finally:
+            s.close()
         ids.extend(sids)
         entries.append({"file": p.name, "sha256": sha256_file(p), "bytes": p.stat().st_size, "rows": len(sids),
                         **{k: int(v) for k, v in counts.items()}})
@@ -460,11 +606,13 @@ def build_manifest(path: str | os.PathLike, expected_ids: Sequence[str] | None =
     if expected_ids is not None and list(expected_ids) != ids:
         raise KDError(f"store {path}: the shards hold {len(ids)} questions, not the {len(expected_ids)} asked for "
                       f"in this order (a different question set was dumped here: use another --out)")
+    tok_dir = path / TOKENIZER_DIR
     manifest = {
         "format": FORMAT, "version": VERSION, "identity": identity, "identity_hash": identity_hash(identity),
         "encoding": identity["encoding"], "k": identity["k"], "shard_size": shard_size,
         "num_rows": len(ids), "num_tokens": sum(e["tokens"] for e in entries),
         "num_positions": sum(e["positions"] for e in entries), "shards": entries, "ids": ids,
+        "tokenizer_files": {p.name: sha256_file(p) for p in sorted(tok_dir.iterdir())} if tok_dir.is_dir() else {},
     }
     write_json_atomic(path / MANIFEST, manifest)
     return manifest
@@ -477,8 +625,10 @@ def build_manifest(path: str | os.PathLike, expected_ids: Sequence[str] | None =
 class StoreWriter:
     """Writes fixed-size shards atomically (temporary name, fsync, rename); resumable; one writer per rank.
 
-    On start it reads the finished shards' headers, checks their identity against `identity` (a mismatch is
-    refused with one line naming the key) and exposes their ids in `done_ids` and per shard in `shard_ids`.
+    On start it checks every shard on disk: one whose content fails its own hash, or (with a readable manifest)
+    the manifest's sha256, is listed in `damaged` and not counted as done, so the dump recomputes it instead of
+    passing corruption on. Sound shards' identity is checked against `identity` (a mismatch is refused with one
+    line naming the key) and their ids are exposed in `done_ids` and per shard in `shard_ids`.
 
     Two ways to write:
     - `add(rec)` (sequential, one process): records are buffered and written as shards numbered after the last
@@ -499,6 +649,7 @@ class StoreWriter:
         if self.identity["encoding"] not in ENCODINGS:
             raise KDError(f"unknown encoding {self.identity['encoding']!r} (choose from {', '.join(ENCODINGS)})")
         self.k = int(self.identity["k"])
+        self.temperatures = identity_temperatures(self.identity)
         if shard_size < 1:
             raise KDError("shard size must be at least 1")
         if not 0 <= rank < world:
@@ -515,21 +666,16 @@ class StoreWriter:
                 p.unlink(missing_ok=True)
         self.done_ids: set[str] = set()
         self.shard_ids: dict[int, list[str]] = {}
-        man = self.path / MANIFEST
-        if man.exists():
-            try:
-                m = json.loads(man.read_text(encoding="utf-8"))
-            except ValueError:
-                raise KDError(f"{man} is not valid JSON") from None
-            if m.get("format") != FORMAT:
-                raise KDError(f"{self.path} is not a kd_mlx store (manifest format {m.get('format')!r})")
-            if (msg := _identity_mismatch(self.path, m.get("identity", {}), self.identity)) is not None:
-                raise KDError(msg)
+        self.damaged: list[int] = []
+        listed = self._manifest_hashes()
         for p in _list_shards(self.path):
-            ident, ids, _ = _shard_info(p)
+            ident_ids = self._sound_shard(p, listed.get(p.name))
+            if ident_ids is None:
+                self.damaged.append(_shard_index(p))
+                continue
+            ident, ids, meta = ident_ids
             if (msg := _identity_mismatch(self.path, ident, self.identity)) is not None:
                 raise KDError(msg)
-            _, meta, _ = read_safetensors_header(p)
             if int(meta.get("shard_size", self.shard_size)) != self.shard_size:
                 raise KDError(f"store {self.path} uses shard size {meta.get('shard_size')}, this run "
                               f"{self.shard_size}; use the same --shard-size to resume")
@@ -538,6 +684,40 @@ class StoreWriter:
         self._next_index = max(self.shard_ids) + 1 if self.shard_ids else 0
         self._buf: list[StoreRecord] = []
         self._closed = False
+
+    def _manifest_hashes(self) -> dict[str, str]:
+        """{file: sha256} from manifest.json; {} when there is none or it is damaged (it is rebuilt at the end)."""
+        man = self.path / MANIFEST
+        if not man.exists():
+            return {}
+        try:
+            m = json.loads(man.read_text(encoding="utf-8"))
+            shards = m["shards"]
+            fmt, version, ident = m.get("format"), m.get("version"), m.get("identity", {})
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+            return {}
+        if fmt != FORMAT:
+            raise KDError(f"{self.path} is not a kd_mlx store (manifest format {fmt!r})")
+        if version != VERSION:
+            raise KDError(_old_version_message(self.path, version))
+        if (msg := _identity_mismatch(self.path, ident, self.identity)) is not None:
+            raise KDError(msg)
+        return {s["file"]: s["sha256"] for s in shards if isinstance(s, dict) and "file" in s and "sha256" in s}
+
+    @staticmethod
+    def _sound_shard(p: Path, manifest_sha: str | None) -> tuple[dict, list[str], dict] | None:
+        """(identity, ids, metadata) of a shard that passes its content hash (and the manifest's), else None."""
+        try:
+            s = _Shard(p)
+        except KDError:
+            return None
+        try:
+            if not s.hash_ok() or (manifest_sha is not None and sha256_file(p) != manifest_sha):
+                return None
+            ident, ids, _ = _shard_info(s)
+            return ident, ids, dict(s.meta)
+        finally:
+            s.close()
 
     def _check(self, rec: StoreRecord) -> None:
         p = len(rec.positions)
@@ -552,6 +732,12 @@ class StoreWriter:
         want = self.identity.get("hidden_dim", 0) or None
         if hd != want:
             raise KDError(f"{rec.id}: hidden state of size {hd}, the store's identity says {want}")
+        for t in self.temperatures:
+            if t != 1.0 and np.shape(rec.logz.get(t)) != (p,):
+                raise KDError(f"{rec.id}: the identity names temperature {t:g}: logz[{t:g}] must be ({p},)")
+            if self.identity.get("student_tokenizer") and np.shape(rec.class_mass.get(t)) != (p, self.k):
+                raise KDError(f"{rec.id}: the identity names a student tokenizer: class_mass[{t:g}] must be "
+                              f"({p}, {self.k})")
 
     def add(self, rec: StoreRecord) -> None:
         if rec.id in self.done_ids or any(r.id == rec.id for r in self._buf):
@@ -577,14 +763,14 @@ class StoreWriter:
             raise KDError(f"a shard holds 1..{self.shard_size} questions, got {len(recs)}")
         for r in recs:
             self._check(r)
-        tensors = shard_tensors(recs, self.identity["encoding"], self.k)
+        tensors = shard_tensors(recs, self.identity, self.k)
         counts = {"tokens": int(len(tensors["token_ids"])), "positions": int(len(tensors["positions"]))}
         meta = {"format": FORMAT, "version": str(VERSION), "identity": json.dumps(self.identity, sort_keys=True),
                 "ids": json.dumps([r.id for r in recs], ensure_ascii=True), "counts": json.dumps(counts),
                 "shard_size": str(self.shard_size), **dict(extra_meta or {})}
         name = _shard_name(index)
         tmp = self.path / f"{_TMP_PREFIX}{name}"
-        write_safetensors(tmp, tensors, meta)
+        write_shard_file(tmp, tensors, meta)
         # a manifest from an earlier run no longer describes the shards: drop it before the store changes
         (self.path / MANIFEST).unlink(missing_ok=True)
         os.replace(tmp, self.path / name)
@@ -593,6 +779,8 @@ class StoreWriter:
             self.done_ids.discard(old)
         self.shard_ids[index] = ids
         self.done_ids.update(ids)
+        if index in self.damaged:
+            self.damaged.remove(index)
         return self.path / name
 
     def close(self, write_manifest: bool = True) -> dict | None:
@@ -614,11 +802,12 @@ class StoreWriter:
             self.close()
 
 
-def shard_tensors(recs: Sequence[StoreRecord], encoding: str, k: int) -> dict[str, np.ndarray]:
+def shard_tensors(recs: Sequence[StoreRecord], identity: Mapping[str, Any], k: int) -> dict[str, np.ndarray]:
     """The flat tensors of one shard (ragged arrays concatenated, with (Q+1,) split offsets)."""
     def splits(lengths):
         return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
+    encoding = identity["encoding"]
     t: dict[str, np.ndarray] = {
         "answer_logprobs": np.stack([np.asarray(r.answer_logprobs, np.float32) for r in recs]),
         "labels": np.array([r.label for r in recs], np.int8),
@@ -630,6 +819,7 @@ def shard_tensors(recs: Sequence[StoreRecord], encoding: str, k: int) -> dict[st
     }
     t.update(encode_topk(encoding, [(np.asarray(r.topk_ids).reshape(-1, k), np.asarray(r.topk_logprobs).reshape(-1, k))
                                     for r in recs]))
+    t.update(encode_extras(identity, recs, encoding, k))
     if recs[0].hidden is not None:
         t["hidden"] = np.stack([np.asarray(r.hidden, np.float32) for r in recs]).astype(
             np.float32 if encoding == "fp32" else np.float16)
@@ -641,23 +831,14 @@ def shard_tensors(recs: Sequence[StoreRecord], encoding: str, k: int) -> dict[st
 
 
 class TopKStore:
-    """Read a finished store: `.manifest`, `.ids`, `len()`, `store[qid]` (random access), ordered iteration."""
+    """Read a finished store: `.manifest`, `.ids`, `len()`, `store[qid]` (random access), ordered iteration.
+
+    `verify_hashes()` checks every shard against the manifest (training does it once per run);
+    `check_answers()` refuses non-finite answer rows."""
 
     def __init__(self, path: str | os.PathLike, max_open: int = 8):
         self.path = Path(path)
-        man = self.path / MANIFEST
-        if not self.path.is_dir():
-            raise KDError(f"store not found: {self.path}")
-        if not man.exists():
-            raise KDError(f"{self.path} has no manifest.json: not a finished store (rerun the dump to finish it)")
-        try:
-            self.manifest = json.loads(man.read_text(encoding="utf-8"))
-        except ValueError:
-            raise KDError(f"{man} is not valid JSON") from None
-        if self.manifest.get("format") != FORMAT:
-            raise KDError(f"{self.path} is not a kd_mlx store")
-        if self.manifest.get("version", 0) > VERSION:
-            raise KDError(f"{self.path} has store version {self.manifest['version']}; this kd_mlx reads {VERSION}")
+        self.manifest = read_manifest(self.path)
         self.identity: dict = self.manifest["identity"]
         self.encoding: str = self.manifest["encoding"]
         self.k: int = int(self.manifest["k"])
@@ -676,6 +857,33 @@ class TopKStore:
 
     def __contains__(self, qid: str) -> bool:
         return qid in self._where
+
+    def verify_hashes(self) -> None:
+        """Every listed shard (and tokenizer file) has the sha256 the manifest gives; one-line KDError otherwise."""
+        bad = [sh["file"] for sh in self.manifest["shards"]
+               if not (self.path / sh["file"]).is_file() or sha256_file(self.path / sh["file"]) != sh["sha256"]]
+        tok = self.path / TOKENIZER_DIR
+        bad += [f"{TOKENIZER_DIR}/{n}" for n, h in self.manifest.get("tokenizer_files", {}).items()
+                if Path(n).name != n or not (tok / n).is_file() or sha256_file(tok / n) != h]
+        if bad:
+            raise KDError(f"store {self.path}: {len(bad)} file(s) differ from the manifest's sha256 (e.g. {bad[0]}; "
+                          f"corrupted or replaced): rerun the dump command to recompute them, or --no-verify")
+
+    def check_answers(self) -> None:
+        """Refuse answer rows that are not a distribution: NaN, +inf, all -inf, or above log 1."""
+        bad, first = 0, None
+        i = 0
+        for si, sh in enumerate(self.manifest["shards"]):
+            a = np.asarray(self._shard(si)["answer_logprobs"], np.float64)
+            with np.errstate(invalid="ignore"):
+                ok = ~np.isnan(a).any(1) & ~np.isposinf(a).any(1) & np.isfinite(a).any(1) & (a.max(1) <= 1e-3)
+            if not ok.all():
+                bad += int((~ok).sum())
+                first = first or self.ids[i + int(np.flatnonzero(~ok)[0])]
+            i += sh["rows"]
+        if bad:
+            raise KDError(f"store {self.path}: {bad} question(s) have answer log-probs that are not a distribution "
+                          f"(NaN, +inf or all -inf; e.g. {first}): re-dump them")
 
     def _shard(self, si: int) -> _Shard:
         s = self._open.get(si)
@@ -697,12 +905,13 @@ class TopKStore:
         ts, ps = sh["token_splits"], sh["position_splits"]
         t0, t1, p0, p1 = int(ts[row]), int(ts[row + 1]), int(ps[row]), int(ps[row + 1])
         ids, lps = decode_topk(self.encoding, sh.__getitem__, self.k, row, p0, p1)
+        logz, cmass = decode_extras(self.identity, sh.__getitem__, ids, p0, p1)
         hidden = np.asarray(sh["hidden"][row], np.float32) if "hidden" in sh else None
         return StoreRecord(
             id=qid, answer_logprobs=np.array(sh["answer_logprobs"][row], np.float32),
             token_ids=np.array(sh["token_ids"][t0:t1], np.int32), offsets=np.array(sh["char_offsets"][t0:t1], np.int32),
             positions=np.array(sh["positions"][p0:p1], np.int32), topk_ids=ids, topk_logprobs=lps,
-            hidden=hidden, label=int(sh["labels"][row]))
+            hidden=hidden, label=int(sh["labels"][row]), logz=logz, class_mass=cmass)
 
     def __iter__(self) -> Iterator[StoreRecord]:
         i = 0
@@ -731,23 +940,11 @@ class TopKStore:
 def verify_store(path: str | os.PathLike) -> list[str]:
     """Every problem found, one line each (empty list = the store is sound)."""
     path = Path(path)
-    problems: list[str] = []
-    if not path.is_dir():
-        return [f"{path}: store directory not found"]
-    man = path / MANIFEST
-    if not man.exists():
-        return [f"{path}: no manifest.json (unfinished dump: rerun the same command to finish it)"]
     try:
-        m = json.loads(man.read_text(encoding="utf-8"))
-    except ValueError as e:
-        return [f"{MANIFEST}: not valid JSON ({e})"]
-    if m.get("format") != FORMAT:
-        return [f"{MANIFEST}: format is {m.get('format')!r}, expected {FORMAT!r}"]
-    for key in ("identity", "encoding", "k", "shards", "ids"):
-        if key not in m:
-            problems.append(f"{MANIFEST}: missing key {key!r}")
-    if problems:
-        return problems
+        m = read_manifest(path)
+    except KDError as e:
+        return [str(e)]
+    problems: list[str] = []
     if identity_hash(m["identity"]) != m.get("identity_hash"):
         problems.append(f"{MANIFEST}: identity_hash does not match the identity")
     listed = {s["file"] for s in m["shards"]}
@@ -760,6 +957,10 @@ def verify_store(path: str | os.PathLike) -> list[str]:
         problems.append(f"{MANIFEST}: duplicate question ids")
     if sum(s["rows"] for s in m["shards"]) != len(m["ids"]) or m.get("num_rows") != len(m["ids"]):
         problems.append(f"{MANIFEST}: shard row counts do not add up to the {len(m['ids'])} ids")
+    for n, h in m.get("tokenizer_files", {}).items():
+        f = path / TOKENIZER_DIR / n
+        if Path(n).name != n or not f.is_file() or sha256_file(f) != h:
+            problems.append(f"{TOKENIZER_DIR}/{n}: missing or sha256 mismatch")
     enc, k = m["encoding"], int(m["k"])
     i0 = 0
     for sh in m["shards"]:
@@ -778,6 +979,8 @@ def verify_store(path: str | os.PathLike) -> list[str]:
             problems.append(str(e))
             continue
         try:
+            if not s.hash_ok():
+                problems.append(f"{name}: content does not match its own hash (corrupted)")
             problems.extend(_verify_shard(s, sh, ids, enc, k, m["identity"]))
         except (KDError, ValueError, IndexError) as e:
             problems.append(f"{name}: unreadable ({e})")
@@ -841,42 +1044,37 @@ def _verify_shard(s: _Shard, sh: dict, ids: list[str], enc: str, k: int, identit
 # CLI: python -m kd_mlx.store verify|show
 
 
-def _cli():
-    import click
+@click.group(help="Inspect and check a kd_mlx logits store.")
+def cli() -> None:
+    pass
 
-    from .utils import cli_errors
 
-    @click.group(help="Inspect and check a kd_mlx logits store.")
-    def group() -> None:
-        pass
+@cli.command("verify", help="Check checksums, counts, shapes and NaN/Inf; exit 1 with one line per problem.")
+@click.argument("store", type=click.Path())
+@cli_errors
+def verify_cmd(store: str) -> None:
+    problems = verify_store(store)
+    for p in problems:
+        click.echo(f"problem: {p}", err=True)
+    if problems:
+        raise SystemExit(1)
+    m = read_manifest(store)
+    click.echo(f"ok: {m['num_rows']} questions, {m['num_positions']} top-k rows (k={m['k']}, "
+               f"{m['encoding']}), {len(m['shards'])} shards")
 
-    @group.command("verify", help="Check checksums, counts, shapes and NaN/Inf; exit 1 with one line per problem.")
-    @click.argument("store", type=click.Path())
-    @cli_errors
-    def verify_cmd(store: str) -> None:
-        problems = verify_store(store)
-        for p in problems:
-            click.echo(f"problem: {p}", err=True)
-        if problems:
-            raise SystemExit(1)
-        m = json.loads((Path(store) / MANIFEST).read_text(encoding="utf-8"))
-        click.echo(f"ok: {m['num_rows']} questions, {m['num_positions']} top-k rows (k={m['k']}, "
-                   f"{m['encoding']}), {len(m['shards'])} shards")
 
-    @group.command("show", help="Print one question's record as JSON.")
-    @click.argument("store", type=click.Path())
-    @click.option("--id", "qid", required=True, help="question id (see manifest.json 'ids')")
-    @click.option("--max-positions", type=int, default=None, help="print at most this many top-k rows")
-    @cli_errors
-    def show_cmd(store: str, qid: str, max_positions: int | None) -> None:
-        with TopKStore(store) as st:
-            click.echo(json.dumps(st[qid].to_json(max_positions), ensure_ascii=False, indent=1))
-
-    return group
+@cli.command("show", help="Print one question's record as JSON.")
+@click.argument("store", type=click.Path())
+@click.option("--id", "qid", required=True, help="question id (see manifest.json 'ids')")
+@click.option("--max-positions", type=int, default=None, help="print at most this many top-k rows")
+@cli_errors
+def show_cmd(store: str, qid: str, max_positions: int | None) -> None:
+    with TopKStore(store) as st:
+        click.echo(json.dumps(st[qid].to_json(max_positions), ensure_ascii=False, indent=1))
 
 
 def main() -> None:
-    _cli()(prog_name="python -m kd_mlx.store")
+    cli(prog_name="python -m kd_mlx.store")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,20 @@ masses under 1) over real tokenizations of fixture sentences and of real CMMLU p
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
 
 from kd_mlx import align as A
+from kd_mlx.store import StoreRecord, StoreWriter, TopKStore
+from kd_mlx.teacher.dump import Summariser
 from kd_mlx.utils import KDError
+
+
+@dataclass
+class Rec(StoreRecord):
+    n_bos: int = 0  # BOS rows at the start (for the independent boundary checks)
 
 SENTENCES = [
     "中华人民共和国成立于1949年10月1日。",
@@ -53,9 +60,9 @@ def synthetic_record(t_tok, text: str, k: int = 8, seed: int = 0, bos: bool = Fa
             seen.add(int(topk[r, c]))
     mass = rng.uniform(0.5, 0.999, n)
     lp = np.log(rng.dirichlet(np.ones(k) * 0.5, n) * mass[:, None]).astype(np.float32)
-    return SimpleNamespace(token_ids=np.array(ids, np.int32), offsets=np.array(offs, np.int32),
-                           positions=np.arange(n, dtype=np.int32), topk_ids=topk.astype(np.int32), topk_logprobs=lp,
-                           n_bos=int(bos))
+    return Rec(id="x", answer_logprobs=np.zeros(4, np.float32), token_ids=np.array(ids, np.int32),
+               offsets=np.array(offs, np.int32), positions=np.arange(n, dtype=np.int32),
+               topk_ids=topk.astype(np.int32), topk_logprobs=lp, n_bos=int(bos))
 
 
 def byte_level_alignment(t_tok, s_tok, rec, s_ids, t_text: str, s_text: str, region_start: int) -> list[tuple]:
@@ -277,9 +284,10 @@ def test_hand_computed_alignment(kimi_tok, phi_tok, vmap):
     world, worlds, the = kimi_tok.encode(" world")[0], kimi_tok.encode(" worlds")[0], kimi_tok.encode(" the")[0]
     eos = kimi_tok.eos_id
     lp = np.log(np.array([[0.5, 0.2, 0.1, 0.05]], np.float32))
-    rec = SimpleNamespace(token_ids=np.array(t_ids), offsets=np.array(t_offs), positions=np.array([0, 1]),
-                          topk_ids=np.array([[world, worlds, the, eos], [0, 1, 2, 3]], np.int32),
-                          topk_logprobs=np.concatenate([lp, lp]), n_bos=0)
+    rec = Rec(id="x", answer_logprobs=np.zeros(4, np.float32), token_ids=np.array(t_ids),
+              offsets=np.array(t_offs), positions=np.array([0, 1]),
+              topk_ids=np.array([[world, worlds, the, eos], [0, 1, 2, 3]], np.int32),
+              topk_logprobs=np.concatenate([lp, lp]))
     pos, ids, probs, rest = check_alignment(kimi_tok, phi_tok, vmap, rec, s_ids, s_offs, 0, 0, text, text)
     s_world, s_the = phi_tok.encode(" world")[0], phi_tok.encode(" the")[0]
     assert pos.tolist() == [0]  # the last row (position 1) has no next token
@@ -316,8 +324,8 @@ def test_empty_and_unaligned_records(kimi_tok, phi_tok, vmap):
         assert a.shape == b.shape and a.shape[0] == 0
     assert out[1].shape == (0, 1) and out[1].dtype == np.int32 and out[2].dtype == np.float32
     # a record without top-k rows
-    empty = SimpleNamespace(**{**vars(rec), "positions": np.zeros(0, np.int32),
-                               "topk_ids": np.zeros((0, 8), np.int32), "topk_logprobs": np.zeros((0, 8), np.float32)})
+    empty = replace(rec, positions=np.zeros(0, np.int32), topk_ids=np.zeros((0, 8), np.int32),
+                    topk_logprobs=np.zeros((0, 8), np.float32))
     s_ids, s_offs = phi_tok.encode_with_offsets("abc")
     for out in (A.align_record(empty, empty.offsets, s_offs, 0, 0, vmap),
                 A.align_record_reference(empty, empty.offsets, s_offs, 0, 0, vmap),
@@ -366,8 +374,10 @@ def test_real_cmmlu_prompts(real_cmmlu, kimi_tok, phi_tok, vmap):
 
 # ------------------------------------------------------------------------------------ byte-level boundaries (in chars)
 def check_bytes(t_tok, s_tok, vmap, rec, s_ids, s_offs, shift, region_start, t_text, s_text, max_positions=None):
-    out = A.align_record_bytes(rec, s_ids, t_text, s_text, region_start, vmap, max_positions)
-    ref = A.align_record_bytes_reference(rec, s_ids, t_text, s_text, region_start, vmap, max_positions)
+    # boundaries only (the context check is tested on its own): comparable with the char-offset version
+    out = A.align_record_bytes(rec, s_ids, t_text, s_text, region_start, vmap, max_positions, context_check=False)
+    ref = A.align_record_bytes_reference(rec, s_ids, t_text, s_text, region_start, vmap, max_positions,
+                                         context_check=False)
     for a, b in zip(out, ref):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -425,7 +435,7 @@ def test_byte_alignment_identity_keeps_every_boundary(kimi_tok, tmp_path):
     rec = synthetic_record(kimi_tok, text, seed=3)
     ids = list(rec.token_ids)
     pos, sids, probs, rest = A.align_record_bytes(rec, ids, text, text, 0, vm)
-    assert pos.tolist() == list(range(len(ids) - 1))  # inside characters too
+    assert pos.tolist() == list(range(len(ids) - 1))  # inside characters too; the context check drops nothing
     np.testing.assert_array_equal(sids, rec.topk_ids[:-1])
     np.testing.assert_array_equal(probs, np.exp(rec.topk_logprobs[:-1].astype(np.float64)).astype(np.float32))
 
@@ -443,3 +453,134 @@ def test_byte_alignment_refuses_mismatched_inputs(kimi_tok, phi_tok, vmap):
     old = A.VocabMap(vmap.student_id, vmap.teacher_fingerprint, vmap.student_fingerprint, False)
     with pytest.raises(KDError, match="no token byte lengths"):
         A.align_record_bytes(rec, s_ids, text, text, 0, old)
+
+
+# ------------------------------------------------------------------------------ exact targets from the full teacher row
+def full_rows(t_tok, rec_ids: np.ndarray, seed: int) -> np.ndarray:
+    """Realistic full teacher rows (P, V): the real next token plus tokens sharing its first bytes carry most of
+    the mass (many Chinese candidates begin with one GPT-2 byte token), a long random tail."""
+    rng = np.random.default_rng(seed)
+    V = t_tok.vocab_size
+    logits = rng.standard_normal((len(rec_ids), V)) * 1.5
+    for r, t in enumerate(rec_ids[1:].tolist() + [rec_ids[0]]):
+        logits[r, t] += 9.0
+        logits[r, rng.integers(0, V, 60)] += rng.uniform(3, 7, 60)
+    return (logits - np.logaddexp.reduce(logits, -1, keepdims=True)).astype(np.float32)
+
+
+def projection_of_full_row(lp_row: np.ndarray, student_id: np.ndarray, T: float) -> dict[int, float]:
+    """Plain: the full teacher row tempered at T, summed per student first token (−1 = unmappable)."""
+    p = np.exp(lp_row.astype(np.float64) / T)
+    p /= p.sum()
+    return {int(c): float(m) for c, m in enumerate(np.bincount(student_id + 1, weights=p)[1:]) if m > 0}
+
+
+@pytest.mark.parametrize("encoding", ["fp32", "q8rice"])
+def test_projected_target_equals_projection_of_full_teacher_row(encoding, kimi_tok, phi_tok, vmap, tmp_path):
+    """Dump-side summary (top-k + class masses + log Z_T) -> store -> alignment gives, on every listed student id,
+    the exact projection of the whole teacher row (tempered at T), and the remainder is the mass of the rest."""
+    text = SENTENCES[2]
+    t_ids, t_offs = kimi_tok.encode_with_offsets(text)
+    s_ids = phi_tok.encode(text)
+    lp = full_rows(kimi_tok, np.array(t_ids), seed=1)
+    k, temps = 8, [1.0, 2.0]
+    summ = Summariser(k, kimi_tok.encode("A")[:1] * 4, temps, vmap.student_id)(lp)
+    rec = StoreRecord(id="q", answer_logprobs=np.log(np.full(4, 0.25, np.float32)), token_ids=np.array(t_ids),
+                      offsets=np.array(t_offs), positions=np.arange(len(t_ids), dtype=np.int32),
+                      topk_ids=summ["topk_ids"], topk_logprobs=summ["topk_logprobs"], logz=summ["logz"],
+                      class_mass=summ["class_mass"])
+    ident = {"k": k, "encoding": encoding, "temperatures": temps, "student_tokenizer": phi_tok.fingerprint()}
+    with StoreWriter(tmp_path / "s", ident, shard_size=4) as w:
+        w.add(rec)
+    with TopKStore(tmp_path / "s") as st:
+        back = st["q"]
+    tol = 1e-6 if encoding == "fp32" else 2e-3  # float16 class masses, 8-bit log-probs
+    n_rows = 0
+    for T in temps:
+        pos, ids, probs, rest = A.align_record_bytes(back, s_ids, text, text, 0, vmap, temperature=T)
+        ref = A.align_record_bytes_reference(back, s_ids, text, text, 0, vmap, temperature=T)
+        for a, b in zip((pos, ids, probs, rest), ref):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        rows, apos = A.aligned_rows_bytes(back.positions, np.cumsum(vmap.teacher_len[t_ids]),
+                                          np.cumsum(vmap.student_len[s_ids]), 0, 0)
+        keep = ~A.context_mismatch(back, rows, apos, s_ids, vmap)
+        assert len(pos) == int(keep.sum()) > 5
+        for n, r in enumerate(rows[keep].tolist()):
+            want = projection_of_full_row(lp[r], vmap.student_id, T)
+            listed = [int(i) for i in ids[n] if i >= 0]
+            got = dict(zip(listed, probs[n][: len(listed)].tolist()))
+            assert got == pytest.approx({c: want[c] for c in listed}, abs=tol)
+            assert rest[n] == pytest.approx(1.0 - sum(want[c] for c in listed), abs=tol * len(listed))
+            n_rows += 1
+    assert n_rows > 10
+
+
+def test_exact_projection_hand_example(kimi_tok, phi_tok, vmap):
+    """Issue 13's example: teacher 码 0.50, 示 0.30 in the top-2, 类 0.15 in the tail, all three beginning with the
+    same GPT-2 byte token: the projection is 0.95 on that id and 0.05 outside, not 0.80 / 0.20."""
+    tok = {c: kimi_tok.encode(c) for c in "码示类"}
+    assert all(len(v) == 1 for v in tok.values())
+    ma, shi, lei = (tok[c][0] for c in "码示类")
+    first = int(vmap.student_id[ma])
+    assert vmap.student_id[shi] == first == vmap.student_id[lei]
+    row = np.full(kimi_tok.vocab_size, -np.inf, np.float32)
+    other = kimi_tok.encode(" the")[0]
+    row[[ma, shi, lei, other]] = np.log([0.50, 0.30, 0.15, 0.05])
+    s = Summariser(2, [other] * 4, [1.0], vmap.student_id)(row[None])
+    ids, probs, rest = A.project_topk(s["topk_ids"], s["topk_logprobs"], vmap.student_id, s["class_mass"][1.0])
+    assert ids.tolist() == [[first]] and probs[0, 0] == pytest.approx(0.95, abs=1e-6)
+    assert rest[0] == pytest.approx(0.05, abs=1e-6)
+    ids0, probs0, rest0 = A.project_topk(s["topk_ids"], s["topk_logprobs"], vmap.student_id)  # top-k alone
+    assert probs0[0, 0] == pytest.approx(0.80, abs=1e-6) and rest0[0] == pytest.approx(0.20, abs=1e-6)
+
+
+def test_summariser_full_row_terms_equal_plain_loops(kimi_tok, vmap):
+    from kd_mlx.teacher.dump import reference_summary
+
+    ids = np.array(kimi_tok.encode(SENTENCES[0]))[:3]
+    lp = full_rows(kimi_tok, ids, seed=2)[:, :3000]  # a vocabulary slice keeps the plain loops short
+    lp = lp - np.logaddexp.reduce(lp, -1, keepdims=True)
+    sid = vmap.student_id[:3000]
+    fast = Summariser(5, [1, 2, 3, 4], [1.0, 2.0, 0.5], sid)(lp)
+    ref = reference_summary(lp, 5, [1, 2, 3, 4], [1.0, 2.0, 0.5], sid)
+    np.testing.assert_array_equal(fast["topk_ids"], ref["topk_ids"])
+    for T in (1.0, 2.0, 0.5):
+        np.testing.assert_allclose(fast["class_mass"][T], ref["class_mass"][T], rtol=1e-5, atol=1e-7)
+        if T != 1.0:
+            np.testing.assert_allclose(fast["logz"][T], ref["logz"][T], rtol=1e-6)
+
+
+def test_context_check_drops_rows_whose_real_continuation_maps_elsewhere(kimi_tok, phi_tok, vmap):
+    """Option lines "A. 农…": cl100k splits a bare " " before the Chinese word, GPT-2 writes " 农" with the space
+    folded in: the teacher's real next token " " maps to the student's " ", which is not what the student emits
+    there. Such rows are dropped (fast == reference), every other aligned row is kept."""
+    text = "题目：下列哪种作物最耐旱？\nA. 农作物\nB. 小麦\nC. 水稻\nD. 玉米\n答案是："
+    rec = synthetic_record(kimi_tok, text, seed=5)
+    s_ids, s_offs = phi_tok.encode_with_offsets(text)
+    t_ends = np.cumsum(vmap.teacher_len[rec.token_ids])
+    s_ends = np.cumsum(vmap.student_len[s_ids])
+    rows, pos = A.aligned_rows_bytes(rec.positions, t_ends, s_ends, 0, 0)
+    bad = A.context_mismatch(rec, rows, pos, s_ids, vmap)
+    space = kimi_tok.encode(" ")[0]
+    bare_space = [r for r in rows[bad].tolist() if rec.token_ids[rec.positions[r] + 1] == space]
+    assert len(bare_space) >= 3  # before 农, 小, 水, 玉: the teacher's next token is a bare " "
+    out = A.align_record_bytes(rec, s_ids, text, text, 0, vmap)
+    ref = A.align_record_bytes_reference(rec, s_ids, text, text, 0, vmap)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out[0], pos[~bad])
+    for j in out[0].tolist():  # what remains: the student's real next token is the teacher's, projected
+        i = int(rec.positions[rows[pos == j][0]])
+        assert vmap.student_id[rec.token_ids[i + 1]] == s_ids[j + 1]
+    char = A.align_record(rec, rec.offsets, s_offs, 0, 0, vmap, s_ids=s_ids)
+    char_ref = A.align_record_reference(rec, rec.offsets, s_offs, 0, 0, vmap, s_ids=s_ids)
+    for a, b in zip(char, char_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert set(char[0].tolist()) <= set(out[0].tolist())
+
+
+def test_temperature_without_stored_normaliser_is_refused(kimi_tok, phi_tok, vmap):
+    rec = synthetic_record(kimi_tok, SENTENCES[1])
+    s_ids = phi_tok.encode(SENTENCES[1])
+    with pytest.raises(KDError, match="temperatures 1,2"):
+        A.align_record_bytes(rec, s_ids, SENTENCES[1], SENTENCES[1], 0, vmap, temperature=2.0)

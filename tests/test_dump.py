@@ -49,7 +49,7 @@ def write_cmmlu(root: Path, n_dev: int = 2, n_test: int = 5) -> Path:
 
 
 def files_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def dump_args(cfg: dict) -> list[str]:
@@ -66,18 +66,21 @@ def dump_args(cfg: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from kd_mlx.teacher.dump import dump_store
+    from kd_mlx.testing import phi_tokenizer_dir
     from kd_mlx.testing.models import tiny_kimi_k2_dir
 
     root = tmp_path_factory.mktemp("dump_world")
     data = write_cmmlu(root / "cmmlu")
     teacher = tiny_kimi_k2_dir(root / "teacher", seed=3)
+    student_tok = phi_tokenizer_dir(root / "phi_tok")
     base = {"teacher": str(teacher), "data": str(data), "shots": 2, "top_k": 8, "shard_size": 3,
-            "positions": "question", "hidden": True}
+            "positions": "question", "hidden": True, "temperatures": "1,2", "student_tokenizer": str(student_tok)}
     exact = {**base, "encoding": "fp32", "out": str(root / "exact")}
     packed = {**base, "encoding": "q8rice", "out": str(root / "packed")}
     res = dump_store(exact, progress=False, log=lambda m: None)
     dump_store(packed, progress=False, log=lambda m: None)
-    return {"root": root, "data": data, "teacher": teacher, "exact": exact, "packed": packed, "result": res}
+    return {"root": root, "data": data, "teacher": teacher, "exact": exact, "packed": packed, "result": res,
+            "student_tok": student_tok}
 
 
 def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
@@ -88,7 +91,9 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
     from kd_mlx.data import fit_prompt, load_cmmlu
     from kd_mlx.data import answer_token_ids
     from kd_mlx.store import TopKStore, verify_store
-    from kd_mlx.teacher.dump import _hidden_teacher_class, build_items, compute_shard, max_call_positions
+    from kd_mlx.align import VocabMap
+    from kd_mlx.teacher.dump import HiddenCapturingTeacher, build_items, compute_shard, max_call_positions
+    from kd_mlx.tokenizer import load_tokenizer
 
     st = TopKStore(world["exact"]["out"])
     cmmlu = load_cmmlu(world["data"])
@@ -96,22 +101,32 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
     assert st.ids == [q.id for q in qs] and len(st.manifest["shards"]) == 4
     assert verify_store(st.path) == []
     ident = st.identity
-    for key in ("teacher", "teacher_config_hash", "teacher_weights_hash", "tokenizer", "template", "template_hash",
-                "shots", "positions", "k", "encoding", "hidden_dim", "max_tokens", "add_bos"):
+    for key in ("teacher_config_hash", "teacher_weights_hash", "tokenizer", "template", "template_hash",
+                "shots", "positions", "k", "encoding", "hidden_dim", "max_tokens", "add_bos", "temperatures",
+                "student_tokenizer"):
         assert key in ident
-    teacher = _hidden_teacher_class()(world["teacher"], None)
+    assert "teacher" not in ident  # the teacher is known by content, never by its path
+    teacher = HiddenCapturingTeacher(world["teacher"], None)
     tok = teacher.tokenizer
     letters = answer_token_ids(tok)
     assert ident["tokenizer"] == tok.fingerprint() and ident["hidden_dim"] == 64
+    # the store carries the teacher tokenizer (self-contained: train needs nothing else from the teacher)
+    assert load_tokenizer(st.path / "tokenizer").fingerprint() == tok.fingerprint()
+    student_id = VocabMap.build(tok, load_tokenizer(world["student_tok"])).student_id
+    assert ident["student_tokenizer"] == load_tokenizer(world["student_tok"]).fingerprint()
 
     # round trip: the records of shard 1 recomputed through the same call are stored exactly
     items = build_items(qs[3:6], cmmlu, tok, 2, "question", 2048, ident["add_bos"])
-    recs, _ = compute_shard(teacher, items, 8, letters, True, max_call_positions(teacher.vocab_size, None))
+    recs, _ = compute_shard(teacher, items, 8, letters, True, max_call_positions(teacher.vocab_size, None),
+                            [1.0, 2.0], student_id)
     for r in recs:
         got = st[r.id]
         for f in ("answer_logprobs", "token_ids", "offsets", "positions", "topk_ids", "topk_logprobs", "hidden"):
             np.testing.assert_array_equal(getattr(got, f), getattr(r, f), err_msg=f)
         assert got.label == r.label
+        np.testing.assert_array_equal(got.logz[2.0], r.logz[2.0])
+        for t in (1.0, 2.0):
+            np.testing.assert_array_equal(got.class_mass[t], r.class_mass[t])
     # calls split to bound the log-prob memory (one question per call here: no shared prefix) give the same
     # values up to float rounding
     split, _ = compute_shard(teacher, items, 8, letters, True, max_positions=1)
@@ -138,6 +153,13 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
         np.testing.assert_allclose(np.take_along_axis(lp[rec.positions], rec.topk_ids, 1), rec.topk_logprobs,
                                    atol=5e-4)
         np.testing.assert_allclose(rec.hidden, np.array(h[0, -1].astype(mx.float32)), atol=1e-4)
+        # what exact targets need, from the full row: log Z at T=2 and each slot's student-class mass
+        full = lp[rec.positions].astype(np.float64)
+        np.testing.assert_allclose(rec.logz[2.0], np.logaddexp.reduce(full / 2, -1), atol=5e-4)
+        for r in range(len(full)):
+            totals = np.bincount(student_id + 1, weights=np.exp(full[r]), minlength=student_id.max() + 2)
+            want = np.where(student_id[rec.topk_ids[r]] >= 0, totals[student_id[rec.topk_ids[r]] + 1], 0.0)
+            np.testing.assert_allclose(rec.class_mass[1.0][r], want, atol=5e-4)
         np.testing.assert_allclose(rec.answer_probs.sum(), 1.0, atol=1e-6)
 
 

@@ -28,17 +28,20 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import click
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from ..align import VocabMap
 from ..data import (LETTERS, Question, answer_token_ids, build_prompt, load_cmmlu, load_splits, prompt_ids,
                     read_add_bos, split_questions)
-from ..store import (ENCODINGS, MANIFEST, StoreRecord, StoreWriter, _sort_rows_by_value, build_manifest,
-                     read_safetensors_header)
+from ..safetensors_io import check_weight_dtypes, read_header, read_metadata
+from ..store import (ENCODINGS, MANIFEST, StoreRecord, StoreWriter, build_manifest, save_tokenizer_files,
+                     sort_rows_by_value)
+from ..tokenizer import load_tokenizer
 from ..utils import (KDError, cli_errors, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
                      resolve_model_path, sha256_text, write_json_atomic)
 from .streaming import StreamingTeacher
@@ -53,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher": None, "data": None, "splits": None, "split": "train", "shots": 5, "top_k": 32,
     "positions": "question", "memory_budget": None, "encoding": "q8rice", "shard_size": 64, "hidden": False,
     "out": None, "max_questions": None, "max_tokens": 2048, "add_bos": None, "trust_remote_code": False,
+    "student_tokenizer": None, "temperatures": "1",
 }
 
 
@@ -63,7 +67,6 @@ DEFAULTS: dict[str, Any] = {
 def template_hash() -> str:
     """Hash of the prompt template as rendered for a fixed synthetic question with one shot: changes whenever
     the header, the question block or the shot format changes."""
-
     q = Question(id="x/test/0", subject="computer_science", split="test", index=0, question="Q?",
                  choices=("a", "b", "c", "d"), answer="A")
     s = Question(id="x/dev/0", subject="computer_science", split="dev", index=0, question="S?",
@@ -75,15 +78,22 @@ def template_hash() -> str:
 def teacher_fingerprint(model_dir: Path) -> tuple[str, str]:
     """(config hash, weights hash): config.json's content, and per weight file its name, size, safetensors header
     and the first and last MiB of its data (cheap even for a 1 TB checkpoint, yet another re-quantisation or
-    other weights of the same shapes change it)."""
+    other weights of the same shapes change it). Independent of the directory's name or path. Also refuses a header
+    that gives a tensor a dtype no weight has (a flipped header byte), before any compute."""
     cfg = model_dir / "config.json"
     ch = sha256_text(cfg.read_bytes()) if cfg.exists() else "none"
     h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        entries, meta, start = read_safetensors_header(f)
+    files = sorted(model_dir.glob("*.safetensors"))
+    tensors = {}
+    for f in files:
+        tensors.update(read_header(f))
+    check_weight_dtypes(tensors)
+    for f in files:
+        entries = {k: [t.dtype, list(t.shape), t.start, t.end] for k, t in tensors.items() if t.file == f}
+        start = min((t.start for t in tensors.values() if t.file == f), default=8)
         size = f.stat().st_size
         h.update(f"{f.name}\x1f{size}\x1f".encode())
-        h.update(json.dumps([entries, meta], sort_keys=True).encode())
+        h.update(json.dumps([entries, read_metadata(f)], sort_keys=True).encode())
         with open(f, "rb") as fh:
             if size - start <= 2 << 20:
                 h.update(fh.read())
@@ -116,12 +126,11 @@ class PromptItem:
 def build_items(questions, cmmlu, tokenizer, shots: int, positions: str, max_tokens: int | None, add_bos: bool
                 ) -> list[PromptItem]:
     """The prompt of each question as the evaluation builds it (fit_prompt with the teacher's token count)."""
+    bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     items = []
     for q in questions:
-        pt = prompt_ids(q, cmmlu.dev.get(q.subject, []), tokenizer, shots, max_tokens,
-                        add_bos and tokenizer.bos_id is not None, offsets=True)
+        pt = prompt_ids(q, cmmlu.dev.get(q.subject, []), tokenizer, shots, max_tokens, bool(bos), offsets=True)
         p, ids, offs, truncated = pt.prompt, pt.ids, pt.offsets, pt.truncated
-        bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
         n = len(ids)
         if positions == "answer":
             pos = [n - 1]
@@ -157,11 +166,18 @@ def _shared_len(items: Sequence[PromptItem], group: Sequence[int]) -> int:
 
 class Summariser:
     """The `reduce` given to the teacher: full-vocab log-probs (p, V) of one question -> what the store keeps
-    plus the per-position statistics (entropy, captured mass), so the (p, V) array is dropped at once."""
+    plus the per-position statistics (entropy, captured mass), so the (p, V) array is dropped at once.
 
-    def __init__(self, k: int, answer_ids: Sequence[int]):
+    What exact token targets need from the full row is kept here too: log sum_v exp(lp_v / T) for every named
+    temperature T != 1, and, given `student_id` (VocabMap.student_id: teacher id -> student first token), the
+    full-row (tempered) mass of each top-k slot's student class."""
+
+    def __init__(self, k: int, answer_ids: Sequence[int], temperatures: Sequence[float] = (1.0,),
+                 student_id: np.ndarray | None = None):
         self.k = k
         self.answer_ids = np.asarray(answer_ids, np.int64)
+        self.temperatures = sorted({1.0, *map(float, temperatures)})
+        self.student_id = None if student_id is None else np.asarray(student_id, np.int64)
 
     def __call__(self, lp: np.ndarray) -> dict:
         lp = np.asarray(lp, np.float32)
@@ -172,47 +188,81 @@ class Summariser:
         for r in np.flatnonzero((lp >= thr[:, None]).sum(axis=1) > k):
             above = np.flatnonzero(lp[r] > thr[r])
             part[r] = np.concatenate([above, np.flatnonzero(lp[r] == thr[r])[: k - len(above)]])
-        ids, vals = _sort_rows_by_value(part.astype(np.int32), np.take_along_axis(lp, part, 1))
+        ids, vals = sort_rows_by_value(part.astype(np.int32), np.take_along_axis(lp, part, 1))
         p = np.exp(lp)
-        ent = -np.where(p > 0, p * lp, 0.0).sum(axis=1, dtype=np.float64)
+        ent = -(p * np.where(p > 0, lp, 0.0)).sum(axis=1, dtype=np.float64)  # 0 log 0 = 0
+        logz, cmass = self.full_row_terms(lp, ids)
         return {"topk_ids": ids, "topk_logprobs": vals, "answer": lp[-1, self.answer_ids].astype(np.float32),
-                "entropy": ent, "mass": np.exp(vals.astype(np.float64)).sum(axis=1),
-                "nonfinite": int((~np.isfinite(vals)).sum() + (~np.isfinite(ent)).sum())}
+                "entropy": ent, "mass": np.exp(vals.astype(np.float64)).sum(axis=1), "logz": logz,
+                "class_mass": cmass, "nonfinite": int((~np.isfinite(vals)).sum() + (~np.isfinite(ent)).sum())}
+
+    def full_row_terms(self, lp: np.ndarray, ids: np.ndarray) -> tuple[dict, dict]:
+        """({T: (p,) log-normaliser}, {T: (p, k) class mass per slot}) of full rows `lp` (p, V), top-k `ids`."""
+        logz, cmass = {}, {}
+        lp64 = lp.astype(np.float64)
+        for t in self.temperatures:
+            z = lp64 / t
+            lz = np.logaddexp.reduce(z, axis=1) if t != 1.0 else np.zeros(len(lp64))
+            if t != 1.0:
+                logz[t] = lz.astype(np.float32)
+            if self.student_id is None:
+                continue
+            V = lp.shape[1]
+            sid = np.full(V, -1, np.int64)  # teacher ids beyond the tokenizer (a padded head) map to nothing
+            sid[: min(V, len(self.student_id))] = self.student_id[:V]
+            n_cls = int(sid.max()) + 2
+            slot_cls = sid[ids] + 1  # 0 = unmappable
+            cm = np.zeros(ids.shape, np.float64)
+            for r in range(len(lp64)):
+                totals = np.bincount(sid + 1, weights=np.exp(z[r] - lz[r]), minlength=n_cls)
+                cm[r] = np.where(slot_cls[r] > 0, totals[slot_cls[r]], 0.0)
+            cmass[t] = cm.astype(np.float32)
+        return logz, cmass
 
 
-def reference_summary(lp: np.ndarray, k: int, answer_ids: Sequence[int]) -> dict:
-    """Plain version of Summariser: a full stable sort per row (for tests)."""
+def reference_summary(lp: np.ndarray, k: int, answer_ids: Sequence[int], temperatures: Sequence[float] = (1.0,),
+                      student_id: np.ndarray | None = None) -> dict:
+    """Plain version of Summariser: a full stable sort per row, per-token loops for the full-row terms."""
     lp = np.asarray(lp, np.float32)
-    ids, vals = [], []
+    ids, vals, logz, cmass = [], [], {}, {}
     for row in lp:
         order = sorted(range(len(row)), key=lambda j: (-float(row[j]), j))[:k]
         ids.append(order)
         vals.append(row[order])
+    for t in sorted({1.0, *map(float, temperatures)}):
+        zs = [float(np.log(sum(np.exp(float(x) / t) for x in row))) for row in lp]
+        if t != 1.0:
+            logz[t] = np.array(zs, np.float32)
+        if student_id is not None:
+            rows = []
+            for row, z, top in zip(lp, zs, ids):
+                acc: dict[int, float] = {}
+                for v, x in enumerate(row):
+                    acc[int(student_id[v])] = acc.get(int(student_id[v]), 0.0) + float(np.exp(float(x) / t - z))
+                rows.append([acc[int(student_id[v])] if student_id[v] >= 0 else 0.0 for v in top])
+            cmass[t] = np.array(rows, np.float32)
     return {"topk_ids": np.array(ids, np.int32), "topk_logprobs": np.array(vals, np.float32),
-            "answer": lp[-1, list(answer_ids)].astype(np.float32)}
+            "answer": lp[-1, list(answer_ids)].astype(np.float32), "logz": logz, "class_mass": cmass}
 
 
-def _hidden_teacher_class():
-    """StreamingTeacher that also keeps the final normed hidden states the LM head is applied to."""
+class HiddenCapturingTeacher(StreamingTeacher):
+    """StreamingTeacher that also keeps the final normed hidden states the LM head is applied to.
 
-    class HiddenCapturingTeacher(StreamingTeacher):
-        # `_run_chunk` applies `_head` once per chunk to the rows of all asked positions, in the order in which
-        # `reduce` is then called per sequence: each reduce call takes its own rows from the front
-        captured: np.ndarray | None = None
-        cursor = 0
+    `_run_chunk` applies `_head` once per chunk to the rows of all asked positions, in the order in which `reduce`
+    is then called per sequence: each reduce call takes its own rows from the front."""
 
-        def _head(self, x):
+    captured: np.ndarray | None = None
+    cursor = 0
 
-            self.captured = np.array(x.astype(mx.float32))
-            self.cursor = 0
-            return super()._head(x)
+    def _head(self, x):
+        self.captured = np.array(x.astype(mx.float32))
+        self.cursor = 0
+        return super()._head(x)
 
-        def take_hidden(self, n_rows: int) -> np.ndarray:
-            rows = self.captured[self.cursor:self.cursor + n_rows]
-            self.cursor += n_rows
-            return rows
-
-    return HiddenCapturingTeacher
+    def take_hidden(self, n_rows: int) -> np.ndarray:
+        rows = self.captured[self.cursor:self.cursor + n_rows]
+        self.cursor += n_rows
+        return rows
 
 
 def _new_stats() -> dict:
@@ -248,10 +298,11 @@ def _split_by_positions(items: Sequence[PromptItem], group: Sequence[int], limit
 
 
 def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequence[int], hidden: bool,
-                  max_positions: int | None = None) -> tuple[list[StoreRecord], dict]:
+                  max_positions: int | None = None, temperatures: Sequence[float] = (1.0,),
+                  student_id: np.ndarray | None = None) -> tuple[list[StoreRecord], dict]:
     """Records of one shard's questions (one teacher call per prefix group, split so that no call asks for more
     than `max_positions` top-k rows) and their statistics."""
-    summarise = Summariser(k, answer_ids)
+    summarise = Summariser(k, answer_ids, temperatures, student_id)
     out: dict[int, tuple[dict, np.ndarray | None]] = {}
     groups = [g for pg in _prefix_groups(items) for g in _split_by_positions(items, pg, max_positions)]
     for group in groups:
@@ -273,31 +324,35 @@ def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequ
         recs.append(StoreRecord(
             id=it.qid, answer_logprobs=s["answer"], token_ids=np.asarray(it.ids, np.int32),
             offsets=np.asarray(it.offsets, np.int32).reshape(-1, 2), positions=np.asarray(it.positions, np.int32),
-            topk_ids=s["topk_ids"], topk_logprobs=s["topk_logprobs"], hidden=h, label=it.label))
-        sub = st["subjects"].setdefault(it.subject, [0, 0])
-        sub[0] += int(it.label >= 0 and int(np.argmax(s["answer"])) == it.label)
-        sub[1] += 1
-        st["rows"] += 1
-        st["positions"] += len(it.positions)
-        st["truncated"] += int(it.truncated)
-        mass, ent = s["mass"], s["entropy"]
-        st["mass_hist"] = [a + b for a, b in zip(st["mass_hist"], np.histogram(mass, MASS_EDGES)[0].tolist())]
-        st["entropy_hist"] = [a + b for a, b in zip(st["entropy_hist"],
-                                                    np.histogram(ent, ENTROPY_EDGES)[0].tolist())]
-        st["mass_sum"] += float(mass.sum())
-        st["entropy_sum"] += float(ent.sum())
-        mmin = float(mass.min())
-        st["mass_min"] = mmin if st["mass_min"] is None else min(st["mass_min"], mmin)
-        st["nonfinite"] += s["nonfinite"] + int((~np.isfinite(s["answer"])).sum())
+            topk_ids=s["topk_ids"], topk_logprobs=s["topk_logprobs"], hidden=h, label=it.label, logz=s["logz"],
+            class_mass=s["class_mass"]))
+        _add_stats(st, it, s)
     st["mass_sum"], st["entropy_sum"] = round(st["mass_sum"], 6), round(st["entropy_sum"], 6)
     return recs, st
+
+
+def _add_stats(st: dict, it: PromptItem, s: dict) -> None:
+    sub = st["subjects"].setdefault(it.subject, [0, 0])
+    sub[0] += int(it.label >= 0 and int(np.argmax(s["answer"])) == it.label)
+    sub[1] += 1
+    st["rows"] += 1
+    st["positions"] += len(it.positions)
+    st["truncated"] += int(it.truncated)
+    mass, ent = s["mass"], s["entropy"]
+    st["mass_hist"] = [a + b for a, b in zip(st["mass_hist"], np.histogram(mass, MASS_EDGES)[0].tolist())]
+    st["entropy_hist"] = [a + b for a, b in zip(st["entropy_hist"], np.histogram(ent, ENTROPY_EDGES)[0].tolist())]
+    st["mass_sum"] += float(mass.sum())
+    st["entropy_sum"] += float(ent.sum())
+    mmin = float(mass.min())
+    st["mass_min"] = mmin if st["mass_min"] is None else min(st["mass_min"], mmin)
+    st["nonfinite"] += s["nonfinite"] + int((~np.isfinite(s["answer"])).sum())
 
 
 def quality_report(store: Path, manifest: dict) -> dict:
     """Merge the per-shard statistics into the dump's quality report."""
     tot = _new_stats()
     for sh in manifest["shards"]:
-        _, meta, _ = read_safetensors_header(store / sh["file"])
+        meta = read_metadata(store / sh["file"])
         if "quality" not in meta:
             raise KDError(f"{sh['file']}: no quality statistics (not written by the dump)")
         q = json.loads(meta["quality"])
@@ -336,13 +391,11 @@ def quality_report(store: Path, manifest: dict) -> dict:
 
 
 def _group():
-
     return mx.distributed.init()
 
 
 def _all_gather_bytes(group, data: bytes, width: int = 32) -> list[bytes]:
     """Each rank's `width` bytes of `data` (zero padded), gathered on every rank."""
-
     if group.size() == 1:
         return [data[:width].ljust(width, b"\0")]
     a = mx.array(np.frombuffer(data[:width].ljust(width, b"\0"), np.uint8).astype(np.int32))
@@ -352,7 +405,6 @@ def _all_gather_bytes(group, data: bytes, width: int = 32) -> list[bytes]:
 
 def _all_ok(group, ok: bool) -> bool:
     """Barrier: True only if every rank reports ok (a tiny all_sum)."""
-
     if group.size() == 1:
         return ok
     s = mx.distributed.all_sum(mx.array([1 if ok else 0], mx.int32), group=group, stream=mx.cpu)
@@ -363,40 +415,53 @@ def _all_ok(group, ok: bool) -> bool:
 # the driver
 
 
-def _positions_ok(v: str) -> str:
-    if v not in POSITIONS:
-        raise KDError(f"--positions must be one of {', '.join(POSITIONS)}, not {v!r}")
-    return v
+def parse_temperatures(v: Any) -> list[float]:
+    """"1,2" or [1, 2] -> [1.0, 2.0] (1 always included; each > 0 and finite)."""
+    items = v if isinstance(v, (list, tuple)) else [x for x in str(v).split(",") if x.strip()]
+    try:
+        ts = sorted({1.0, *(float(x) for x in items)})
+    except ValueError:
+        raise KDError(f"--temperatures wants numbers like 1,2, got {v!r}") from None
+    if not all(t > 0 and np.isfinite(t) for t in ts):
+        raise KDError(f"--temperatures must be finite numbers > 0, got {v!r}")
+    return ts
 
 
-def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
-    """Run the dump described by `cfg` (keys of DEFAULTS). Returns {"manifest", "quality", ...} on rank 0."""
+@dataclass
+class DumpSettings:
+    teacher: str
+    data: str
+    out: Path
+    positions: str
+    encoding: str
+    k: int
+    shots: int
+    shard_size: int
+    max_tokens: int | None
+    budget: int | None
+    temperatures: list[float]
 
-    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+
+def check_settings(cfg: dict) -> DumpSettings:
+    """Every flag checked before anything is loaded (one-line KDErrors)."""
     for key in ("teacher", "data", "out"):
         if not cfg[key]:
             raise KDError(f"dump needs --{key}")
-    positions = _positions_ok(str(cfg["positions"]))
+    if cfg["positions"] not in POSITIONS:
+        raise KDError(f"--positions must be one of {', '.join(POSITIONS)}, not {cfg['positions']!r}")
     if cfg["encoding"] not in ENCODINGS:
         raise KDError(f"--encoding must be one of {', '.join(ENCODINGS)}, not {cfg['encoding']!r}")
     k, shots, shard_size = int(cfg["top_k"]), int(cfg["shots"]), int(cfg["shard_size"])
     if k < 1 or shard_size < 1 or shots < 0:
         raise KDError("--top-k and --shard-size must be >= 1, --shots >= 0")
-    max_tokens = int(cfg["max_tokens"]) if cfg["max_tokens"] else None
-    group = _group()
-    rank, world = group.rank(), group.size()
-    out = Path(cfg["out"])
-
-    model_dir = Path(resolve_model_path(str(cfg["teacher"])))
-    cls = _hidden_teacher_class() if cfg["hidden"] else StreamingTeacher
     budget = None if cfg["memory_budget"] in (None, "", "none", "None") else parse_bytes(cfg["memory_budget"])
-    teacher = cls(model_dir, budget, trust_remote_code=bool(cfg["trust_remote_code"]))
-    tok = teacher.tokenizer
-    if k > teacher.vocab_size:
-        raise KDError(f"--top-k {k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
-    answer_ids = answer_token_ids(tok)
-    add_bos = read_add_bos(model_dir) if cfg["add_bos"] is None else bool(cfg["add_bos"])
+    return DumpSettings(str(cfg["teacher"]), str(cfg["data"]), Path(cfg["out"]), str(cfg["positions"]),
+                        str(cfg["encoding"]), k, shots, shard_size, int(cfg["max_tokens"]) if cfg["max_tokens"] else
+                        None, budget, parse_temperatures(cfg["temperatures"]))
 
+
+def select_questions(cfg: dict):
+    """(cmmlu, questions in dump order)."""
     cmmlu = load_cmmlu(cfg["data"])
     if cfg["splits"]:
         names = [s.strip() for s in str(cfg["split"]).split(",") if s.strip()]
@@ -407,74 +472,174 @@ def dump_store(cfg: dict, progress: bool = True, log=print) -> dict:
         questions = questions[: int(cfg["max_questions"])]
     if not questions:
         raise KDError("no questions to dump")
+    return cmmlu, questions
 
+
+def student_class_map(teacher_tok, student_tokenizer: str | None) -> tuple[np.ndarray | None, str | None]:
+    """(teacher id -> student first token, student fingerprint) for --student-tokenizer; (None, None) without one
+    or when it is the teacher's own tokenizer (the class of a token is then itself: nothing to keep)."""
+    if not student_tokenizer:
+        return None, None
+    student_tok = load_tokenizer(resolve_model_path(str(student_tokenizer)))
+    vmap = VocabMap.build(teacher_tok, student_tok)
+    if vmap.is_identity:
+        return None, None
+    return vmap.student_id, student_tok.fingerprint()
+
+
+def make_identity(st: DumpSettings, teacher, model_dir: Path, add_bos: bool, answer_ids: Sequence[int],
+                  hidden: bool, student_fp: str | None) -> dict:
+    """What makes two dumps interchangeable: the teacher by content (config + weights hashes, never its path),
+    the tokenizers, the prompt template and every flag that changes the rows."""
     conf_hash, weights_hash = teacher_fingerprint(model_dir)
-    identity = {
-        "teacher": str(cfg["teacher"]).rstrip("/").rsplit("/", 1)[-1] if model_dir.exists() else str(cfg["teacher"]),
-        "teacher_config_hash": conf_hash, "teacher_weights_hash": weights_hash, "model_type":
-        teacher.config.get("model_type"), "tokenizer": tok.fingerprint(), "template": TEMPLATE,
-        "template_hash": template_hash(), "shots": shots, "positions": positions, "k": k,
-        "encoding": cfg["encoding"], "hidden_dim": int(teacher.config["hidden_size"]) if cfg["hidden"] else 0,
-        "max_tokens": max_tokens, "add_bos": add_bos, "answer_token_ids": [int(a) for a in answer_ids],
+    return {
+        "teacher_config_hash": conf_hash, "teacher_weights_hash": weights_hash,
+        "model_type": teacher.config.get("model_type"), "tokenizer": teacher.tokenizer.fingerprint(),
+        "template": TEMPLATE, "template_hash": template_hash(), "shots": st.shots, "positions": st.positions,
+        "k": st.k, "encoding": st.encoding, "hidden_dim": int(teacher.config["hidden_size"]) if hidden else 0,
+        "max_tokens": st.max_tokens, "add_bos": add_bos, "answer_token_ids": [int(a) for a in answer_ids],
+        "temperatures": st.temperatures, "student_tokenizer": student_fp,
     }
-    ids = [q.id for q in questions]
-    plan_hash = sha256_text(json.dumps({"identity": identity, "ids": ids, "shard_size": shard_size,
-                                        "out": str(out.resolve())}, sort_keys=True))
+
+
+def check_ranks_agree(group, identity: dict, ids: Sequence[str], st: DumpSettings) -> None:
+    plan_hash = sha256_text(json.dumps({"identity": identity, "ids": list(ids), "shard_size": st.shard_size,
+                                        "out": str(st.out.resolve())}, sort_keys=True))
     hashes = _all_gather_bytes(group, plan_hash.encode())
     if len(set(hashes)) > 1:
         bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
         raise KDError(f"ranks disagree on the dump configuration (rank(s) {bad} differ from rank 0 in teacher, "
                       f"tokenizer, data, splits, flags or --out): run every rank with the same command and files")
 
-    writer = StoreWriter(out, identity, shard_size=shard_size, rank=rank, world=world)
-    n_shards = (len(ids) + shard_size - 1) // shard_size
-    planned = [ids[i * shard_size:(i + 1) * shard_size] for i in range(n_shards)]
+
+def plan_shards(writer: StoreWriter, ids: Sequence[str], st: DumpSettings) -> tuple[list[list[str]], list[int]]:
+    """(question ids of every shard, shards this rank computes: missing, damaged or a prefix to be grown)."""
+    n_shards = (len(ids) + st.shard_size - 1) // st.shard_size
+    planned = [list(ids[i * st.shard_size:(i + 1) * st.shard_size]) for i in range(n_shards)]
     todo = []
     for s in range(n_shards):
         have = writer.shard_ids.get(s)
         if have == planned[s]:
             continue
         if have is not None and not (len(have) < len(planned[s]) and planned[s][:len(have)] == have):
-            raise KDError(f"store {out} holds other questions in {s:06d} than this dump plans there (different "
+            raise KDError(f"store {st.out} holds other questions in {s:06d} than this dump plans there (different "
                           f"--split/--splits/--max-questions?): use another --out")
-        if s % world == rank:
+        if s % writer.world == writer.rank:
             todo.append(s)
     extra = [s for s in writer.shard_ids if s >= n_shards]
     if extra:
-        raise KDError(f"store {out} has {len(extra)} shard(s) beyond the {n_shards} this dump plans (a larger "
+        raise KDError(f"store {st.out} has {len(extra)} shard(s) beyond the {n_shards} this dump plans (a larger "
                       f"question set was dumped here): use another --out")
+    return planned, todo
 
-    call_positions = max_call_positions(teacher.vocab_size, budget)
+
+def dump_store(cfg: dict, progress: bool = True, log: Callable[[str], Any] = print) -> dict:
+    """Run the dump described by `cfg` (keys of DEFAULTS). Returns {"manifest", "quality", ...} on rank 0."""
+    cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}
+    st = check_settings(cfg)
+    group = _group()
+    rank, world = group.rank(), group.size()
+
+    model_dir = Path(resolve_model_path(st.teacher))
+    cls = HiddenCapturingTeacher if cfg["hidden"] else StreamingTeacher
+    teacher = cls(model_dir, st.budget, trust_remote_code=bool(cfg["trust_remote_code"]))
+    tok = teacher.tokenizer
+    if st.k > teacher.vocab_size:
+        raise KDError(f"--top-k {st.k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
+    answer_ids = answer_token_ids(tok)
+    add_bos = read_add_bos(model_dir) if cfg["add_bos"] is None else bool(cfg["add_bos"])
+    student_id, student_fp = student_class_map(tok, cfg["student_tokenizer"])
+    cmmlu, questions = select_questions(cfg)
+    identity = make_identity(st, teacher, model_dir, add_bos, answer_ids, bool(cfg["hidden"]), student_fp)
+    ids = [q.id for q in questions]
+    check_ranks_agree(group, identity, ids, st)
+
+    writer = StoreWriter(st.out, identity, shard_size=st.shard_size, rank=rank, world=world)
+    planned, todo = plan_shards(writer, ids, st)
     if rank == 0:
-        log(f"dump: {len(ids)} questions in {n_shards} shard(s) of {shard_size}, {world} rank(s); "
-            f"{n_shards - sum(1 for s in range(n_shards) if writer.shard_ids.get(s) != planned[s])} already done")
+        save_tokenizer_files(st.out, model_dir, tok.fingerprint())
+        done = sum(1 for s, want in enumerate(planned) if writer.shard_ids.get(s) == want)
+        log(f"dump: {len(ids)} questions in {len(planned)} shard(s) of {st.shard_size}, {world} rank(s); {done} "
+            f"already done" + (f"; {len(writer.damaged)} failed their hash and are recomputed" if writer.damaged
+                               else ""))
+    by_id = {q.id: q for q in questions}
+
+    def compute(s: int) -> tuple[list[StoreRecord], dict]:
+        items = build_items([by_id[i] for i in planned[s]], cmmlu, tok, st.shots, st.positions, st.max_tokens,
+                            add_bos)
+        return compute_shard(teacher, items, st.k, answer_ids, bool(cfg["hidden"]),
+                             max_call_positions(teacher.vocab_size, st.budget), st.temperatures, student_id)
+
     t0 = time.perf_counter()
+    write_shards(group, writer, todo, compute, progress)
+    result = {"rank": rank, "world": world, "shards_written": len(todo), "wall_s": time.perf_counter() - t0,
+              "teacher_wall_s": teacher.stats.wall_s, "tokens": teacher.stats.tokens}
+    if rank != 0:
+        return result
+    return {**result, **finish_store(st.out, ids, {k_: cfg[k_] for k_ in DEFAULTS if k_ != "out"})}
+
+
+def write_shards(group, writer: StoreWriter, todo: Sequence[int],
+                 compute: Callable[[int], tuple[list[StoreRecord], dict]], progress: bool) -> None:
+    """Compute and write this rank's shards; every rank stops together if one fails."""
     ok, err = True, None
     try:
-
-        by_id = {q.id: q for q in questions}
-        for s in tqdm(todo, desc=f"rank {rank} shards" if world > 1 else "shards", unit="shard",
-                      disable=not progress):
-            items = build_items([by_id[i] for i in planned[s]], cmmlu, tok, shots, positions, max_tokens, add_bos)
-            recs, stats = compute_shard(teacher, items, k, answer_ids, bool(cfg["hidden"]), call_positions)
+        desc = f"rank {writer.rank} shards" if writer.world > 1 else "shards"
+        for s in tqdm(todo, desc=desc, unit="shard", disable=not progress):
+            recs, stats = compute(s)
             writer.write_shard(s, recs, {"quality": json.dumps(stats, sort_keys=True)})
     except BaseException as e:  # noqa: BLE001 - tell the other ranks before re-raising
         ok, err = False, e
-    wall = time.perf_counter() - t0
     if not _all_ok(group, ok):
         if err is not None:
             raise err
         raise KDError("another rank failed (see its message); rerun the same command to resume")
-    result = {"rank": rank, "world": world, "shards_written": len(todo), "wall_s": wall,
-              "teacher_wall_s": teacher.stats.wall_s, "tokens": teacher.stats.tokens}
-    if rank != 0:
-        return result
+
+
+def finish_store(out: Path, ids: Sequence[str], dump_config: dict) -> dict:
+    """Rank 0, after the barrier: manifest.json, quality.json and dump_config.json (the flags, not --out: a store
+    is the same wherever it lies)."""
     manifest = build_manifest(out, expected_ids=ids)
     quality = quality_report(out, manifest)
     write_json_atomic(out / "quality.json", quality)
-    # the flags that made the store (not --out: a store is the same wherever it lies)
-    write_json_atomic(out / "dump_config.json", {k_: cfg[k_] for k_ in DEFAULTS if k_ != "out"})
-    return {**result, "manifest": manifest, "quality": quality}
+    write_json_atomic(out / "dump_config.json", dump_config)
+    return {"manifest": manifest, "quality": quality}
+
+
+def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatures: Sequence[float] = (1.0,),
+               student_tokenizer: str | None = None, encoding: str = "fp32", shard_size: int = 64,
+               add_bos: bool = False, ids: Sequence[str] | None = None, progress: bool = False) -> dict:
+    """A store of plain texts (every position, `--positions prompt`), through the same shard computation as the
+    CMMLU dump: for token-level distillation on text (kd_mlx.textkd). Resumable like the dump."""
+    tok = teacher.tokenizer
+    st = DumpSettings("", "", Path(out), "prompt", encoding, int(k), 0, int(shard_size), None, None,
+                      parse_temperatures(list(temperatures)))
+    student_id, student_fp = student_class_map(tok, student_tokenizer)
+    answer_ids = answer_token_ids(tok)
+    conf_hash, weights_hash = teacher_fingerprint(Path(teacher.model_dir))
+    identity = {"teacher_config_hash": conf_hash, "teacher_weights_hash": weights_hash,
+                "tokenizer": tok.fingerprint(), "template": "text", "positions": "prompt", "k": st.k,
+                "encoding": encoding, "hidden_dim": 0, "add_bos": add_bos, "temperatures": st.temperatures,
+                "student_tokenizer": student_fp, "answer_token_ids": [int(a) for a in answer_ids]}
+    ids = list(ids) if ids is not None else [f"text/{i:06d}" for i in range(len(texts))]
+    bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
+    items = []
+    for qid, text in zip(ids, texts):
+        t_ids, offs = tok.encode_with_offsets(text)
+        t_ids, offs = bos + list(t_ids), [(0, 0)] * len(bos) + [tuple(o) for o in offs]
+        items.append(PromptItem(qid, "text", -1, t_ids, offs, list(range(len(t_ids))), qid, False))
+    by_id = {it.qid: it for it in items}
+    writer = StoreWriter(st.out, identity, shard_size=st.shard_size)
+    planned, todo = plan_shards(writer, ids, st)
+
+    def compute(s: int) -> tuple[list[StoreRecord], dict]:
+        return compute_shard(teacher, [by_id[i] for i in planned[s]], st.k, answer_ids, False, None,
+                             st.temperatures, student_id)
+
+    save_tokenizer_files(st.out, teacher.model_dir, tok.fingerprint())
+    write_shards(_group(), writer, todo, compute, progress)
+    return finish_store(st.out, ids, {"texts": len(texts), "k": st.k, "temperatures": st.temperatures,
+                                      "student_tokenizer": student_tokenizer, "encoding": encoding})
 
 
 def format_quality(q: dict, max_subjects: int = 10) -> str:
@@ -511,6 +676,11 @@ def format_quality(q: dict, max_subjects: int = 10) -> str:
 @click.option("--max-tokens", type=int, default=None, help="prompt token limit; shots dropped to fit (2048)")
 @click.option("--add-bos/--no-add-bos", default=None, help="prepend BOS (default: the tokenizer config's choice)")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="allow the model's own tokenizer code")
+@click.option("--student-tokenizer", default=None,
+              help="student model/tokenizer dir: keep each top-k slot's full-row mass per student first token, "
+                   "which makes cross-tokenizer token targets exact")
+@click.option("--temperatures", default=None,
+              help="token-KD temperatures to keep exact normalisers for, e.g. 1,2 (1)")
 @click.option("--progress/--no-progress", default=True, help="progress bar")
 @click.option("--config", "config_path", default=None, help="YAML config (flags win)")
 @cli_errors

@@ -31,6 +31,8 @@ def _with_common(fn):
     for name, kind in reversed(list(_FLAGS.items())):
         fn = click.option(f"--{name.replace('_', '-')}", name, type=kind,
                           help=f"{help_text(name)} [default: {defaults()[name]}]")(fn)
+    fn = click.option("--no-verify", "verify_store", flag_value=False, default=None,
+                      help="Skip the once-per-run sha256 check of the store's shards.")(fn)
     return click.option("--config", "config_path", type=click.Path(dir_okay=False),
                         help="YAML config (every key of configs/train_phi15.yaml; flags win).")(fn)
 

@@ -37,7 +37,9 @@ class TrainConfig:
     splits: str | None = _setting(None, "splits.json from `python -m kd_mlx.data split`")
     out: str | None = _setting(None, "run directory (checkpoints, metrics.jsonl, curves.png, best/)")
     teacher_tokenizer: str | None = _setting(
-        None, "teacher tokenizer directory; null = the store's teacher path when it is a directory")
+        None, "teacher tokenizer directory; null = the tokenizer the store carries (an override must match it)")
+    verify_store: bool = _setting(True, "check the store's shard sha256 against its manifest once per run "
+                                        "(--no-verify skips it)")
     train_split: str = _setting("train", "split trained on")
     val_split: str | None = _setting("val", "split for validation loss / A-D accuracy, early stopping and best/")
     eval_splits: list[str] = _setting(

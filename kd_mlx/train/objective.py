@@ -1,8 +1,8 @@
 """The distillation objective on one padded batch, built from kd_mlx.losses:
 
     total = answer_weight · answer_kl(student A–D at the answer position ‖ teacher A–D)   (temperature, × T²)
-          + kd_weight     · projected_kl(student at aligned positions ‖ aligned teacher top-k + tail bucket)
-                                                                                (kd_temperature, default 1)
+          + kd_weight     · projected_kl(student at aligned positions ‖ projected teacher row + tail bucket)
+                                                          (kd_temperature, default 1; targets built tempered)
           + ce_weight     · cross_entropy(gold answer letter)
 
 Fast path: run the backbone once, gather the hidden states at the few positions the loss reads (answer position +
@@ -91,11 +91,8 @@ def _parts(answer_logits: mx.array, kd_logits: mx.array | None, batch: BatchArra
                              reduction="sum") / n_rows if cfg.answer_weight else zero)
     if cfg.kd_weight and kd_logits is not None:
         p, r = kd_targets(batch.kd_probs, batch.kd_rest, cfg.kd_tail)
-        # the token-level KL has its own temperature, 1 by default: a top-k store cannot be tempered exactly (the
-        # tempered tail mass depends on how the tail is spread over ~V ids) and treating the tail as one category
-        # at T > 1 grossly inflates the listed ids (flat teacher, k=8 of V=51200: 0.016% -> 3.5%), an unlearnable
-        # floor (measured: token_kd stuck at 1.8 against a teacher within a small perturbation of the student,
-        # 0.001 at T=1). At T=1 the bucket form is the exact KL between the (k+1)-category coarsenings.
+        # the targets were built at kd_temperature from the store's exact full-row terms (train/examples.py):
+        # projected_kl takes them as given and tempers the student only
         t_kd = losses.projected_kl(kd_logits, batch.kd_ids, p, r, mask=batch.kd_mask, temperature=cfg.kd_temperature,
                                    reduction="sum") / n_kd
     else:

@@ -12,7 +12,7 @@ import mlx.core as mx
 import yaml
 
 from ..data import answer_token_ids, check_no_leak, load_cmmlu, load_splits, split_questions
-from ..store import TopKStore
+from ..store import TOKENIZER_DIR, TopKStore, store_tokenizer
 from ..tokenizer import load_tokenizer
 from ..utils import KDError, resolve_model_path, write_json_atomic
 from .batches import BatchStream, eval_batches
@@ -129,15 +129,16 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
 
 
 def _teacher_tokenizer(cfg: TrainConfig, store):
-    path = cfg.teacher_tokenizer
-    if not path:
-        cand = store.identity.get("teacher")
-        if cand and Path(str(cand)).is_dir():
-            path = cand
-    if not path:
-        raise KDError(f"set --teacher-tokenizer DIR (the teacher's tokenizer; the store says teacher="
-                      f"{store.identity.get('teacher')!r})")
-    return load_tokenizer(path)
+    """The teacher tokenizer the store carries (STORE/tokenizer/); `teacher_tokenizer` overrides it and must have
+    the store's fingerprint. A store written without tokenizer files falls back to its identity's "teacher"
+    directory."""
+    tok = store_tokenizer(store.path, store.identity, cfg.teacher_tokenizer)
+    if tok is None and store.identity.get("teacher") and Path(str(store.identity["teacher"])).is_dir():
+        tok = store_tokenizer(store.path, store.identity, store.identity["teacher"])
+    if tok is None:
+        raise KDError(f"store {store.path} carries no teacher tokenizer ({TOKENIZER_DIR}/): pass the teacher's with "
+                      f"--teacher-tokenizer DIR, or re-dump with this kd_mlx")
+    return tok
 
 
 def check_student_vocab(student_path: Path, tokenizer) -> None:
