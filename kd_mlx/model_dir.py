@@ -30,6 +30,7 @@ from .utils import KDError
 FINGERPRINT_KEY = "base_model_fingerprint"  # in adapter_config.json: the base model the adapters were trained on
 # Rope keys of transformers-5 `rope_parameters` that are top-level fields of mlx-lm's classes, not rope scaling.
 _TOP_LEVEL_ROPE_KEYS = ("partial_rotary_factor",)
+_CONFIG_KEYS_NOT_IDENTITY = ("architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
 _FINGERPRINT_BLOCKS = 64  # 4 KiB samples of each weight file's data (see base_model_fingerprint)
 _FINGERPRINT_BLOCK = 4096
 
@@ -133,14 +134,16 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def base_model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """16 hex chars that identify a base model's weights: sha256 over config.json (canonical JSON) and, per
+    """16 hex chars that identify a base model's weights: sha256 over the normalised config (canonical JSON, without
+    the keys a re-save changes: a transformers-5 re-save has the fingerprint of the original) and, per
     `model*.safetensors` file (by name), its size, its header and 64 evenly spaced 4 KiB samples of its data.
 
     Headers alone are equal for two students of the same shape; the samples tell their weights apart (two
     trainings or initialisations differ in every block) while reading ~256 KiB per file, not the whole model."""
     d = Path(model_dir)
     h = hashlib.sha256()
-    h.update(json.dumps(read_raw_config(d), sort_keys=True).encode())
+    config = {k: v for k, v in read_model_config(d).items() if k not in _CONFIG_KEYS_NOT_IDENTITY}
+    h.update(json.dumps(config, sort_keys=True).encode())
     files = _weight_files(d)
     if not files:
         raise KDError(f"{d} has no model*.safetensors weights")
