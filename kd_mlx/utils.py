@@ -123,7 +123,7 @@ def describe_dir(path: str | os.PathLike) -> tuple[str | None, str]:
     for kind, needs, words in _KNOWN_LAYOUTS:
         if all(any(p.glob(n)) for n in needs):
             return kind, f"{words} ({listing})"
-    return None, f"{len(names)} entries ({listing})"
+    return None, f"{len(names)} {'entry' if len(names) == 1 else 'entries'} ({listing})"
 
 
 def _json_identity(identity: Any) -> Any:
