@@ -48,6 +48,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 TOKENIZER_GLOBS = ("*.tiktoken", "*.py")
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")  # one is needed
 
 # Base students (Phi-1.5) have no chat template. This one makes chat-completions a plain continuation of the
 # messages' text (joined by blank lines, no role markers), so sending a CMMLU prompt ending in "答案是：" as the
@@ -209,6 +210,9 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
         raise KDError(f"--dtype must be float16, bfloat16 or float32, got {dtype}")
     out = Path(out).expanduser()
     student_dir = resolve_model_path(student)
+    if not any((student_dir / n).is_file() for n in TOKENIZER_MAIN_FILES):
+        raise KDError(f"student {student_dir} has no tokenizer ({', '.join(TOKENIZER_MAIN_FILES)}): give the model "
+                      "directory the adapters were trained on, with its tokenizer")
     adapters_dir, adapter_cfg = read_adapter_config(adapters)
     summary_path = Path(eval_summary).expanduser() if eval_summary else find_eval_summary(adapters_dir)
     summary = check_eval_summary(summary_path, adapters_dir) if summary_path else None
@@ -247,9 +251,7 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
         weight_bytes = sum(v.nbytes for v in weights.values())
         n_params = int(get_total_parameters(model))
         del weights
-        copied = _copy_tokenizer_files(student_dir, tmp)
-        if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")):
-            raise KDError(f"student {student_dir} has no tokenizer files to copy (tokenizer.json, ...)")
+        _copy_tokenizer_files(student_dir, tmp)
         added_template = ensure_chat_template(tmp)
         quant = config.get("quantization")
         record = {

@@ -133,6 +133,24 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("model*.safetensors"))
 
 
+def check_safetensors(path: Path, fix: str) -> None:
+    """A safetensors file whose header parses and whose tensors lie inside the file (a cut download or a
+    damaged file would otherwise surface as a RuntimeError from deep inside mx.load); KDError naming it and `fix`."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(fh.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as e:
+        raise KDError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0] or type(e).__name__}): "
+                      f"{fix}") from None
+    if 8 + n + end > size:
+        raise KDError(f"{path} is cut short ({size} bytes, its header needs {8 + n + end}): {fix}")
+
+
 def base_model_fingerprint(model_dir: str | os.PathLike) -> str:
     """16 hex chars that identify a base model's weights: sha256 over the normalised config (canonical JSON, without
     the keys a re-save changes: a transformers-5 re-save has the fingerprint of the original) and, per
@@ -178,6 +196,7 @@ def read_adapter_config(adapters: str | os.PathLike) -> tuple[Path, dict]:
         if not (d / name).is_file():
             raise KDError(f"{d} is not an mlx-lm adapters directory: {name} missing")
     cfg = _read_json(d / "adapter_config.json", "adapter config")
+    check_safetensors(d / "adapters.safetensors", "re-run training or give the run's best/ directory")
     if not isinstance(cfg, dict):
         raise KDError(f"adapter config {d / 'adapter_config.json'} must be a JSON object")
     if cfg.get("fine_tune_type", "lora") != "full":
@@ -211,9 +230,11 @@ def load_model(model_dir: str | os.PathLike, *, adapters: str | os.PathLike | No
     overrides = {k: v for k, v in cfg.items() if raw.get(k) != v}
     if not _weight_files(d):
         raise KDError(f"{d} is not a model directory: no model*.safetensors weights")
+    for f in _weight_files(d):
+        check_safetensors(f, "re-download or re-convert the model")
     try:
         model, config = mlx_lm_load_model(d, lazy=lazy, model_config=overrides, trust_remote_code=trust_remote_code)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise KDError(f"cannot load model {d}: {str(e).strip(chr(39)).splitlines()[0]}") from None
     if "rope_parameters" in config and "rope_parameters" not in cfg:
         config.pop("rope_parameters")  # mapped onto the classic keys above
@@ -222,7 +243,7 @@ def load_model(model_dir: str | os.PathLike, *, adapters: str | os.PathLike | No
         check_adapters_base(a, acfg, d)
         try:
             model = load_adapters(model, str(a))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
             lines = str(e).strip("'\"").splitlines() or [type(e).__name__]
             detail = lines[0] + (f" {lines[1].strip()}" if len(lines) > 1 else "")
             raise KDError(f"adapters {a} do not fit model {d}: {detail}") from None

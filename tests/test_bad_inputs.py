@@ -204,6 +204,19 @@ def _junk(d: Path, student: Path, results: Path) -> Path:
     cfg.pop("rope_theta", None)
     cfg["rope_parameters"] = {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}
     (per_layer / "config.json").write_text(json.dumps(cfg))
+    cut = _linked_model(student, d / "model_cut")
+    (cut / "model.safetensors").unlink()
+    (cut / "model.safetensors").write_bytes((student / "model.safetensors").read_bytes()[:5000])
+    shutil.copy(student / "config.json", cut / "config.json")
+    no_tok = d / "model_no_tokenizer"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).symlink_to(student / name)
+    garbage = d / "adapters_garbage"
+    garbage.mkdir()
+    (garbage / "adapters.safetensors").write_bytes(b"not safetensors at all")
+    (garbage / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0}}))
     bad_adapters = d / "adapters_bad_json"
     bad_adapters.mkdir()
     (bad_adapters / "adapters.safetensors").write_bytes(b"\0" * 16)
@@ -449,6 +462,10 @@ SWEEP = {
     "eval_adapters_file": _case(lambda w, t: _ev(w, t, "--adapters", w.junk / "text.txt"), "is a file"),
     "eval_adapters_corrupt_json": _case(lambda w, t: _ev(w, t, "--adapters", w.junk / "adapters_bad_json"),
                                         "not valid JSON"),
+    "eval_model_cut_short": _case(lambda w, t: _ev(w, t) + ["--model", w.junk / "model_cut"], "cut short"),
+    "eval_adapters_garbage": _case(lambda w, t: _ev(w, t, "--adapters", w.junk / "adapters_garbage"),
+                                   "not a readable safetensors file"),
+    "eval_limit_negative": _case(lambda w, t: _ev(w, t, "--limit", "-1"), "limit"),
     "eval_corrupt_splits": _case(lambda w, t: _ev(w, t, "--splits", w.junk / "corrupt.json")),
     "eval_unknown_split": _case(lambda w, t: _ev(w, t, "--split", "holdout")),
     "eval_budget_word": _case(lambda w, t: _ev(w, t, "--memory-budget", "lots"), "cannot read size"),
@@ -473,6 +490,13 @@ SWEEP = {
     "export_student_not_model": _case(lambda w, t: _ex(w, t, "--student", w.data), "config.json missing"),
     "export_adapters_corrupt_json": _case(lambda w, t: _ex(w, t, "--adapters", w.junk / "adapters_bad_json"),
                                           "not valid JSON"),
+    "export_student_cut_short": _case(lambda w, t: _ex(w, t, "--student", w.junk / "model_cut"), "cut short"),
+    "export_student_no_tokenizer": _case(lambda w, t: _ex(w, t, "--student", w.junk / "model_no_tokenizer"),
+                                         "has no tokenizer"),
+    "export_adapters_garbage": _case(lambda w, t: _ex(w, t, "--adapters", w.junk / "adapters_garbage"),
+                                     "not a readable safetensors file"),
+    "export_ask_model_cut_short": _case(lambda w, t: ["ask", w.junk / "model_cut", "题目：1+1？\nA. 1\nB. 2\nC. 3\nD. 4"],
+                                        "cut short"),
     "export_serve_missing_model": _case(lambda w, t: ["export", "serve", t / "nope"], "not found"),
     "export_ask_no_options": _case(lambda w, t: ["ask", w.exported, "题目：没有选项"], "four options"),
     "export_ask_unknown_subject": _case(lambda w, t: ["ask", w.exported, "题目：1+1？\nA. 1\nB. 2\nC. 3\nD. 4",
