@@ -34,7 +34,7 @@ from mlx_lm.utils import dequantize_model, get_total_parameters, quantize_model,
 
 from .data import Question, answer_token_ids, build_prompt, subject_table
 from .eval import letter_logits_reference, letter_logits_streaming, load_eval_model, softmax4
-from .model_dir import load_model, read_adapter_config
+from .model_dir import load_model, read_adapter_config, read_raw_config
 from .utils import (KDError, cli_errors, config_int, load_yaml_config, merge_config, path_identity, prepare_output_dir,
                     resolve_model_path, sha256_file, staged_output_dir, write_json_atomic)
 
@@ -210,6 +210,7 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
         raise KDError(f"--dtype must be float16, bfloat16 or float32, got {dtype}")
     out = Path(out).expanduser()
     student_dir = resolve_model_path(student)
+    read_raw_config(student_dir)
     if not any((student_dir / n).is_file() for n in TOKENIZER_MAIN_FILES):
         raise KDError(f"student {student_dir} has no tokenizer ({', '.join(TOKENIZER_MAIN_FILES)}): give the model "
                       "directory the adapters were trained on, with its tokenizer")

@@ -353,7 +353,8 @@ def _case(argv, needle=None, owner=None):
 
 def _train(w: World, t: Path, *extra, steps: bool = True, yaml: dict | None = None) -> list:
     """A training command that would run (one step, no compile: bounded) but for the bad input."""
-    cfg = _yaml(t / "train.yaml", {"compile": False, "eval_every": 1, "save_every": 1, **(yaml or {})})
+    cfg = _yaml(t / "train.yaml", {"compile": False, "eval_every": 1, "save_every": 1, "max_train_questions": 2,
+                                   "max_val_questions": 1, **(yaml or {})})
     return ["train", "--student", w.student, "--store", w.store, "--data", w.data, "--splits", w.splits,
             "--teacher-tokenizer", w.student, "--out", t / "o", *(["--steps", "1"] if steps else []), "--no-progress",
             "--config", cfg, *extra]
