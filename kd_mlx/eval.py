@@ -27,7 +27,6 @@ tokenization of the prefix text alone (BPE merges across the prefix/suffix bound
 from __future__ import annotations
 
 import csv
-import json
 import os
 import resource
 import sys
@@ -41,15 +40,16 @@ import click
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache, make_prompt_cache
-from mlx_lm.utils import dequantize_model, load_adapters, load_model
+from mlx_lm.utils import dequantize_model
 from tqdm import tqdm
 
 from .data import (LETTERS, answer_token_ids, load_cmmlu, load_splits, prompt_ids, read_add_bos, split_questions,
                    subject_table)
+from .model_dir import load_model, read_adapter_config, read_raw_config
 from .teacher import StreamingTeacher
 from .tokenizer import load_tokenizer
-from .utils import (KDError, atomic_path, cli_errors, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
-                    resolve_model_path, write_json_atomic)
+from .utils import (KDError, cli_errors, config_int, linux_blas_advice, load_yaml_config, merge_config, parse_bytes, path_identity,
+                    prepare_output_dir, resolve_model_path, staged_output_dir, write_json_atomic)
 
 N_CALIBRATION_BINS = 10
 
@@ -363,8 +363,9 @@ def load_eval_model(model: str, adapters: str | None = None, memory_budget: int 
     comes from `kd_mlx.tokenizer.load_tokenizer` (Kimi's tiktoken format without remote code)."""
 
     path = resolve_model_path(model)
-    if not (path / "config.json").exists():
-        raise KDError(f"{path} has no config.json: not a model directory")
+    read_raw_config(path)
+    if adapters:
+        read_adapter_config(adapters)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     bos = read_add_bos(path) if add_bos is None else add_bos
     if bos and tokenizer.bos_id is None:
@@ -374,22 +375,9 @@ def load_eval_model(model: str, adapters: str | None = None, memory_budget: int 
         if adapters:
             raise KDError("--adapters apply to in-memory students; the streaming teacher takes no adapters")
         teacher = StreamingTeacher(path, memory_budget, trust_remote_code=trust_remote_code)
-        config = dict(getattr(teacher, "config", None) or json.loads((path / "config.json").read_text()))
-        return EvalModel("streaming", teacher, tokenizer, config, path, bos)
+        return EvalModel("streaming", teacher, tokenizer, dict(teacher.config), path, bos)
 
-
-    try:
-        net, config = load_model(path, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise KDError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
-    if adapters:
-        a = Path(adapters)
-        if not (a / "adapter_config.json").exists() or not (a / "adapters.safetensors").exists():
-            raise KDError(f"adapter directory {a} needs adapter_config.json and adapters.safetensors")
-        try:
-            net = load_adapters(net, str(a))
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            raise KDError(f"cannot apply adapters {a} to {path}: {str(e).splitlines()[0]}") from None
+    net, config = load_model(path, adapters=adapters, trust_remote_code=trust_remote_code)
     on_cpu = mx.default_device() == mx.cpu
     if dequantize is None:
         # CPU quantized matmul runs at ~3 GFLOP/s, dequantized fp32 through BLAS ~100x faster; on GPU keep 4-bit
@@ -507,25 +495,45 @@ CSV_COLUMNS = ["id", "index", "answer", "prediction", "correct", "prob_A", "prob
                "confidence", "n_tokens", "shots"]
 
 
-def write_results(out: str | os.PathLike, result: EvalResult, config: dict | None = None) -> Path:
+EVAL_KIND = "eval"
+_PATH_KEYS = ("model", "adapters", "data", "splits")
+_NOT_IDENTITY = ("out", "overwrite")  # settings that do not change the results
+
+
+def eval_identity(cfg: dict) -> dict:
+    """The settings that make an evaluation what it is (paths resolved): equal identities write equal results."""
+    return {k: path_identity(v) if k in _PATH_KEYS else v for k, v in cfg.items() if k not in _NOT_IDENTITY}
+
+
+def prepare_eval_out(cfg: dict) -> str:
+    """The output-directory rule (kd_mlx.utils.prepare_output_dir) for a results directory."""
+    return prepare_output_dir(cfg["out"], EVAL_KIND, eval_identity(cfg), [cfg.get(k) for k in _PATH_KEYS],
+                              overwrite=bool(cfg.get("overwrite")))
+
+
+def write_results(out: str | os.PathLike, result: EvalResult, config: dict | None = None,
+                  overwrite: bool = False) -> Path:
     """RESULTS/subjects/<subject>.csv (one row per question, like the official output), summary.json, config.json.
-    Each file is written under a temporary name and renamed."""
-    out = Path(out)
+
+    The whole directory is built under a temporary name and renamed onto `out`, so no file of an earlier result is
+    left beside the new ones; `out` must pass the output-directory rule (`prepare_eval_out`)."""
+    config = dict(config or {}, out=str(out), overwrite=overwrite)
+    prepare_eval_out(config)
     by_subject: dict[str, list[QuestionResult]] = defaultdict(list)
     for r in result.questions:
         by_subject[r.subject].append(r)
-    for subject, rows in sorted(by_subject.items()):
-        with atomic_path(out / "subjects" / f"{subject}.csv") as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with staged_output_dir(out, EVAL_KIND, eval_identity(config)) as tmp:
+        (tmp / "subjects").mkdir()
+        for subject, rows in sorted(by_subject.items()):
+            with open(tmp / "subjects" / f"{subject}.csv", "w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)
                 w.writerow(CSV_COLUMNS)
                 for r in sorted(rows, key=lambda r: r.index):
                     w.writerow([r.id, r.index, r.answer, r.prediction, int(r.answer == r.prediction),
                                 *(f"{p:.6f}" for p in r.probs), f"{max(r.probs):.6f}", r.n_tokens, r.shots])
-    if config is not None:
-        write_json_atomic(out / "config.json", config)
-    write_json_atomic(out / "summary.json", result.summary)
-    return out
+        write_json_atomic(tmp / "config.json", config)
+        write_json_atomic(tmp / "summary.json", result.summary)
+    return Path(out)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -568,7 +576,7 @@ DEFAULTS: dict[str, Any] = {
     "model": None, "adapters": None, "memory_budget": None, "data": None, "splits": None, "split": "test",
     "shots": 5, "max_tokens": 2048, "batch_size": 8, "subjects": None, "limit": None, "out": None,
     "dtype": "auto", "dequantize": None, "trust_remote_code": False, "bos": None, "reuse_prefix": True,
-    "reference": False,
+    "reference": False, "overwrite": False,
 }
 
 
@@ -578,15 +586,28 @@ def run_eval(cfg: dict, progress: bool = True) -> EvalResult:
     for key in ("model", "data", "out"):
         if not cfg.get(key):
             raise KDError(f"missing --{key.replace('_', '-')}")
-    if cfg["shots"] not in (0, 1, 2, 3, 4, 5):
-        raise KDError(f"--shots must be 0..5 (CMMLU has 5 dev questions per subject), got {cfg['shots']}")
-    if int(cfg["batch_size"]) < 1:
-        raise KDError("--batch-size must be >= 1")
+    cfg = dict(cfg)
+    for key, minimum in (("shots", 0), ("max_tokens", 1), ("batch_size", 1), ("limit", 1)):
+        cfg[key] = config_int(cfg, key, minimum)
+    if cfg["shots"] > 5:
+        raise KDError(f"shots must be 0..5 (CMMLU has 5 dev questions per subject), got {cfg['shots']}")
+    for key in ("dequantize", "trust_remote_code", "bos", "reuse_prefix", "reference", "overwrite"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise KDError(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg["dtype"] not in ("auto", "float32", "bfloat16", "float16", None):
+        raise KDError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg['dtype']!r}")
+    for key in ("model", "adapters", "data", "splits", "split", "out", "memory_budget"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int))):
+            raise KDError(f"{key} must be a path or name, got {cfg[key]!r}")
     subjects = cfg["subjects"]
     if isinstance(subjects, str):
         subjects = [s.strip() for s in subjects.split(",")]
+    prepare_eval_out(cfg)
     questions, dev = select_questions(cfg["data"], cfg["splits"], cfg["split"], subjects, cfg["limit"])
     budget = parse_bytes(cfg["memory_budget"]) if cfg["memory_budget"] is not None else None
+    if progress and (advice := linux_blas_advice()):
+        click.echo(advice, err=True)
     em = load_eval_model(cfg["model"], cfg["adapters"], budget, cfg["dtype"], cfg["trust_remote_code"], cfg["bos"],
                          dequantize=cfg["dequantize"])
     result = evaluate_model(em, questions, dev, shots=int(cfg["shots"]), max_tokens=int(cfg["max_tokens"]),
@@ -594,7 +615,7 @@ def run_eval(cfg: dict, progress: bool = True) -> EvalResult:
                             reference=bool(cfg["reference"]), progress=progress)
     result.summary["shots"] = int(cfg["shots"])
     result.summary["adapters"] = cfg["adapters"]
-    write_results(cfg["out"], result, cfg)
+    write_results(cfg["out"], result, cfg, overwrite=bool(cfg["overwrite"]))
     return result
 
 
@@ -620,15 +641,13 @@ def run_eval(cfg: dict, progress: bool = True) -> EvalResult:
 @click.option("--reuse-prefix/--no-reuse-prefix", default=None, help="Share the few-shot prefix KV cache (default on).")
 @click.option("--reference", is_flag=True, default=None, help="Plain one-question-at-a-time loop (slow; for checks).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow custom model/tokenizer code.")
-@click.option("--out", default=None, help="Results directory.")
+@click.option("--out", default=None, help="Results directory (new, or --overwrite earlier eval results there).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace earlier eval results in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @cli_errors
 def main(config_file, quiet, **flags) -> None:
     """Evaluate a model on CMMLU (official protocol)."""
     cfg = merge_config(load_yaml_config(config_file), flags, DEFAULTS)
-    advice = linux_blas_advice()
-    if advice:
-        click.echo(advice, err=True)
     result = run_eval(cfg, progress=not quiet)
     s = result.summary
     cats = ", ".join(f"{c} {v:.2f}" for c, v in s["categories"].items())

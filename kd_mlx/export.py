@@ -9,8 +9,6 @@ Everything heavy is reused from mlx-lm: model classes and loading (`mlx_lm.utils
 (`mlx_lm.tuner.utils.load_adapters`), the LoRA layers' own `fuse`, `quantize_model`, `save_model`/`save_config`,
 and `mlx_lm.server` (OpenAI-compatible HTTP). This module adds the model card (evaluation numbers + the exact
 training configuration), atomic output, a chat template for base models, and the CMMLU `ask` command.
-
-Top-level imports stay light (no mlx): `kd_mlx.__main__` imports this module to register `ask`.
 """
 
 from __future__ import annotations
@@ -22,14 +20,23 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
 import click
+import mlx.core as mx
+from click.core import ParameterSource
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm import load as mlx_lm_load
+from mlx_lm.utils import dequantize_model, get_total_parameters, quantize_model, save_config, save_model
 
-from .utils import KDError, cli_errors, load_yaml_config, merge_config, resolve_model_path, sha256_file, write_json_atomic
+from .data import Question, answer_token_ids, build_prompt, subject_table
+from .eval import letter_logits_reference, letter_logits_streaming, load_eval_model, softmax4
+from .model_dir import load_model, read_adapter_config, read_raw_config
+from .utils import (KDError, cli_errors, config_int, load_yaml_config, merge_config, path_identity, prepare_output_dir,
+                    resolve_model_path, sha256_file, staged_output_dir, write_json_atomic)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -41,6 +48,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 TOKENIZER_GLOBS = ("*.tiktoken", "*.py")
+TOKENIZER_MAIN_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")  # one is needed
 
 # Base students (Phi-1.5) have no chat template. This one makes chat-completions a plain continuation of the
 # messages' text (joined by blank lines, no role markers), so sending a CMMLU prompt ending in "答案是：" as the
@@ -60,6 +68,7 @@ EXPORT_DEFAULTS: dict[str, Any] = {
 }
 SERVE_DEFAULTS: dict[str, Any] = {"host": "127.0.0.1", "port": 8080, "max_tokens": 512, "log_level": "INFO"}
 ASK_DEFAULTS: dict[str, Any] = {"subject": None, "json": False}
+EXPORT_KIND = "export"  # the output-directory kind (kd_mlx.utils.prepare_output_dir)
 EXPORT_RECORD = "kd_mlx_export.json"  # the final export config + provenance, inside the model directory
 
 
@@ -85,24 +94,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise KDError(f"{what} {path} is not valid JSON: {e.msg} (line {e.lineno})") from None
 
 
-def check_adapters_dir(adapters: str | os.PathLike) -> tuple[Path, dict]:
-    """The adapters directory in mlx-lm's format (adapters.safetensors + adapter_config.json) and its config."""
-    d = Path(adapters).expanduser()
-    if not d.is_dir():
-        raise KDError(f"adapters directory not found: {d}")
-    for name in ("adapters.safetensors", "adapter_config.json"):
-        if not (d / name).is_file():
-            raise KDError(f"{d} is not an mlx-lm adapters directory: {name} missing")
-    cfg = _read_json(d / "adapter_config.json", "adapter config")
-    if not isinstance(cfg, dict):
-        raise KDError(f"adapter config {d / 'adapter_config.json'} must be a JSON object")
-    if cfg.get("fine_tune_type", "lora") != "full":
-        missing = [k for k in ("num_layers", "lora_parameters") if k not in cfg]
-        if missing:
-            raise KDError(f"adapter config {d / 'adapter_config.json'} lacks {', '.join(missing)}")
-    return d, cfg
-
-
 def find_training_config(adapters_dir: Path) -> tuple[Path | None, dict | None]:
     """RUN/config.json (the trainer's final configuration) for adapters at RUN/best, or beside the adapters."""
     for p in (adapters_dir / "config.json", adapters_dir.parent / "config.json"):
@@ -114,15 +105,45 @@ def find_training_config(adapters_dir: Path) -> tuple[Path | None, dict | None]:
     return None, None
 
 
+def is_eval_summary(summary: Any) -> bool:
+    """A summary.json written by `python -m kd_mlx eval` (a training run's summary.json is not one)."""
+    return isinstance(summary, dict) and all(k in summary for k in ("overall", "subjects", "categories"))
+
+
+def _same_path(a: Any, b: Path) -> bool:
+    return isinstance(a, str) and Path(a).expanduser().exists() and Path(a).expanduser().resolve() == b.resolve()
+
+
 def find_eval_summary(adapters_dir: Path) -> Path | None:
-    """An evaluation summary.json near the adapters (RUN/best, RUN, RUN/<sub>/), if the user gave none."""
+    """An evaluation of exactly these adapters near them (RUN/best, RUN/<results>/), if the user gave none: a
+    kd_mlx eval summary whose "adapters" is this directory (RUN/summary.json is the training summary)."""
     run = adapters_dir.parent
-    cands = [adapters_dir / "summary.json", run / "summary.json"]
-    cands += sorted(run.glob("*/summary.json"))
-    for p in cands:
+    for p in [adapters_dir / "summary.json", *sorted(run.glob("*/summary.json"))]:
         if p.is_file():
-            return p
+            try:
+                s = json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if is_eval_summary(s) and _same_path(s.get("adapters"), adapters_dir):
+                return p
     return None
+
+
+def check_eval_summary(path: Path, adapters_dir: Path) -> dict:
+    """The --eval-summary the user gave: a kd_mlx eval summary, of these adapters when it names any."""
+    if path.is_dir():
+        path = path / "summary.json"
+    if not path.is_file():
+        raise KDError(f"evaluation summary not found: {path}")
+    s = _read_json(path, "evaluation summary")
+    if not is_eval_summary(s):
+        raise KDError(f"{path} is not a kd_mlx eval summary (no overall/subjects/categories): give the "
+                      f"summary.json that `python -m kd_mlx eval --adapters {adapters_dir} --out RESULTS` wrote")
+    named = s.get("adapters", adapters_dir.as_posix())
+    if named is None or not _same_path(named, adapters_dir):
+        what = "the base model without adapters" if named is None else f"adapters {named}"
+        raise KDError(f"{path} evaluates {what}, not {adapters_dir}: give the evaluation of the exported adapters")
+    return s
 
 
 def _is_hub_id(student: str) -> bool:
@@ -161,8 +182,6 @@ def ensure_chat_template(model_dir: Path) -> bool:
 
 def fuse_adapters(model, dequantize: bool = False) -> int:
     """Replace every adapter layer by its fused linear (the tuner's own `fuse`, as `mlx_lm.fuse` does)."""
-    from mlx.utils import tree_unflatten
-
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if fused:
         model.update_modules(tree_unflatten(fused))
@@ -171,9 +190,6 @@ def fuse_adapters(model, dequantize: bool = False) -> int:
 
 def cast_floating(model, dtype_name: str) -> None:
     """Cast the floating-point parameters (not quantized integer weights) to `dtype_name`."""
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
     dtype = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}[dtype_name]
     model.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
                           model.parameters()))
@@ -186,11 +202,6 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
 
     The directory is built under a temporary name beside `out`, checked by opening it with mlx-lm (lazily), and
     only then renamed onto `out`: an interrupted export leaves nothing half-written."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, get_total_parameters, load_model, quantize_model, save_config, save_model
-
     if quantize not in (None, 4, 8):
         raise KDError(f"--quantize must be 4 or 8 bits, got {quantize}")
     if quantize and (group_size not in (32, 64, 128)):
@@ -198,32 +209,25 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
     if dtype not in (None, "float16", "bfloat16", "float32"):
         raise KDError(f"--dtype must be float16, bfloat16 or float32, got {dtype}")
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise KDError(f"output {out} already exists (pass --overwrite to replace it)")
     student_dir = resolve_model_path(student)
-    if not (student_dir / "config.json").is_file():
-        raise KDError(f"{student_dir} is not a model directory: config.json missing")
-    adapters_dir, adapter_cfg = check_adapters_dir(adapters)
+    read_raw_config(student_dir)
+    if not any((student_dir / n).is_file() for n in TOKENIZER_MAIN_FILES):
+        raise KDError(f"student {student_dir} has no tokenizer ({', '.join(TOKENIZER_MAIN_FILES)}): give the model "
+                      "directory the adapters were trained on, with its tokenizer")
+    adapters_dir, adapter_cfg = read_adapter_config(adapters)
     summary_path = Path(eval_summary).expanduser() if eval_summary else find_eval_summary(adapters_dir)
-    if summary_path is not None and not summary_path.is_file():
-        raise KDError(f"evaluation summary not found: {summary_path}")
-    summary = _read_json(summary_path, "evaluation summary") if summary_path else None
+    summary = check_eval_summary(summary_path, adapters_dir) if summary_path else None
+    if summary_path is not None and summary_path.is_dir():
+        summary_path = summary_path / "summary.json"
     train_cfg_path, train_cfg = find_training_config(adapters_dir)
     best_path = adapters_dir / "best.json"  # the trainer's validation figures at the kept step
     best = _read_json(best_path, "best-step record") if best_path.is_file() else None
-
-    try:
-        model, config = load_model(student_dir, lazy=True)
-    except FileNotFoundError as e:
-        raise KDError(f"cannot load student {student}: {e}") from None
-    except ValueError as e:
-        raise KDError(f"cannot load student {student}: {str(e).splitlines()[0]}") from None
-    try:
-        load_adapters(model, str(adapters_dir))
-    except (ValueError, KeyError) as e:
-        lines = str(e).strip("'\"").splitlines()
-        detail = lines[0] + (f" {lines[1].strip()}" if len(lines) > 1 else "")
-        raise KDError(f"adapters {adapters_dir} do not fit student {student}: {detail}") from None
+    identity = {"student": path_identity(student), "adapters": path_identity(adapters_dir), "quantize": quantize,
+                "group_size": group_size if quantize else None, "dtype": dtype,
+                "eval_summary": path_identity(summary_path)}
+    prepare_output_dir(out, EXPORT_KIND, identity, [student_dir, adapters_dir, summary_path, train_cfg_path],
+                       overwrite=overwrite)
+    model, config = load_model(student_dir, adapters=adapters_dir, lazy=True)
     model.eval()
 
     was_quantized = "quantization" in config
@@ -241,18 +245,14 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
     if quantize:
         model, config = quantize_model(model, config, group_size=group_size, bits=quantize)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_output_dir(out, EXPORT_KIND, identity) as tmp:
         save_model(tmp, model, donate_model=False)
         save_config(dict(config), tmp / "config.json")
         weights = dict(tree_flatten(model.parameters()))
         weight_bytes = sum(v.nbytes for v in weights.values())
         n_params = int(get_total_parameters(model))
         del weights
-        copied = _copy_tokenizer_files(student_dir, tmp)
-        if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json")):
-            raise KDError(f"student {student_dir} has no tokenizer files to copy (tokenizer.json, ...)")
+        _copy_tokenizer_files(student_dir, tmp)
         added_template = ensure_chat_template(tmp)
         quant = config.get("quantization")
         record = {
@@ -276,10 +276,6 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
         (tmp / "README.md").write_text(model_card(out.name, record), encoding="utf-8")
         write_json_atomic(tmp / EXPORT_RECORD, record)
         _check_loads(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     del model
     mx.clear_cache()
     return ExportResult(out, n_fused, quant, n_params, weight_bytes, summary_path, record)
@@ -287,28 +283,14 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
 
 def _check_loads(model_dir: Path) -> None:
     """Open the written directory exactly as users will (mlx_lm.load, lazily: no weights are read)."""
-    from mlx_lm import load
-
     try:
-        load(str(model_dir), lazy=True)
+        mlx_lm_load(str(model_dir), lazy=True)
     except Exception as e:  # anything here is a bug in the export, reported in one line
         raise KDError(f"the exported model does not load with mlx_lm.load: {type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("kd_mlx", "mlx", "mlx-lm"):
         try:
@@ -445,7 +427,7 @@ def serve_model(model: str | os.PathLike, host: str = "127.0.0.1", port: int = 8
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: serving on {host}, reachable from other machines; mlx_lm.server has only basic "
                    "security checks", err=True)
-    from mlx_lm import server
+    from mlx_lm import server  # the HTTP server stack, imported only when serving
 
     sys.argv = server_argv(d, host, port, max_tokens, log_level)
     server.main()
@@ -488,19 +470,11 @@ def parse_question(text: str) -> tuple[str, tuple[str, str, str, str]]:
     return question, (opts[0], opts[1], opts[2], opts[3])
 
 
-def _subject_table() -> dict:
-    try:
-        from .data import subject_table  # the data module's table when it is there
-        return subject_table()
-    except ImportError:
-        return json.loads((Path(__file__).parent / "data" / "subjects.json").read_text(encoding="utf-8"))
-
-
 def resolve_subject(subject: str | None) -> tuple[str | None, str | None]:
     """English key or Chinese name -> (key, Chinese name); None -> (None, None). Unknown -> KDError."""
     if subject is None:
         return None, None
-    table = _subject_table()
+    table = subject_table()
     s = subject.strip()
     if s in table:
         return s, table[s]["zh"]
@@ -524,10 +498,6 @@ def official_prompt(question: str, choices: Sequence[str], subject_zh: str | Non
 def build_ask_prompt(question: str, choices: Sequence[str], subject: str | None) -> str:
     key, zh = resolve_subject(subject)
     if key is not None:
-        try:
-            from .data import Question, build_prompt
-        except ImportError:
-            return official_prompt(question, choices, zh)
         q = Question(id=f"{key}/ask/0", subject=key, split="ask", index=0, question=question,
                      choices=tuple(choices), answer="A")  # answer unused by a 0-shot prompt
         return build_prompt(q, []).text
@@ -548,9 +518,6 @@ class Asker:
     one-forward-per-question scoring, then a softmax over the four letter logits."""
 
     def __init__(self, model: str | os.PathLike):
-        from .data import answer_token_ids
-        from .eval import load_eval_model
-
         self.model_dir = check_model_dir(model)
         self.em = load_eval_model(str(self.model_dir))
         self.letter_ids = answer_token_ids(self.em.tokenizer)
@@ -560,8 +527,6 @@ class Asker:
         return ([tok.bos_id] if self.em.add_bos else []) + tok.encode(prompt)
 
     def ask(self, question_text: str, subject: str | None = None) -> AskResult:
-        from .eval import letter_logits_reference, letter_logits_streaming, softmax4
-
         question, choices = parse_question(question_text)
         prompt = build_ask_prompt(question, choices, subject)
         ids = self.prompt_ids(prompt)
@@ -600,8 +565,6 @@ class _DefaultCommandGroup(click.Group):
 
 def _explicit(ctx: click.Context, names: Sequence[str]) -> dict:
     """Only the flags the user actually gave (so --config values are not overridden by click defaults)."""
-    from click.core import ParameterSource
-
     return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE}
 
 
@@ -631,13 +594,13 @@ def build_cmd(ctx: click.Context, config_file: str | None, **_: Any) -> None:
             raise KDError(f"--{key} is required")
     if not cfg["student"]:
         # kd_mlx.train records the student it trained in adapter_config.json ("model")
-        cfg["student"] = check_adapters_dir(cfg["adapters"])[1].get("model")
+        cfg["student"] = read_adapter_config(cfg["adapters"])[1].get("model")
         if not cfg["student"] or cfg["student"] == "None":
             raise KDError("--student is required (the adapters' adapter_config.json does not name their model)")
-    quantize = int(cfg["quantize"]) if cfg["quantize"] else None
+    quantize = config_int(cfg, "quantize", 1)
     cfg["quantize"] = quantize
     res = export_model(cfg["student"], cfg["adapters"], cfg["out"], quantize=quantize,
-                       group_size=int(cfg["group_size"]), dtype=cfg["dtype"], eval_summary=cfg["eval_summary"],
+                       group_size=config_int(cfg, "group_size", 1), dtype=cfg["dtype"], eval_summary=cfg["eval_summary"],
                        overwrite=bool(cfg["overwrite"]), final_config=cfg)
     q = res.quantization
     click.echo(f"wrote {res.path}: {res.fused_layers} adapter layers fused, "

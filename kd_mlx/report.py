@@ -18,7 +18,8 @@ from typing import Any
 
 import click
 
-from .utils import KDError, atomic_path, cli_errors, format_bytes, load_yaml_config, merge_config, write_json_atomic
+from .utils import (KDError, atomic_path, cli_errors, format_bytes, load_yaml_config, merge_config, path_identity,
+                    prepare_output_dir, staged_output_dir, write_json_atomic)
 
 MODELS = ("teacher", "baseline", "distilled")
 COLORS = {"teacher": "#4c72b0", "baseline": "#999999", "distilled": "#dd8452"}
@@ -33,11 +34,19 @@ def load_summary(results: str | os.PathLike) -> dict:
         raise KDError(f"no summary.json in {p} (run python -m kd_mlx.eval --out {p} first)")
     try:
         s = json.loads(f.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise KDError(f"{f} is not valid JSON: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KDError(f"{f} is not valid JSON ({str(e).splitlines()[0]}): re-run python -m kd_mlx eval") from None
+    if not isinstance(s, dict):
+        raise KDError(f"{f} is not a kd_mlx eval summary (not a JSON object)")
     for key in ("overall", "subjects", "categories"):
         if key not in s:
             raise KDError(f"{f} has no {key!r}: not a kd_mlx.eval summary")
+    scores = [s["overall"], *(s["subjects"].values() if isinstance(s["subjects"], dict) else [None]),
+              *(s["categories"].values() if isinstance(s["categories"], dict) else [None])]
+    if (not isinstance(s["subjects"], dict) or not isinstance(s["categories"], dict)
+            or any(v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in scores)):
+        raise KDError(f"{f}: overall, subjects and categories must hold accuracies (numbers): re-run "
+                      f"python -m kd_mlx eval")
     return s
 
 
@@ -260,8 +269,15 @@ def render_markdown(s: dict[str, dict], paths: dict[str, str], metrics: list[dic
     return "\n".join(out) + "\n"
 
 
-def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str | None = None) -> Path:
-    """Write REPORT/report.md and its PNG plots; return the report path."""
+REPORT_KIND = "report"
+
+
+def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str | None = None,
+                 overwrite: bool = False, config: dict | None = None) -> Path:
+    """Write REPORT/report.md, its PNG plots, targets.json and config.json; return the report path.
+
+    REPORT follows the output-directory rule (kd_mlx.utils.prepare_output_dir): new, or an earlier report replaced
+    with `overwrite`, never one of the inputs; it is built under a temporary name and renamed when complete."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,25 +286,27 @@ def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str
     for m in MODELS:
         if s[m]["overall"] is None:
             raise KDError(f"{paths[m]}/summary.json has no overall score (empty evaluation?)")
-    if run is not None and not Path(run).exists():
+    if run is not None and not Path(run).is_dir():
         raise KDError(f"run directory not found: {run}")
-    outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
-    plots = ["categories.png", "subject_deltas.png", "reliability.png"]
-    plot_categories(s, outp / plots[0])
-    plot_subject_deltas(s, outp / plots[1])
-    plot_reliability(s, outp / plots[2])
-    metrics = load_metrics(run)
-    if metrics and plot_training(metrics, outp / "training.png"):
-        plots.append("training.png")
-    md = render_markdown(s, paths, metrics, plots, run)
-    with atomic_path(outp / "report.md") as tmp:
-        tmp.write_text(md, encoding="utf-8")
-    write_json_atomic(outp / "targets.json", {"overall": {m: s[m]["overall"] for m in MODELS}, **targets(s)})
-    return outp / "report.md"
+    identity = {**{m: path_identity(p) for m, p in paths.items()}, "run": path_identity(run)}
+    prepare_output_dir(out, REPORT_KIND, identity, [*paths.values(), run], overwrite=overwrite)
+    with staged_output_dir(out, REPORT_KIND, identity) as outp:
+        plots = ["categories.png", "subject_deltas.png", "reliability.png"]
+        plot_categories(s, outp / plots[0])
+        plot_subject_deltas(s, outp / plots[1])
+        plot_reliability(s, outp / plots[2])
+        metrics = load_metrics(run)
+        if metrics and plot_training(metrics, outp / "training.png"):
+            plots.append("training.png")
+        md = render_markdown(s, paths, metrics, plots, run)
+        with atomic_path(outp / "report.md") as tmp:
+            tmp.write_text(md, encoding="utf-8")
+        write_json_atomic(outp / "targets.json", {"overall": {m: s[m]["overall"] for m in MODELS}, **targets(s)})
+        write_json_atomic(outp / "config.json", {**(config or {}), **paths, "run": run, "out": str(out)})
+    return Path(out) / "report.md"
 
 
-DEFAULTS: dict[str, Any] = {"run": None, "out": None}
+DEFAULTS: dict[str, Any] = {"run": None, "out": None, "overwrite": False}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -297,16 +315,16 @@ DEFAULTS: dict[str, Any] = {"run": None, "out": None}
 @click.argument("results_distilled")
 @click.option("--config", "config_file", type=click.Path(), default=None, help="YAML config; flags override it.")
 @click.option("--run", default=None, help="Training run directory (RUN/metrics.jsonl) for training curves.")
-@click.option("--out", default=None, help="Report directory.")
+@click.option("--out", default=None, help="Report directory (new, or --overwrite an earlier report there).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an earlier report in --out.")
 @cli_errors
 def main(results_teacher, results_baseline, results_distilled, config_file, **flags) -> None:
     """Report teacher vs baseline vs distilled CMMLU results (Markdown + PNG)."""
     cfg = merge_config(load_yaml_config(config_file), flags, DEFAULTS)
     if not cfg["out"]:
         raise KDError("missing --out")
-    path = build_report(results_teacher, results_baseline, results_distilled, cfg["out"], cfg["run"])
-    write_json_atomic(Path(cfg["out"]) / "config.json",
-                      {**cfg, "teacher": results_teacher, "baseline": results_baseline, "distilled": results_distilled})
+    path = build_report(results_teacher, results_baseline, results_distilled, cfg["out"], cfg["run"],
+                        overwrite=bool(cfg["overwrite"]), config=cfg)
     tg = json.loads((Path(cfg["out"]) / "targets.json").read_text())
     ratio = tg["distilled_over_teacher"]
     click.echo(f"overall teacher {tg['overall']['teacher']:.2f} | baseline {tg['overall']['baseline']:.2f} | "

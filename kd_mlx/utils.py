@@ -1,4 +1,4 @@
-"""Small shared helpers: user errors, byte sizes, atomic writes, config merging, model paths.
+"""Small shared helpers: user errors, byte sizes, atomic writes, output directories, config merging, model paths.
 
 Every CLI in kd_mlx turns a `KDError` into one line on stderr and exit code 1 (see `cli_errors`).
 """
@@ -10,13 +10,15 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import click
+import yaml
 
 
 class KDError(Exception):
@@ -83,6 +85,153 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
 
+# ----------------------------------------------------------------------------------------------- output directories
+OUTPUT_MARKER = ".kd_mlx_output.json"  # {"kind", "identity", "argv"}: what wrote a directory, with which settings
+
+# How a directory without a marker is recognised, to name what is there (first match wins): kind, files that must
+# all exist, description.
+_KNOWN_LAYOUTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("train", ("metrics.jsonl",), "a training run"),
+    ("train", ("checkpoints",), "a training run"),
+    ("dump", ("manifest.json",), "a logits store"),
+    ("export", ("kd_mlx_export.json",), "an exported model"),
+    ("eval", ("summary.json", "subjects"), "evaluation results"),
+    ("report", ("report.md",), "a report"),
+    ("adapters", ("adapter_config.json",), "trained adapters"),
+    ("model", ("config.json", "*.safetensors"), "a model directory"),
+    ("data", ("dev", "test"), "a CMMLU data directory"),
+)
+
+
+def read_output_marker(path: str | os.PathLike) -> dict | None:
+    """The marker kd_mlx leaves in each output directory, or None (absent or unreadable)."""
+    try:
+        marker = json.loads((Path(path) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
+
+
+def describe_dir(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(kind, words) for what a directory holds: its marker's kind, else a guess from the files in it."""
+    p = Path(path)
+    marker = read_output_marker(p)
+    names = sorted(x.name for x in p.iterdir() if x.name != OUTPUT_MARKER)
+    listing = ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
+    if marker is not None:
+        return marker["kind"], f"kd_mlx {marker['kind']} output ({listing})"
+    for kind, needs, words in _KNOWN_LAYOUTS:
+        if all(any(p.glob(n)) for n in needs):
+            return kind, f"{words} ({listing})"
+    return None, f"{len(names)} {'entry' if len(names) == 1 else 'entries'} ({listing})"
+
+
+def _json_identity(identity: Any) -> Any:
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def _input_relation(out: Path, inp: Path) -> str | None:
+    if out == inp:
+        return "is"
+    if inp in out.parents:
+        return "lies inside"
+    if out in inp.parents:
+        return "contains"
+    return None
+
+
+def prepare_output_dir(out: str | os.PathLike, kind: str, identity: dict, inputs: Iterable[Any] = (),
+                       overwrite: bool = False, resume: bool = False) -> str:
+    """Check an output directory against the one rule for every kd_mlx output, before any compute.
+
+    `out` may be written when it is absent or an empty directory ("new"); when it holds the output of the same
+    `kind` (its `.kd_mlx_output.json` marker) with the same `identity` (a JSON-able dict of the settings that
+    determine the result), a stage that continues its work passes `resume=True` and gets "resume"; with
+    `overwrite=True` an earlier output of the same kind (any identity, or a marker-less directory of that kind's
+    layout) may be replaced ("replace"). Everything else is refused with a one-line KDError naming what is there:
+    another kind of output, a directory kd_mlx did not write, a file. `out` is refused whatever the flags when it
+    is, contains or lies inside one of `inputs` (local paths, symlinks resolved; None and hub ids are skipped), so
+    `--overwrite` can never delete an input. Returns "new", "resume" or "replace". The caller writes the marker
+    with `write_output_marker` (or builds the directory with `staged_output_dir`)."""
+    out_p = Path(out).expanduser()
+    real = out_p.resolve()
+    for inp in inputs:
+        if inp is None or not Path(inp).expanduser().exists():
+            continue
+        rel = _input_relation(real, Path(inp).expanduser().resolve())
+        if rel:
+            raise KDError(f"output {out_p} {rel} the input {inp}: choose an --out outside every input")
+    if not out_p.exists():
+        return "new"
+    if not out_p.is_dir():
+        raise KDError(f"output {out_p} is a file, not a directory: choose another --out")
+    if not any(out_p.iterdir()):
+        return "new"
+    there, words = describe_dir(out_p)
+    marker = read_output_marker(out_p)
+    if there != kind:
+        raise KDError(f"output {out_p} holds {words}, not kd_mlx {kind} output: choose another --out (--overwrite never "
+                      f"replaces another kind of directory)")
+    same = marker is not None and _json_identity(marker.get("identity")) == _json_identity(identity)
+    if same and resume:
+        return "resume"
+    if overwrite:
+        return "replace"
+    if same:
+        raise KDError(f"output {out_p} already holds this {kind} output (same settings): pass --overwrite to "
+                      f"replace it, or choose another --out")
+    if marker is None:
+        raise KDError(f"output {out_p} holds {words} of unknown settings: pass --overwrite to replace it, or "
+                      f"choose another --out")
+    old = marker.get("identity") if isinstance(marker.get("identity"), dict) else {}
+    diff = sorted(k for k in set(old) | set(identity)
+                  if _json_identity(old.get(k)) != _json_identity(identity.get(k)))
+    raise KDError(f"output {out_p} holds {kind} output made with other settings (differs in: "
+                  f"{', '.join(diff) or 'identity'}): pass --overwrite to replace it, or choose another --out")
+
+
+def write_output_marker(directory: str | os.PathLike, kind: str, identity: dict) -> None:
+    """Record in `directory` which command wrote it, with which identity (read by `prepare_output_dir`)."""
+    write_json_atomic(Path(directory) / OUTPUT_MARKER,
+                      {"kind": kind, "identity": _json_identity(identity), "argv": list(sys.argv)})
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished directory `tmp` onto `out`; an existing `out` is removed only after the swap."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_output_dir(out: str | os.PathLike, kind: str, identity: dict) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out`; when the block succeeds, write the marker into it and
+    rename it onto `out` (replacing what `prepare_output_dir` allowed). On failure nothing at `out` changes."""
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        write_output_marker(tmp, kind, identity)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def path_identity(path: str | os.PathLike | None) -> str | None:
+    """A path as it goes into an output identity: absolute, symlinks resolved (hub ids and None unchanged)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -99,8 +248,6 @@ def load_yaml_config(path: str | os.PathLike | None) -> dict:
     """Read a YAML config (flat or nested dict). Missing/invalid file -> KDError."""
     if path is None:
         return {}
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise KDError(f"config file not found: {p}")
@@ -124,6 +271,20 @@ def merge_config(file_config: dict, cli_values: dict, defaults: dict) -> dict:
     out.update(file_config)
     out.update({k: v for k, v in cli_values.items() if v is not None})
     return out
+
+
+def config_int(cfg: dict, key: str, minimum: int | None = None) -> int | None:
+    """cfg[key] as an int (None stays None), KDError naming the setting when it is not a whole number >= minimum.
+    YAML gives strings and floats where a user mistypes: they are refused here, before any compute."""
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v))):
+        raise KDError(f"{key} must be a whole number, got {v!r}")
+    n = int(v)
+    if minimum is not None and n < minimum:
+        raise KDError(f"{key} must be >= {minimum}, got {n}")
+    return n
 
 
 def resolve_model_path(path_or_repo: str, allow_patterns: list[str] | None = None,

@@ -117,6 +117,7 @@ BEST = {"step": 300, "val_loss": 1.234, "val_acc": 0.375}
 RUN_CONFIG = {"student": "tiny-phi", "loss": "forward_kl", "alpha": 0.5, "temperature": 2.0, "learning_rate": 3e-4,
               "iters": 1234, "seed": 7, "lora_rank": 4}
 # as kd_mlx.eval writes it: percentages, per-subject question counts
+TRAIN_SUMMARY = {"steps": 40, "best_step": 30, "val_acc": 0.875, "val_loss": 0.25, "overall": 87.5}
 SUMMARY = {"overall": 31.25, "categories": {"STEM": 30.0, "Humanities": 32.5},
            "subjects": {SUBJECT: 31.25, "anatomy": 25.0}, "n": {SUBJECT: 16, "anatomy": 8}}
 
@@ -127,7 +128,12 @@ def run_dir(student, tmp_path_factory) -> Path:
     _save_adapters(_lora_model(student, seed=1), run / "best", RUN_CONFIG, student)
     (run / "best" / "best.json").write_text(json.dumps(BEST))
     (run / "eval").mkdir()
-    (run / "eval" / "summary.json").write_text(json.dumps(SUMMARY))
+    (run / "eval" / "summary.json").write_text(json.dumps(dict(SUMMARY, adapters=str(run / "best"))))
+    # the trainer's own summary.json (training numbers) and the base model's evaluation sit beside them: neither is
+    # an evaluation of these adapters
+    (run / "summary.json").write_text(json.dumps(TRAIN_SUMMARY))
+    (run / "baseline").mkdir()
+    (run / "baseline" / "summary.json").write_text(json.dumps(dict(SUMMARY, overall=12.5, adapters=None)))
     return run
 
 
@@ -186,7 +192,9 @@ def test_model_directory_and_card(student, exported):
     # the exact training configuration, as JSON in the card and in the export record
     assert json.dumps(RUN_CONFIG, indent=1) in card and '"rank": 4' in card
     record = json.loads((exported / "kd_mlx_export.json").read_text(encoding="utf-8"))
-    assert record["training_config"] == RUN_CONFIG and record["eval_summary"] == SUMMARY
+    assert record["training_config"] == RUN_CONFIG and record["eval_summary"]["overall"] == SUMMARY["overall"]
+    evaluation = card.split("## Evaluation")[1].split("## Training configuration")[0]
+    assert "87.50" not in evaluation and "12.50" not in evaluation and "31.25" in evaluation
     assert record["best_step"] == BEST and '"val_acc": 0.375' in card
     assert record["fused_layers"] == 12 and record["added_chat_template"] is True
     _, tok = load(str(exported))
@@ -335,14 +343,14 @@ def test_export_cli_errors_leave_nothing(student, run_dir, exported, tmp_path):
     r = run("--student", student, "--adapters", tmp_path / "nope", "--out", tmp_path / "o1")
     assert r.exit_code == 1 and "adapters directory not found" in r.output
     r = run("--student", student, "--adapters", run_dir / "best", "--out", exported)
-    assert r.exit_code == 1 and "already exists" in r.output
+    assert r.exit_code == 1 and "already holds this export output" in r.output
     # adapters trained for another student shape
     from kd_mlx.testing import tiny_phi_dir
 
     other = tiny_phi_dir(tmp_path / "other", hidden=32, heads=2)
     bad = _save_adapters(_lora_model(other, seed=3), tmp_path / "bad" / "best")
     r = run("--student", student, "--adapters", bad, "--out", tmp_path / "o2")
-    assert r.exit_code == 1 and "do not fit student" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "do not fit model" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -46,3 +46,99 @@ def test_resolve_model_path(tmp_path):
     assert resolve_model_path(str(tmp_path)) == tmp_path
     with pytest.raises(KDError, match="not found"):
         resolve_model_path(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------- output directories
+def _marked(d, kind, identity):
+    from kd_mlx.utils import write_output_marker
+
+    d.mkdir(parents=True)
+    (d / "result.txt").write_text("earlier work")
+    write_output_marker(d, kind, identity)
+    return d
+
+
+def test_output_dir_new_resume_replace(tmp_path):
+    from kd_mlx.utils import prepare_output_dir
+
+    ident = {"model": "/m", "shots": 5}
+    assert prepare_output_dir(tmp_path / "absent", "eval", ident) == "new"
+    (tmp_path / "empty").mkdir()
+    assert prepare_output_dir(tmp_path / "empty", "eval", ident) == "new"
+    out = _marked(tmp_path / "res", "eval", ident)
+    assert prepare_output_dir(out, "eval", dict(ident), resume=True) == "resume"
+    with pytest.raises(KDError, match="already holds this eval output .same settings.: pass --overwrite"):
+        prepare_output_dir(out, "eval", ident)
+    assert prepare_output_dir(out, "eval", ident, overwrite=True) == "replace"
+    with pytest.raises(KDError, match=r"made with other settings \(differs in: shots\)"):
+        prepare_output_dir(out, "eval", {"model": "/m", "shots": 0}, resume=True)
+    assert prepare_output_dir(out, "eval", {"model": "/m", "shots": 0}, overwrite=True) == "replace"
+    assert (out / "result.txt").read_text() == "earlier work"  # the check itself never writes
+
+
+def test_output_dir_refuses_other_kinds_and_files_even_with_overwrite(tmp_path):
+    from kd_mlx.utils import prepare_output_dir
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    for kw in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(KDError, match=r"holds a training run \(checkpoints, metrics.jsonl\), not kd_mlx eval"):
+            prepare_output_dir(run, "eval", {}, **kw)
+    other = _marked(tmp_path / "exp", "export", {})
+    with pytest.raises(KDError, match="holds kd_mlx export output"):
+        prepare_output_dir(other, "report", {}, overwrite=True)
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(KDError, match="is a file"):
+        prepare_output_dir(tmp_path / "f.txt", "eval", {}, overwrite=True)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.md").write_text("mine")
+    with pytest.raises(KDError, match=r"holds 1 entry \(notes.md\)"):
+        prepare_output_dir(stray, "eval", {}, overwrite=True)
+    # a directory of the same kind's layout written before markers existed: replaceable with --overwrite only
+    old = tmp_path / "old_results"
+    (old / "subjects").mkdir(parents=True)
+    (old / "summary.json").write_text("{}")
+    with pytest.raises(KDError, match="unknown settings: pass --overwrite"):
+        prepare_output_dir(old, "eval", {})
+    assert prepare_output_dir(old, "eval", {}, overwrite=True) == "replace"
+
+
+@pytest.mark.parametrize("where,relation", [(".", "is"), ("..", "contains"), ("sub", "lies inside")])
+def test_output_dir_never_an_input(tmp_path, where, relation):
+    from kd_mlx.utils import prepare_output_dir
+
+    inp = _marked(tmp_path / "run" / "best", "eval", {})
+    link = tmp_path / "link"
+    link.symlink_to(inp)  # symlinks are resolved: the input reached through a link is still the input
+    out = link / where
+    for kw in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(KDError, match=f"{relation} the input"):
+            prepare_output_dir(out, "eval", {}, inputs=[None, "org/hub-id", str(inp)], **kw)
+
+
+def test_staged_output_dir_is_all_or_nothing(tmp_path):
+    from kd_mlx.utils import OUTPUT_MARKER, read_output_marker, staged_output_dir
+
+    out = _marked(tmp_path / "res", "eval", {"a": 1})
+    (out / "stale.csv").write_text("old subject")
+    with pytest.raises(RuntimeError):
+        with staged_output_dir(out, "eval", {"a": 2}) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+    assert (out / "stale.csv").exists() and read_output_marker(out)["identity"] == {"a": 1}
+    with staged_output_dir(out, "eval", {"a": 2}) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, "new.txt"])  # nothing stale left
+    assert read_output_marker(out)["identity"] == {"a": 2} and sorted(p.name for p in tmp_path.iterdir()) == ["res"]
+
+
+def test_config_int():
+    from kd_mlx.utils import config_int
+
+    assert config_int({"n": "12"}, "n", 1) == 12 and config_int({"n": None}, "n") is None
+    for bad, needle in (("four", "whole number"), (2.5, "whole number"), (True, "whole number"), (0, ">= 1")):
+        with pytest.raises(KDError, match=needle):
+            config_int({"n": bad}, "n", 1)
