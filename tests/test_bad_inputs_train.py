@@ -21,7 +21,7 @@ from test_train import cli_args, world  # noqa: E402,F401  (the same tiny Kimi-K
 from kd_mlx.data.cli import main as data_cli  # noqa: E402
 from kd_mlx.testing.models import tiny_phi_dir  # noqa: E402
 from kd_mlx.train.cli import main as train_cli  # noqa: E402
-from kd_mlx.train.model import base_model_hash, check_adapter_base  # noqa: E402
+from kd_mlx.train.model import base_model_fingerprint, check_adapter_base  # noqa: E402
 from kd_mlx.utils import KDError  # noqa: E402
 
 
@@ -157,7 +157,7 @@ def test_resume_with_other_settings_or_a_broken_config(world, earlier_run, tmp_p
 def test_resume_refuses_adapters_of_another_base_model(world, earlier_run, tmp_path):  # noqa: F811
     # a student of the same shape with other weights: another hash, and its adapters are refused
     other = tiny_phi_dir(tmp_path / "other_student", seed=3)
-    assert base_model_hash(other) != base_model_hash(world["student"])
+    assert base_model_fingerprint(other) != base_model_fingerprint(world["student"])
     with pytest.raises(KDError, match="trained on another base model"):
         check_adapter_base(earlier_run / "best", other)
     check_adapter_base(earlier_run / "best", world["student"])

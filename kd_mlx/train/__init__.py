@@ -5,7 +5,7 @@ Public API:
 - `run_training(cfg, resume=False)`, `run_sweep(cfg, grid)`, `prepare(cfg)` -> examples (run.py)
 - `train_loop(model, adapter_config, cfg, run, loss, train_batches, val_batches)`, `Trainer`,
   `TrainingCallback` (loop.py): the loop, with the loss and the batches injected
-- `load_student`, `setup_trainable`, `save_adapters`, `trainable_parameter_count`, `base_model_hash`,
+- `load_student`, `setup_trainable`, `save_adapters`, `trainable_parameter_count`, `base_model_fingerprint`,
   `check_adapter_base` (model.py)
 - `objective`, `objective_reference` (objective.py); `Example`, `Batch`, `BatchArrays`, `collate`, `BatchStream`
   (batches.py)
@@ -17,7 +17,7 @@ from .batches import Batch, BatchArrays, BatchStream, Example, collate  # noqa: 
 from .config import TrainConfig  # noqa: F401
 from .loop import Trainer, TrainingCallback, train_loop  # noqa: F401
 from .model import (  # noqa: F401
-    base_model_hash,
+    base_model_fingerprint,
     check_adapter_base,
     load_student,
     save_adapters,

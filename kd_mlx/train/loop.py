@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..utils import KDError, write_json_atomic
 from .batches import Batch, BatchArrays
 from .config import TrainConfig
-from .model import BASE_HASH_KEY, check_adapter_base, load_adapter_weights, save_adapters
+from .model import FINGERPRINT_KEY, check_adapter_base, load_adapter_weights, save_adapters
 from .objective import PART_NAMES
 
 LOG_EVERY_FIELDS = ("loss",) + PART_NAMES
@@ -375,8 +375,8 @@ class Trainer:
         ckpt = latest_checkpoint(self.run)
         if ckpt is None:
             raise KDError(f"nothing to resume in {self.run}: no checkpoint")
-        if self.acfg.get(BASE_HASH_KEY):
-            check_adapter_base(ckpt, self.acfg.get("model"), self.acfg[BASE_HASH_KEY])
+        if self.acfg.get(FINGERPRINT_KEY):
+            check_adapter_base(ckpt, self.acfg.get("model"), self.acfg[FINGERPRINT_KEY])
         self.state = load_checkpoint(ckpt, self.model, self.optimizer)
         self.state["stopped"] = None  # a resumed run goes on to `steps`, even after an early stop
         _set_rng_state(self.state["rng"])

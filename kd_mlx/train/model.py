@@ -7,7 +7,6 @@ Adapters are written exactly as `mlx_lm.lora` writes them (`adapters.safetensors
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import load_model
 
+from ..model_dir import FINGERPRINT_KEY, base_model_fingerprint, load_model
 from ..utils import KDError, atomic_path, resolve_model_path
 from .config import TrainConfig
 
@@ -37,10 +36,7 @@ def load_student(path_or_repo: str, dtype: str | None = "float32") -> tuple[nn.M
                                                              "*.model", "*.tiktoken", "*.py"])
     if not (path / "config.json").is_file():
         raise KDError(f"student directory {path} has no config.json")
-    try:
-        model, config = load_model(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise KDError(f"cannot load student {path_or_repo}: {str(e).splitlines()[0]}") from None
+    model, config = load_model(path)  # kd_mlx.model_dir: config normalised (rope_parameters), one-line errors
     if dtype is not None:
         want = getattr(mx, dtype, None)
         if not isinstance(want, mx.Dtype):
@@ -127,36 +123,20 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ base identity
 
-BASE_HASH_KEY = "base_model_hash"  # adapter_config.json key: the content hash of the model the adapters belong to
-
-
-def base_model_hash(model_dir: str | Path) -> str:
-    """Content hash of a model directory's weights and config (sha256 over config.json and every *.safetensors,
-    16 hex digits): two students of the same shape but other weights differ."""
-    d = Path(model_dir)
-    files = [d / "config.json", *sorted(d.glob("*.safetensors"))]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def check_adapter_base(adapter_dir: str | Path, model_dir: str | Path, base_hash: str | None = None) -> None:
-    """Refuse adapters trained on another base model than `model_dir` (its hash, or `base_hash` when the caller
-    has it). Adapters without the key (mlx-lm's own, older runs) are accepted."""
+def check_adapter_base(adapter_dir: str | Path, model_dir: str | Path, fingerprint: str | None = None) -> None:
+    """Refuse adapters trained on another base model than `model_dir` (adapter_config.json's
+    `base_model_fingerprint` against the model's, or against `fingerprint` when the caller has it). Adapters without
+    the key (mlx-lm's own, older runs) are accepted."""
     f = Path(adapter_dir) / "adapter_config.json"
     if not f.is_file():
         raise KDError(f"no adapter_config.json in {adapter_dir}")
     try:
-        recorded = json.loads(f.read_text(encoding="utf-8")).get(BASE_HASH_KEY)
+        recorded = json.loads(f.read_text(encoding="utf-8")).get(FINGERPRINT_KEY)
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise KDError(f"{f} is not a valid adapter config: {e}") from None
     if recorded is None:
         return
-    actual = base_hash or base_model_hash(model_dir)
+    actual = fingerprint or base_model_fingerprint(model_dir)
     if recorded != actual:
-        raise KDError(f"adapters in {adapter_dir} were trained on another base model (hash {recorded}) than "
-                      f"{model_dir} (hash {actual}): use the student they were trained from")
+        raise KDError(f"adapters in {adapter_dir} were trained on another base model (fingerprint {recorded}) than "
+                      f"{model_dir} ({actual}): use the student they were trained from")

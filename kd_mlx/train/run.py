@@ -21,8 +21,8 @@ from .distributed import check_ranks_agree, digest, examples_digest, rank_of, wo
 from .examples import build_examples, check_store_identity
 from .loop import LossFn, TrainingCallback, latest_checkpoint, train_loop
 from .model import (
-    BASE_HASH_KEY,
-    base_model_hash,
+    FINGERPRINT_KEY,
+    base_model_fingerprint,
     check_adapter_base,
     load_student,
     setup_trainable,
@@ -219,7 +219,7 @@ def train_prepared(prep: Prepared, cfg: TrainConfig | dict, resume: bool = False
     mx.random.seed(cfg.seed)  # the adapters' initialisation (the same on every rank)
     model, _, _ = load_student(str(prep.student_path), cfg.dtype)
     acfg = setup_trainable(model, cfg)
-    acfg[BASE_HASH_KEY] = base_model_hash(prep.student_path)
+    acfg[FINGERPRINT_KEY] = base_model_fingerprint(prep.student_path)
     if rank_of(group) == 0:
         run.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run / "config.json", {"format": RUN_FORMAT, **cfg.to_dict(),
