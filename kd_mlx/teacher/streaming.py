@@ -26,6 +26,7 @@ the same code runs with nothing swapped in and out, which is the honest peer of 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -224,13 +225,16 @@ class _Task:
 
     def wait(self, stage: tuple, kind: str, payload) -> Any:
         # MLX streams are per thread: what crosses to the coordinator is evaluated here first
-        mx.eval([a for a in (payload if isinstance(payload, tuple) else (payload,)) if isinstance(a, mx.array)])
+        # (the caches too: a successor may copy them while this task is parked inside a layer)
+        mx.eval([a for a in (payload if isinstance(payload, tuple) else (payload,)) if isinstance(a, mx.array)],
+                [_cache_arrays(c) for c in self.caches])
         self.barrier = (stage, kind, payload)
         self._parked.release()
         self._go.acquire()
         if self.abort:
             raise _Abort()
-        return self.reply
+        reply, self.reply = self.reply, None  # the model may update it in place (`h *= scale`) on this thread
+        return reply
 
 
 _current = threading.local()
@@ -461,6 +465,10 @@ class StreamingTeacher:
         old_cache_limit = mx.set_cache_limit(cap)
         prefetcher = _Prefetcher(not self.plan.resident and (self.plan.prefetch_layers or self.plan.prefetch_experts))
         undo = self._swap_in()
+        # functions mlx-lm compiles (mx.compile) keep the MLX stream of the thread that traced them, and the
+        # forward runs on task threads: compiled code is used uncompiled while streaming
+        compile_on = not os.environ.get("MLX_DISABLE_COMPILE")
+        mx.disable_compile()
         try:
             if self.plan.resident and not self._installed_all:
                 self._install_all()
@@ -472,6 +480,8 @@ class StreamingTeacher:
         finally:
             for u in reversed(undo):
                 u()
+            if compile_on:
+                mx.enable_compile()
             prefetcher.close()
             if not self.plan.resident:
                 self._restore(list(self._lazy))

@@ -120,7 +120,7 @@ def _nontrivial_init(model, config: dict, seed: int) -> None:
     for k, v in tree_flatten(model.parameters()):
         if k.endswith("embed_tokens.weight"):
             new[k] = mx.random.normal(v.shape)
-        elif k.startswith("lm_head"):
+        elif "lm_head" in k:
             # final RMSNorm output has unit RMS: logits std ~ 4 gives peaked, varied distributions
             new[k] = mx.random.normal(v.shape) * (4.0 / hidden**0.5)
         elif k.endswith("gate.weight") and v.ndim == 2:  # router: decisive, token-dependent expert choice
@@ -165,6 +165,147 @@ def tiny_kimi_k2_dir(out_dir: str | Path, bits: int | None = None, seed: int = 0
     weights = dict(tree_flatten(model.parameters()))
     _save_shards(out, weights, _layer_groups(list(weights), n_layers, n_shards))
     kimi_tokenizer_dir(out)
+    write_json_atomic(out / "config.json", config)
+    _mark_done(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tiny families
+TINY_VOCAB = 4096
+
+
+def _mla(hidden: int) -> dict:
+    """Kimi/DeepSeek MLA attention + routing keys at toy width (real key names, real routing settings)."""
+    return {k: v for k, v in kimi_k2_tiny_config(TINY_VOCAB, 3, hidden).items()
+            if k not in ("architectures", "model_type", "bos_token_id", "eos_token_id", "torch_dtype")}
+
+
+def _qwen_linear(hidden: int) -> dict:
+    """Qwen3-Next / Qwen3.5 hybrid: gated delta-net (linear attention) layers + full attention every 2nd layer."""
+    return {"hidden_size": hidden, "num_hidden_layers": 4, "intermediate_size": 2 * hidden,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4, "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+            "shared_expert_intermediate_size": hidden // 2, "mlp_only_layers": [], "moe_intermediate_size": hidden // 2,
+            "rms_norm_eps": 1e-6, "vocab_size": TINY_VOCAB, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "max_position_embeddings": 4096, "full_attention_interval": 2, "norm_topk_prob": True,
+            "tie_word_embeddings": False}
+
+
+def tiny_family_configs(hidden: int = 64) -> dict[str, dict]:
+    """config.json of a tiny model per mlx-lm family (keys as the real checkpoints name them), streamed by the tests.
+    Sliding windows (4 tokens) and sparse-attention top-k (4 keys) are shorter than the test sequences."""
+    llama_like = {"hidden_size": hidden, "num_hidden_layers": 2, "intermediate_size": 2 * hidden,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": TINY_VOCAB,
+                  "rope_theta": 10000.0, "max_position_embeddings": 4096}
+    qwen_moe = {**llama_like, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "moe_intermediate_size": hidden // 2, "tie_word_embeddings": False,
+                "norm_topk_prob": True}
+    qwen35 = dict(_qwen_linear(hidden), model_type="qwen3_5_moe_text")
+    qwen35["rope_parameters"] = {"type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5}
+    return {
+        "kimi_k2": kimi_k2_tiny_config(TINY_VOCAB, 3, hidden),
+        "kimi_k25": {"model_type": "kimi_k25", "text_config": dict(_mla(hidden), model_type="kimi_k2")},
+        "deepseek_v32": dict(_mla(hidden), model_type="deepseek_v32", index_head_dim=16, index_n_heads=2,
+                             index_topk=4),
+        "qwen3_moe": dict(qwen_moe, model_type="qwen3_moe"),
+        "qwen3_5_moe": {"model_type": "qwen3_5_moe", "text_config": qwen35},
+        "qwen3_next": dict(_qwen_linear(hidden), model_type="qwen3_next"),
+        "glm4_moe": dict(llama_like, model_type="glm4_moe", num_hidden_layers=3, head_dim=16, n_group=1,
+                         topk_group=1, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=1.5,
+                         num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=hidden // 2,
+                         norm_topk_prob=True, rope_scaling=None, use_qk_norm=True, tie_word_embeddings=False,
+                         attention_bias=True, partial_rotary_factor=0.5),
+        "gpt_oss": {"model_type": "gpt_oss", "num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+                    "vocab_size": TINY_VOCAB, "rms_norm_eps": 1e-5, "hidden_size": hidden, "intermediate_size": hidden,
+                    "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 4,
+                    "rope_theta": 150000, "layer_types": ["sliding_attention", "full_attention"]},
+        "mixtral": dict(llama_like, model_type="mixtral", num_local_experts=8, num_experts_per_tok=2,
+                        intermediate_size=hidden),
+        "minimax": dict(llama_like, model_type="minimax", num_local_experts=8, num_experts_per_tok=2,
+                        intermediate_size=hidden // 2, shared_intermediate_size=0, rotary_dim=8, head_dim=16),
+        "llama": dict(llama_like, model_type="llama", num_hidden_layers=4, tie_word_embeddings=True),
+        "gemma3": {"model_type": "gemma3", "vocab_size": TINY_VOCAB,
+                   "text_config": {"model_type": "gemma3_text", "hidden_size": hidden, "num_hidden_layers": 3,
+                                   "intermediate_size": 2 * hidden, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                                   "sliding_window_pattern": 2, "rms_norm_eps": 1e-6}},
+        "qwen3": dict(llama_like, model_type="qwen3", head_dim=16, tie_word_embeddings=False),
+        "phi": {"model_type": "phi", "vocab_size": TINY_VOCAB, "hidden_size": hidden, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 2 * hidden,
+                "partial_rotary_factor": 0.5,
+                "layer_norm_eps": 1e-5, "rope_theta": 10000.0},
+    }
+
+
+QUANT_VARIANTS = (None, "4bit", "mixed", "mxfp4")
+
+
+def families_markdown() -> str:
+    """The README's list of streamed families: exactly the families tests/test_teacher_families.py runs."""
+    from mlx_lm.utils import _get_classes
+
+    lines = []
+    for family, config in sorted(tiny_family_configs().items()):
+        module = _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
+        via = f" (mlx-lm `{module}`)" if module != family else ""
+        lines.append(f"- `{family}`{via}")
+    return "\n".join(lines) + "\n"
+
+
+def _mixed_bits(path: str, module) -> bool | dict:
+    """A community-style mixed-precision recipe: 3-bit routed experts, 6-bit shared experts and attention output,
+    8-bit embeddings and head, the router left unquantized."""
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf in ("gate", "router") and not hasattr(module, "num_experts"):
+        return False
+    if "switch_mlp" in path or ".experts." in path:
+        return {"group_size": 32, "bits": 3, "mode": "affine"}
+    if "embed" in path or "lm_head" in path:
+        return {"group_size": 32, "bits": 8, "mode": "affine"}
+    if "shared" in path or "o_proj" in path:
+        return {"group_size": 32, "bits": 6, "mode": "affine"}
+    return True
+
+
+def tiny_family_dir(family: str, out_dir: str | Path, quant: str | None = None, seed: int = 0,
+                    n_shards: int = 2, phi_tokenizer: bool = False) -> Path:
+    """Write a tiny random mlx-lm model of `family` (a key of `tiny_family_configs()`), built with mlx-lm's own
+    ModelArgs and Model, non-uniform logits, saved in `n_shards` shards as `mlx_lm.convert` saves it:
+    fp32 (`quant=None`), 4-bit affine ("4bit"), mixed precision with per-module overrides ("mixed") or "mxfp4".
+    `phi_tokenizer`: vocabulary 51,200 with the real Phi tokenizer files (for a dump), else 4,096 token ids."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes, quantize_model
+
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    if quant not in QUANT_VARIANTS:
+        raise KDError(f"quant must be one of {QUANT_VARIANTS}, not {quant!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(tiny_family_configs()[family]))
+    if phi_tokenizer:
+        for c in (config, config.get("text_config") or {}):
+            if "vocab_size" in c:
+                c["vocab_size"] = 51200
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    text = config.get("text_config", config)
+    _nontrivial_init(model, {"hidden_size": text["hidden_size"]}, seed)
+    if quant == "4bit":
+        model, config = quantize_model(model, config, group_size=32, bits=4)
+    elif quant == "mixed":
+        model, config = quantize_model(model, config, group_size=32, bits=4, quant_predicate=_mixed_bits)
+    elif quant == "mxfp4":
+        model, config = quantize_model(model, config, group_size=32, bits=4, mode="mxfp4")
+    mx.eval(model.parameters())
+    weights = dict(tree_flatten(model.parameters()))
+    n_layers = int(text["num_hidden_layers"])
+    _save_shards(out, weights, _layer_groups(list(weights), n_layers, n_shards))
+    if phi_tokenizer:
+        phi_tokenizer_dir(out)
     write_json_atomic(out / "config.json", config)
     _mark_done(out)
     return out
