@@ -169,3 +169,23 @@ def test_inspect_prints_the_plan_for_every_family(models):
         assert r.exit_code == 0, (family, r.output)
         assert "largest indivisible tensor" in r.output and "experts per group" in r.output
         assert ("experts x" in r.output) == (family in MOE), family
+
+
+def test_real_kimi_k2_layout_plans_under_16gb(tmp_path):
+    """The real Kimi-K2-Base layout (61 layers, first dense, 384 experts, n_group 1, vocab 163,840, yarn rope) at
+    4-bit, headers only: the skeleton builds without reading a weight and the plan streams it under 16 GB."""
+    from click.testing import CliRunner
+
+    from kd_mlx.teacher.cli import cli
+    from kd_mlx.testing.models import kimi_k2_real_layout_dir
+
+    path = kimi_k2_real_layout_dir(tmp_path / "kimi_k2")
+    t = StreamingTeacher(path, 16 * 10**9)
+    assert t.family == "deepseek_v3" and t.config["rope_scaling"]["type"] == "yarn" and t.vocab_size == 163_840
+    assert t.plan.n_experts == [0] + [384] * 60
+    per_expert = 3 * (2048 * 7168 // 2 + 2 * 2 * 2048 * 7168 // 64)  # 4-bit weight + bf16 scales and biases
+    assert t.plan.expert_bytes == [0] + [per_expert] * 60
+    assert 570e9 < t.files.total_bytes < 580e9 and not t.plan.resident and t.plan.experts_per_group >= 8
+    assert t.files.bytes_read == 0
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--memory-budget", "16GB"])
+    assert r.exit_code == 0 and "384 experts" in r.output and "parameters  1026.4" in r.output  # ~1T, as Kimi-K2

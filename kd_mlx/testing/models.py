@@ -615,6 +615,45 @@ def _synthetic_layout(config: dict, bits: int, group_size: int):
     return [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in tree_flatten(model.parameters())]
 
 
+def kimi_k2_real_layout_dir(out_dir: str | Path, bits: int = 4, group_size: int = 64) -> Path:
+    """The real Kimi-K2-Base as mlx-lm's 4-bit conversion lays it out (61 layers, first dense, 384 experts, vocab
+    163,840, yarn rope scaling; bf16 scales and norms), one shard per layer with complete safetensors headers and
+    *sparse* zero data (no disk blocks): for planning and inspection at the real scale, never for a forward."""
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    cfg = dict(kimi_k2_tiny_config(), **KIMI_K2_REAL, num_hidden_layers=61, torch_dtype="bfloat16")
+    layout = [(k, "BF16" if dt == "F32" and not k.endswith("e_score_correction_bias") else dt, shape)
+              for k, dt, shape in _synthetic_layout(cfg, bits, group_size)]
+    cfg["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    cfg["quantization_config"] = dict(cfg["quantization"])
+    by_layer: dict[str, list] = {}
+    for e in layout:
+        parts = e[0].split(".")
+        by_layer.setdefault(parts[2] if parts[:2] == ["model", "layers"] else "other", []).append(e)
+    out.mkdir(parents=True, exist_ok=True)
+    wmap, total = {}, 0
+    for i, (unit, entries) in enumerate(sorted(by_layer.items(), key=lambda kv: (kv[0] == "other", kv[0]))):
+        fname = f"model-{i + 1:05d}-of-{len(by_layer):05d}.safetensors"
+        header, off = {"__metadata__": {"format": "mlx"}}, 0
+        for k, dt, shape in entries:
+            n = tensor_nbytes(dt, shape)
+            header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+            wmap[k] = fname
+            off += n
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + off)  # a hole: reads as zeros, takes no space
+        total += off
+    write_json_atomic(out / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
+    write_json_atomic(out / "config.json", cfg)
+    _mark_done(out)
+    return out
+
+
 def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, n_layers: int | None = None,
                           bits: int | None = 4, group_size: int = 64, float_dtype: str = "float32", seed: int = 0,
                           shard_bytes: int = 5 * 2**30, progress: bool = True, **overrides) -> Path:
