@@ -14,8 +14,9 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
+import mlx.core as mx
 import numpy as np
 
 from .utils import KDError
@@ -29,6 +30,21 @@ _DTYPES: dict[str, tuple[type, str, int]] = {
     "BOOL": (np.bool_, "bool_", 1), "F8_E4M3": (np.uint8, "uint8", 1), "F8_E5M2": (np.uint8, "uint8", 1),
 }
 _MAX_HEADER = 100 * 2**20
+
+
+def tensor_nbytes(st_dtype_name: str, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of safetensors dtype `st_dtype_name` ("F32", "U32", ...) and `shape`."""
+    return int(np.prod(shape, dtype=np.int64)) * _DTYPES[st_dtype_name][2]
+
+
+def numpy_dtype(st_dtype_name: str) -> type:
+    """The numpy dtype holding a safetensors dtype's bytes (bfloat16 and fp8 as unsigned ints of their width)."""
+    return _DTYPES[st_dtype_name][0]
+
+
+def mlx_dtype(st_dtype_name: str):
+    """The MLX dtype of a safetensors dtype (fp8 as uint8)."""
+    return getattr(mx, _DTYPES[st_dtype_name][1])
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise KDError(f"corrupt shard {path}: bad entry for tensor {key!r}") from None
         if dt not in _DTYPES:
             raise KDError(f"shard {path}: tensor {key!r} has unsupported dtype {dt}")
-        if b - a != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dt][2] or a < 0 or base + b > size:
+        if b - a != tensor_nbytes(dt, shape) or a < 0 or base + b > size:
             raise KDError(f"corrupt shard {path}: tensor {key!r} extends past the end of the file "
                           f"(truncated download?)" if base + b > size else
                           f"corrupt shard {path}: tensor {key!r} has inconsistent size")
@@ -170,8 +186,6 @@ class WeightFiles:
         return buf.view(_DTYPES[info.dtype][0]).reshape((len(rows),) + info.shape[1:])
 
     def to_mx(self, key: str, arr: np.ndarray):
-        import mlx.core as mx
-
         a = mx.array(arr)
         name = _DTYPES[self.tensors[key].dtype][1]
         if name == "bfloat16":
@@ -180,9 +194,6 @@ class WeightFiles:
 
     def read(self, key: str):
         return self.to_mx(key, self.read_np(key))
-
-    def read_rows(self, key: str, rows: Sequence[int]):
-        return self.to_mx(key, self.read_rows_np(key, rows))
 
     def close(self) -> None:
         with self._lock:
@@ -195,11 +206,6 @@ class WeightFiles:
             self.close()
         except Exception:
             pass
-
-
-def check_readable(files: Iterable[Path]) -> None:
-    for f in files:
-        read_header(f)
 
 
 _MX_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32", "int32": "I32",
@@ -227,7 +233,7 @@ class StreamingShardWriter:
         off = 0
         self.entries: dict[str, tuple[int, int, int]] = {}  # key -> (start, nbytes, row_bytes)
         for key, dt, shape in layout:
-            n = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dt][2]
+            n = tensor_nbytes(dt, shape)
             header[key] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
             self.entries[key] = (off, n, n // shape[0] if shape and shape[0] else n)
             off += n
@@ -272,8 +278,6 @@ class StreamingShardWriter:
 
 def mx_to_bytes(a) -> np.ndarray:
     """The raw bytes of an MLX array (bfloat16 via a uint16 view, numpy has no bfloat16)."""
-    import mlx.core as mx
-
     if a.dtype == mx.bfloat16:
         a = a.view(mx.uint16)
     return np.asarray(a)

@@ -221,8 +221,8 @@ def test_smollm2_streamed_equals_in_memory(smol):
     _check_equal(t.logprobs_at(seqs, pos, prefix=prefix), reference_logprobs_at(smol, seqs, pos, prefix, model=model))
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_convert_matches_in_memory_quantization(fp8, tmp_path):
+@pytest.mark.parametrize("fp8,keep", [(False, False), (True, False), (False, True)], ids=["bf16", "fp8", "keep-dtype"])
+def test_convert_matches_in_memory_quantization(fp8, keep, tmp_path):
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model, quantize_model
 
@@ -230,16 +230,24 @@ def test_convert_matches_in_memory_quantization(fp8, tmp_path):
 
     src = tiny_hf_kimi_k2_checkpoint(tmp_path / "hf", fp8=fp8)
     dst = tmp_path / "mlx"
-    r = CliRunner().invoke(cli, ["convert", str(src), str(dst), "--bits", "4", "--group-size", "32",
-                                 "--shard-size", "200KB"])
+    # the HF layout (per-expert tensors, kv_b_proj) streams only once converted: refused with the command
+    with pytest.raises(KDError, match=f"kd_mlx.teacher convert {src}"):
+        StreamingTeacher(src, None)
+    # fp32 (--dtype) so that the streamed check below runs on CPU, where MLX has no bf16 gather_mm
+    bits = ["--keep-dtype", "--dtype", "float32"] if keep else ["--bits", "4", "--group-size", "32"]
+    r = CliRunner().invoke(cli, ["convert", str(src), str(dst), *bits, "--shard-size", "200KB"])
     assert r.exit_code == 0, r.output
     assert len(list(dst.glob("model-*.safetensors"))) > 1
-    converted, _ = load_model(dst)
+    converted, cfg_out = load_model(dst)
     ref, cfg = load_model(src)  # mlx-lm: fp8 dequant + expert stacking + MLA split in sanitize, all in memory
-    ref, _ = quantize_model(ref, cfg, group_size=32, bits=4)
+    if keep:
+        ref.set_dtype(mx.float32)
+    else:
+        ref, _ = quantize_model(ref, cfg, group_size=32, bits=4)
+    assert ("quantization" in cfg_out) != keep
     a, b = dict(tree_flatten(converted.parameters())), dict(tree_flatten(ref.parameters()))
     assert set(a) == set(b)
-    assert any(k.endswith("switch_mlp.gate_proj.scales") for k in a)
+    assert any(k.endswith("switch_mlp.gate_proj.scales") for k in a) != keep
     for k in a:
         assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]), k
     # and it streams: expert-granular reads from the converted stacked experts

@@ -3,6 +3,7 @@
   python -m kd_mlx.teacher inspect MODEL --memory-budget 16GB
   python -m kd_mlx.teacher score MODEL --prompts prompts.jsonl --memory-budget 16GB --out scores.safetensors
   python -m kd_mlx.teacher convert SRC DST --bits 4 --group-size 64
+  python -m kd_mlx.teacher convert SRC DST --keep-dtype
 """
 
 from __future__ import annotations
@@ -13,9 +14,14 @@ import sys
 from pathlib import Path
 
 import click
+import mlx.core as mx
+import numpy as np
 
+from ..safetensors_io import StreamingShardWriter
 from ..utils import (KDError, cli_errors, format_bytes, linux_blas_advice, load_yaml_config, merge_config,
                      parse_bytes, resolve_model_path, write_json_atomic)
+from .convert import KEEP_DTYPE, convert_checkpoint, describe_conversion
+from .streaming import StreamingTeacher
 
 
 @click.group()
@@ -43,9 +49,7 @@ INSPECT_DEFAULTS = {"memory_budget": None, "tokens": 800, "json_out": None}
 @click.option("--config", "config_path", default=None, help="YAML config (flags win)")
 @cli_errors
 def inspect(model, memory_budget, tokens, json_out, config_path):
-    """Parameters, bytes on disk, per-layer sizes, largest tensor, and the plan under the budget."""
-    from .streaming import StreamingTeacher
-
+    """Parameters, bytes on disk, per-layer sizes, largest tensor, and the plan under the budget (any family)."""
     cfg = merge_config(load_yaml_config(config_path),
                        {"memory_budget": memory_budget, "tokens": tokens, "json_out": json_out}, INSPECT_DEFAULTS)
     t = StreamingTeacher(resolve_model_path(model), _budget(cfg["memory_budget"]))
@@ -97,12 +101,6 @@ def read_prompts(path: str | Path) -> list[str]:
 def score_prompts(model: str | Path, prompts: list[str], memory_budget: int | None, out: str | Path,
                   add_bos: bool = False, trust_remote_code: bool = False, progress: bool = True) -> dict:
     """Last-position full-vocabulary log-probs of each prompt through the streaming executor -> `out`."""
-    import mlx.core as mx
-    import numpy as np
-
-    from ..safetensors_io import StreamingShardWriter
-    from .streaming import StreamingTeacher
-
     t = StreamingTeacher(resolve_model_path(str(model)), memory_budget, trust_remote_code=trust_remote_code,
                          progress=progress)
     mx.reset_peak_memory()
@@ -159,20 +157,20 @@ CONVERT_DEFAULTS = {"bits": 4, "group_size": 64, "shard_size": "5GiB", "dtype": 
 @cli.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--bits", type=int, default=None, help="bits per weight (4)")
+@click.option("--bits", type=int, default=None, help="bits per weight (4; 16 = keep the dtype, no quantization)")
+@click.option("--keep-dtype", is_flag=True, default=False, help="write the MLX layout without quantizing (= --bits 16)")
 @click.option("--group-size", type=int, default=None, help="quantization group size (64)")
 @click.option("--shard-size", default=None, help="maximum shard size (5GiB)")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="cast unquantized tensors (default: keep)")
 @click.option("--config", "config_path", default=None, help="YAML config (flags win)")
 @cli_errors
-def convert(src, dst, bits, group_size, shard_size, dtype, config_path):
-    """bf16 or block-FP8 Hugging Face checkpoint SRC -> MLX quantized shards in DST, one tensor at a time."""
-    from .convert import convert_checkpoint, describe_conversion
-
+def convert(src, dst, bits, keep_dtype, group_size, shard_size, dtype, config_path):
+    """bf16 or block-FP8 Hugging Face checkpoint SRC -> MLX shards in DST (quantized, or --keep-dtype), one layer or
+    one expert at a time."""
     cfg = merge_config(load_yaml_config(config_path),
-                       {"bits": bits, "group_size": group_size, "shard_size": shard_size, "dtype": dtype},
-                       CONVERT_DEFAULTS)
+                       {"bits": KEEP_DTYPE if keep_dtype else bits, "group_size": group_size,
+                        "shard_size": shard_size, "dtype": dtype}, CONVERT_DEFAULTS)
     out = convert_checkpoint(resolve_model_path(src), Path(dst), bits=int(cfg["bits"]),
                              group_size=int(cfg["group_size"]), shard_bytes=parse_bytes(cfg["shard_size"]),
                              dtype=cfg["dtype"])

@@ -1,11 +1,13 @@
-"""Convert a Hugging Face checkpoint (bf16/fp16/fp32, or block-FP8 with `weight_scale_inv`) to MLX quantized shards.
+"""Convert a Hugging Face checkpoint (bf16/fp16/fp32, or block-FP8 with `weight_scale_inv`) to MLX shards, quantized
+or (`bits=16`, `--keep-dtype`) in the checkpoint's dtype.
 
 Bounded memory: one layer's non-expert tensors, or one routed expert, at a time. The output layout (every tensor's
 name, dtype, shape) is computed first on lazy stand-ins that are never evaluated, the shard headers are written,
 then each unit is read, dequantized (FP8 blocks), passed through mlx-lm's own `sanitize` (e.g. deepseek_v3's MLA
 `kv_b_proj` -> `embed_q`/`unembed_out`), quantized with `mx.quantize` exactly where mlx-lm's `quantize_model` would,
 and written in place; per-expert tensors are written as rows of mlx-lm's stacked `switch_mlp` tensors.
-The result loads with `mlx_lm.load` / `mlx_lm.utils.load_model`.
+The result loads with `mlx_lm.load` / `mlx_lm.utils.load_model`. A family whose `sanitize` needs tensors of several
+layers at once is refused with the `mlx_lm convert` command that converts it in memory.
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import mlx.core as mx
+from mlx_lm.utils import _get_classes
+from tqdm import tqdm
+
+from ..safetensors_io import StreamingShardWriter, WeightFiles, mlx_dtype, mx_to_bytes, st_dtype, tensor_nbytes
 from ..utils import KDError, format_bytes, write_json_atomic
 from .loading import normalise_config, read_config
-from ..safetensors_io import StreamingShardWriter, WeightFiles, mx_to_bytes, st_dtype
+
+KEEP_DTYPE = 16  # `bits` value that converts to the MLX layout without quantizing
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
 _EXPERT = re.compile(r"^(model\.layers\.(\d+)\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def dequant_fp8_blocks(w, scale_inv, block: tuple[int, int] = (128, 128), dtype=None):
     """Block-FP8 weight (uint8 bytes of float8_e4m3) times its per-block inverse scale -> `dtype` (bf16)."""
-    import mlx.core as mx
-
     dtype = dtype or mx.bfloat16
     bm, bn = block
     x = mx.from_fp8(w, dtype=dtype)
@@ -40,9 +47,6 @@ def dequant_fp8_blocks(w, scale_inv, block: tuple[int, int] = (128, 128), dtype=
 
 class _Converter:
     def __init__(self, src: Path, bits: int, group_size: int, dtype: str | None):
-        import mlx.core as mx
-        from mlx_lm.utils import _get_classes
-
         self.src = src
         raw = read_config(src)
         self.config = normalise_config(raw, src)
@@ -86,15 +90,10 @@ class _Converter:
         return list(groups.items()) + experts
 
     def _get_fn(self, dry: bool) -> Callable[[str], object]:
-        import mlx.core as mx
-
-        from ..safetensors_io import _DTYPES
-
         def get(k: str):
             t = self.files.info(k)
             if dry:
-                dt = getattr(mx, _DTYPES[t.dtype][1])
-                return mx.zeros(t.shape, dtype=dt)
+                return mx.zeros(t.shape, dtype=mlx_dtype(t.dtype))
             return self.files.read(k)
 
         return get
@@ -106,13 +105,13 @@ class _Converter:
             if self.fp8_block is None:
                 raise KDError(f"{self.files.info(s).file}: {s} present but config has no fp8 quantization_config")
             a = dequant_fp8_blocks(a, get(s), self.fp8_block)
-        if self.dtype is not None and a.dtype in _floats():
+        if self.dtype is not None and a.dtype in _FLOATS:
             a = a.astype(self.dtype)
         return a
 
     def _quantize_params(self, path: str, w) -> dict | None:
         m = self.modules.get(path)
-        if m is None or not hasattr(m, "to_quantized") or w.shape[-1] % self.gs != 0:
+        if self.bits == KEEP_DTYPE or m is None or not hasattr(m, "to_quantized") or w.shape[-1] % self.gs != 0:
             return None
         params = {"group_size": self.gs, "bits": self.bits}
         if self.quant_predicate is not None:
@@ -124,8 +123,6 @@ class _Converter:
         return params
 
     def _quantize(self, name: str, w) -> dict:
-        import mlx.core as mx
-
         if not name.endswith(".weight"):
             return {name: w}
         base = name[: -len(".weight")]
@@ -148,35 +145,24 @@ class _Converter:
             return {}, rows
         w = {k: self._load(k, get) for k in keys}
         if hasattr(self.model, "sanitize"):
-            w = self.model.sanitize(w)
+            try:
+                w = self.model.sanitize(w)
+            except Exception as e:  # this family's sanitize needs tensors of other layers at once
+                raise KDError(f"{self.src}: mlx-lm's sanitize cannot convert {uid} on its own ({type(e).__name__}: "
+                              f"{e}); convert in memory with `python -m mlx_lm convert --hf-path {self.src} "
+                              f"--mlx-path {self.src}-mlx`") from None
         out = {}
         for k, a in w.items():
             out.update(self._quantize(k, a))
         return out, {}
 
 
-def _floats():
-    import mlx.core as mx
-
-    return (mx.float32, mx.float16, mx.bfloat16)
+def _nbytes(entry: tuple[str, str, tuple[int, ...]]) -> int:
+    return tensor_nbytes(entry[1], entry[2])
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, bits: int = 4, group_size: int = 64,
-                       shard_bytes: int = 5 * 2**30, dtype: str | None = None, progress: bool = True) -> Path:
-    """Convert `src` (HF layout) into an MLX quantized model directory `dst` (created atomically). Returns `dst`."""
-    import mlx.core as mx
-
-    src, dst = Path(src), Path(dst)
-    if bits not in (2, 3, 4, 5, 6, 8):
-        raise KDError(f"--bits {bits} not supported (2, 3, 4, 5, 6 or 8)")
-    if group_size not in (32, 64, 128):
-        raise KDError(f"--group-size {group_size} not supported (32, 64 or 128)")
-    if dst.exists() and any(dst.iterdir()):
-        raise KDError(f"output directory {dst} exists and is not empty")
-    conv = _Converter(src, bits, group_size, dtype)
-    units = conv.units()
-
-    # 1) layout from lazy stand-ins (nothing evaluated, nothing read)
+def _layout(conv: _Converter, units) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Every output tensor's name, dtype and shape, from lazy stand-ins (nothing evaluated, nothing read)."""
     layout: list[tuple[str, str, tuple[int, ...]]] = []
     stacked: dict[str, tuple[str, tuple[int, ...], int]] = {}
     for uid, keys in units:
@@ -190,27 +176,60 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: int = 4, group_si
         layout.append((name, dt, (n,) + shape))
     names = [n for n, _, _ in layout]
     if len(set(names)) != len(names):
-        raise KDError(f"{src}: duplicate output tensors after conversion")
+        raise KDError(f"{conv.src}: duplicate output tensors after conversion")
+    return layout
 
-    # 2) shards by size, in a temporary directory renamed at the end
-    from ..safetensors_io import _DTYPES
 
-    def nbytes(entry):
-        _, dt, shape = entry
-        n = _DTYPES[dt][2]
-        for s in shape:
-            n *= s
-        return n
-
+def _shards(layout, shard_bytes: int) -> list[list]:
     shards: list[list] = [[]]
     size = 0
     for entry in layout:
-        b = nbytes(entry)
+        b = _nbytes(entry)
         if shards[-1] and size + b > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(entry)
         size += b
+    return shards
+
+
+def _write_units(conv: _Converter, units, writers: dict[str, StreamingShardWriter], progress: bool) -> None:
+    for uid, keys in tqdm(units, desc="convert", unit="unit", disable=not progress):
+        whole, rows = conv.run_unit(uid, keys, dry=False)
+        for name, a in whole.items():
+            mx.eval(a)
+            writers[name].write(name, mx_to_bytes(a))
+        for name, (e, a) in rows.items():
+            mx.eval(a)
+            writers[name].write(name, mx_to_bytes(a), row=e)
+        del whole, rows
+        mx.clear_cache()
+
+
+def _output_config(conv: _Converter, bits: int, group_size: int) -> dict:
+    cfg = dict(conv.config)
+    cfg.pop("quantization_config", None)
+    if bits != KEEP_DTYPE:
+        cfg["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+        cfg["quantization_config"] = dict(cfg["quantization"])
+    return cfg
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, bits: int = 4, group_size: int = 64,
+                       shard_bytes: int = 5 * 2**30, dtype: str | None = None, progress: bool = True) -> Path:
+    """Convert `src` (HF layout) into an MLX model directory `dst` (created atomically), quantized to `bits`, or
+    with its dtype kept when `bits` is 16 (`KEEP_DTYPE`). Returns `dst`."""
+    src, dst = Path(src), Path(dst)
+    if bits not in (2, 3, 4, 5, 6, 8, KEEP_DTYPE):
+        raise KDError(f"--bits {bits} not supported (2, 3, 4, 5, 6, 8, or 16 to keep the dtype)")
+    if group_size not in (32, 64, 128):
+        raise KDError(f"--group-size {group_size} not supported (32, 64 or 128)")
+    if dst.exists() and any(dst.iterdir()):
+        raise KDError(f"output directory {dst} exists and is not empty")
+    conv = _Converter(src, bits, group_size, dtype)
+    units = conv.units()
+    layout = _layout(conv, units)
+    shards = _shards(layout, shard_bytes)
     tmp = dst.with_name(f".{dst.name}.partial{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -226,32 +245,13 @@ def convert_checkpoint(src: str | Path, dst: str | Path, bits: int = 4, group_si
             for name, _, _ in entries:
                 writers[name] = w
                 wmap[name] = fname
-        # 3) compute and write, unit by unit
-        it = units
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(units, desc="convert", unit="unit")
-        for uid, keys in it:
-            whole, rows = conv.run_unit(uid, keys, dry=False)
-            for name, a in whole.items():
-                mx.eval(a)
-                writers[name].write(name, mx_to_bytes(a))
-            for name, (e, a) in rows.items():
-                mx.eval(a)
-                writers[name].write(name, mx_to_bytes(a), row=e)
-            del whole, rows
-            mx.clear_cache()
+        _write_units(conv, units, writers, progress)
         for w in opened:
             w.close()
-        total = sum(nbytes(e) for e in layout)
         write_json_atomic(tmp / "model.safetensors.index.json",
-                          {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
-        cfg = dict(conv.config)
-        cfg.pop("quantization_config", None)
-        cfg["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
-        cfg["quantization_config"] = dict(cfg["quantization"])
-        write_json_atomic(tmp / "config.json", cfg)
+                          {"metadata": {"total_size": sum(_nbytes(e) for e in layout)},
+                           "weight_map": dict(sorted(wmap.items()))})
+        write_json_atomic(tmp / "config.json", _output_config(conv, bits, group_size))
         for f in src.iterdir():  # tokenizer files, generation config, custom code: copied as they are
             if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (
                     "config.json", "model.safetensors.index.json") and not f.name.startswith("."):

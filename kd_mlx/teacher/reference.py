@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import mlx.core as mx
 import numpy as np
 
 from .loading import load_in_memory
@@ -22,8 +23,6 @@ def reference_logprobs_at(model_dir: str | Path, sequences: Sequence[Sequence[in
                           positions: Sequence[Sequence[int]], prefix: Sequence[int] | None = None,
                           reduce: Callable | None = None, model=None) -> list:
     """Same contract as `StreamingTeacher.logprobs_at`, computed by `model(prefix + sequence)` one sequence at a time."""
-    import mlx.core as mx
-
     if model is None:
         model, _ = load_in_memory(model_dir)
     pre = list(prefix or [])

@@ -1,74 +1,123 @@
-"""The streaming executor: run an mlx-lm model far larger than memory under a hard memory budget.
+"""The streaming executor: run any mlx-lm model far larger than memory under a hard memory budget.
 
-Layer-major order. For a chunk of sequences: embed (only the embedding rows of the tokens present), then for each
-layer install only that layer's weights into the mlx-lm model's own layer module, run every micro-batch of the chunk
-through it, and release them. MoE layers (deepseek_v3 / kimi_k2 `switch_mlp`) run in two passes: pass A runs
-attention, the router and the shared expert (recording each token's MLP input and routing); pass B reads only the
-experts some token selected, by byte range from the stacked expert tensors, in groups that fit the budget, and adds
-their weighted outputs (the routed part of an MoE layer is a pure residual addition, so deferring it is exact).
-The final norm and LM head run only at the asked positions, the head read in vocabulary slices.
+mlx-lm's own model object (built lazily, no weight read) runs its own forward; no family needs an adapter. The
+executor only swaps four kinds of module for stand-ins while a call runs, found by type, not by family:
 
-A background thread reads the next layer (or expert group) from disk while the current one computes, when the
-budget has room for both. A k-shot prefix shared by all sequences is computed once per layer; its KV cache (mlx-lm's
-`KVCache`) is reused by every suffix, which equals recomputing prefix + suffix.
+- each decoder layer (the model's longest list of modules): its weights are installed just before it runs and
+  released after, the next layer read by a background thread meanwhile;
+- each routed-experts module (any module whose children are mlx-lm `SwitchLinear`/`QuantizedSwitchLinear`:
+  `SwitchGLU`, `SwitchMLP`, gpt-oss's experts...): only the experts the tokens selected are read, by byte range,
+  in groups that fit the budget, and the module runs on each group with its indices remapped;
+- each embedding outside the layers: only the rows of the tokens present are read;
+- the LM head (`lm_head`, or a tied embedding's `as_linear`): applied only at the asked positions, its weights
+  read in vocabulary slices.
+
+Layer-major order: one chunk of sequences is split into tasks (the shared prefix, then micro-batches of similar
+length, each cut into query blocks), every task runs `model(ids, cache=...)` on its own thread, and the threads
+take turns (exactly one runs at a time) so that each layer is read once per chunk: every task runs layer i before
+layer i+1 is installed, and an experts module runs once per layer on the tokens of all tasks. A task continues
+from its predecessor (the prefix, or the previous query block) through mlx-lm's own cache objects, whose state is
+copied in layer by layer; this covers KV caches, hybrid linear-attention / SSM state (`ArraysCache`) and sliding
+windows (a full `KVCache` with mlx-lm's window masks, so nothing is evicted between blocks).
+
+When the whole model fits (no budget, or a budget above its size) the weights are read once and stay resident;
+the same code runs with nothing swapped in and out, which is the honest peer of the streamed run.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+from tqdm import tqdm
 
+from ..tokenizer import load_tokenizer
 from ..utils import KDError, format_bytes, resolve_model_path
 from .loading import LazyModel, build_skeleton
+from .reference import log_softmax_np
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "deepseek_v3", "phi")
+_SWITCH = (SwitchLinear, QuantizedSwitchLinear)
+_EMBED = (nn.Embedding, nn.QuantizedEmbedding)
+_LINEAR = (nn.Linear, nn.QuantizedLinear)
 
 
-# ------------------------------------------------------------------------------------------------ architecture
-class Arch:
-    """Where an mlx-lm model keeps its embedding, layers, final norm and head (per supported family)."""
+# ------------------------------------------------------------------------------------------------ structure
+@dataclass
+class Structure:
+    """Where the streamed modules of an mlx-lm model are: found by module type, the same for every family."""
 
-    def __init__(self, model, config: dict):
-        family = type(model).__module__.rsplit(".", 1)[-1]
-        if family not in SUPPORTED:
-            raise KDError(f"model type {config.get('model_type')!r} ({family}) is not supported by the streaming "
-                          f"executor (supported: {', '.join(SUPPORTED)}); use the in-memory path")
-        self.family = family
-        inner = model.model
-        self.embed = inner.embed_tokens
-        self.embed_prefix = "model.embed_tokens"
-        self.layers = list(inner.layers)
-        if family == "llama" and getattr(inner, "swa_idx", None) is not None:
-            raise KDError("sliding-window llama layers are not supported by the streaming executor")
-        if family == "phi":
-            self.norm, self.norm_prefix = inner.final_layernorm, "model.final_layernorm"
-        else:
-            self.norm, self.norm_prefix = inner.norm, "model.norm"
-        if "lm_head" in model:
-            self.head, self.head_prefix, self.tied = model.lm_head, "lm_head", False
-        else:
-            self.head, self.head_prefix, self.tied = self.embed, self.embed_prefix, True
-        self.mask_array = family == "deepseek_v3"  # MLA uses the mask as an additive score array
+    layers_owner: nn.Module  # the module holding the decoder layer list
+    layers_attr: str
+    layers_prefix: str  # parameter path of the list, e.g. "model.layers"
+    layers: list
+    experts: list[list[str]]  # per layer: paths (relative to the layer) of routed-experts modules
+    embeds: list[str]  # paths of embeddings outside the layers
+    head: str | None  # path of the LM head (None: tied to the embedding)
 
-    def is_moe(self, i: int) -> bool:
-        mlp = getattr(self.layers[i], "mlp", None)
-        return mlp is not None and hasattr(mlp, "switch_mlp") and hasattr(mlp, "gate")
+    @classmethod
+    def of(cls, model: nn.Module) -> Structure:
+        owner, attr, prefix, layers = None, "", "", []
+        for path, m in model.named_modules():
+            for name, child in m.items():
+                if isinstance(child, list) and len(child) > len(layers) and \
+                        all(isinstance(c, nn.Module) for c in child if c is not None):
+                    owner, attr, layers = m, name, child
+                    prefix = f"{path}.{name}" if path else name
+        if not layers:
+            raise KDError(f"{type(model).__module__}: no list of decoder layers found")
+        experts = []
+        for layer in layers:
+            found = []
+            for path, m in (layer.named_modules() if layer is not None else []):
+                kids = [c for c in m.children().values() if isinstance(c, nn.Module) and c.parameters()]
+                own = [k for k, v in m.items() if isinstance(v, mx.array)]
+                if kids and all(isinstance(c, _SWITCH) for c in kids) and not own:
+                    found.append(path)
+            experts.append(found)
+        embeds, head = [], None
+        for path, m in model.named_modules():
+            if path.startswith(prefix + "."):
+                continue
+            if isinstance(m, _EMBED):
+                embeds.append(path)
+            elif isinstance(m, _LINEAR) and path.rsplit(".", 1)[-1] == "lm_head":
+                head = path
+        return cls(owner, attr, prefix, layers, experts, embeds, head)
 
-    def apply_head(self, x):
-        return self.embed.as_linear(x) if self.tied else self.head(x)
+
+def _module_at(root: nn.Module, path: str):
+    m = root
+    for part in path.split("."):
+        m = m[int(part)] if isinstance(m, list) else m[part]
+    return m
+
+
+def _swap(root: nn.Module, path: str, stand_in) -> Callable[[], None]:
+    """Make attribute `path` of `root` resolve to `stand_in` for attribute access (the forward) while the module
+    tree (parameters, `update`) keeps the real module; returns the undo."""
+    parent_path, _, name = path.rpartition(".")
+    parent = _module_at(root, parent_path) if parent_path else root
+    object.__setattr__(parent, name, stand_in)
+    return lambda: parent.__dict__.pop(name, None)
 
 
 # ------------------------------------------------------------------------------------------------ plan
 @dataclass
 class Plan:
     budget: int | None
-    layer_bytes: list[int]  # resident (non-expert) bytes per layer
-    expert_bytes: list[int]  # bytes of one routed expert per layer (0: dense)
+    layer_bytes: list[int]  # resident (non-expert) bytes per layer, dequantized copies included
+    expert_bytes: list[int]  # bytes of one routed expert per layer (all its experts modules; 0: dense)
     n_experts: list[int]
     largest_tensor: tuple[str, int]
     act_budget: int  # bytes for activations (hidden states, attention, MLP intermediates)
@@ -77,17 +126,18 @@ class Plan:
     prefetch_experts: bool
     head_rows: int  # vocabulary rows of the LM head read at once
     total_bytes: int
-    dequant_layers: list = field(default_factory=list)  # per layer: quantized linears run dequantized
-    # (their fp32 copies are counted in layer_bytes)
+    resident: bool  # the whole model fits: read once, kept installed
+    dequant_layers: list = field(default_factory=list)  # per layer: quantized linears run dequantized (fp32)
 
     def describe(self) -> dict:
         return {
-            "memory_budget": self.budget, "model_bytes_on_disk": self.total_bytes,
+            "memory_budget": self.budget, "model_bytes_on_disk": self.total_bytes, "resident": self.resident,
             "largest_indivisible_tensor": {"name": self.largest_tensor[0], "bytes": self.largest_tensor[1]},
             "max_layer_resident_bytes": max(self.layer_bytes), "max_expert_bytes": max(self.expert_bytes),
             "activation_budget": self.act_budget, "prefetch_layers": self.prefetch_layers,
             "experts_per_group": self.experts_per_group, "prefetch_experts": self.prefetch_experts,
-            "lm_head_rows_per_read": self.head_rows, "dequantized_layers": [i for i, d in enumerate(self.dequant_layers) if d],
+            "lm_head_rows_per_read": self.head_rows,
+            "dequantized_layers": [i for i, d in enumerate(self.dequant_layers) if d],
         }
 
 
@@ -123,24 +173,192 @@ class StreamStats:
     per_layer_experts: dict = field(default_factory=dict)
 
 
-class _MoERecorder:
-    """Stands in for a deepseek_v3 MoE block during pass A: routes, runs the shared expert, records the rest."""
+# ------------------------------------------------------------------------------------------------ tasks
+class _Abort(Exception):
+    """Raised inside a task thread when the chunk is abandoned."""
 
-    def __init__(self, moe):
-        self.moe = moe
-        self.records: list[tuple[Any, Any, Any]] = []
+
+class _Task:
+    """One `model(ids, cache=caches)` call on its own thread, parked at every barrier (embedding, layer entry,
+    experts module, head) until the coordinator has done that stage's shared work."""
+
+    def __init__(self, ids: np.ndarray, caches: list, pred: _Task | None, asked: list[tuple[int, int]]):
+        self.ids, self.caches, self.pred, self.asked = ids, caches, pred, asked  # asked: (row, local position)
+        self.successors = 0
+        self.taken: dict[int, int] = {}  # per layer: successors that have not yet copied this task's cache
+        self.barrier: tuple | None = None  # (stage key, kind, payload)
+        self.reply: Any = None
+        self.result = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.abort = False
+        self._go = threading.Semaphore(0)
+        self._parked = threading.Semaphore(0)
+        self.thread: threading.Thread | None = None
+
+    def start(self, model) -> None:
+        self.thread = threading.Thread(target=self._main, args=(model,), daemon=True, name="kd-task")
+        self.thread.start()
+
+    def _main(self, model) -> None:
+        _current.task = self
+        self._go.acquire()
+        try:
+            if self.abort:
+                raise _Abort()
+            out = model(mx.array(self.ids), cache=self.caches)
+            mx.eval(out)
+            self.result = out
+        except BaseException as e:  # handed to the coordinator
+            self.error = e
+        finally:
+            self.done = True
+            self.barrier = None
+            self._parked.release()
+
+    def resume(self) -> None:
+        """Let the task run until its next barrier (or its end); the coordinator blocks meanwhile."""
+        if isinstance(self.reply, mx.array):
+            mx.eval(self.reply)  # MLX streams are per thread: the task gets evaluated arrays
+        self._go.release()
+        self._parked.acquire()
+
+    def wait(self, stage: tuple, kind: str, payload) -> Any:
+        # MLX streams are per thread: what crosses to the coordinator is evaluated here first
+        # (the caches too: a successor may copy them while this task is parked inside a layer)
+        mx.eval([a for a in (payload if isinstance(payload, tuple) else (payload,)) if isinstance(a, mx.array)],
+                [_cache_arrays(c) for c in self.caches])
+        self.barrier = (stage, kind, payload)
+        self._parked.release()
+        self._go.acquire()
+        if self.abort:
+            raise _Abort()
+        reply, self.reply = self.reply, None  # the model may update it in place (`h *= scale`) on this thread
+        return reply
+
+
+_current = threading.local()
+
+
+def _barrier(stage: tuple, kind: str, payload=None):
+    return _current.task.wait(stage, kind, payload)
+
+
+class _LayerStandIn:
+    def __init__(self, layer: nn.Module, index: int):
+        self.layer, self.index = layer, index
+
+    def __call__(self, *args, **kwargs):
+        task = _current.task
+        _barrier((self.index, 0), "layer", self.index)
+        out = self.layer(*args, **kwargs)
+        cache = task.caches[self.index]
+        mx.eval(out, _cache_arrays(cache))
+        if task.successors == 0:
+            _drop_state(cache)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+
+class _ExpertsStandIn:
+    def __init__(self, module: nn.Module, layer: int, slot: int):
+        self.module, self.layer, self.slot = module, layer, slot
+
+    def __call__(self, x, indices):
+        return _barrier((self.layer, 1 + self.slot), "experts", (self, x, indices))
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+class _EmbedStandIn:
+    def __init__(self, module: nn.Module, path: str, n_layers: int):
+        self.module, self.path, self.n_layers = module, path, n_layers
+
+    def __call__(self, ids):
+        return _barrier((-1, 0), "embed", (self, ids))
+
+    def as_linear(self, x):
+        return _barrier((self.n_layers, 0), "head", (self, x))
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+class _HeadStandIn:
+    def __init__(self, module: nn.Module, path: str, n_layers: int):
+        self.module, self.path, self.n_layers = module, path, n_layers
 
     def __call__(self, x):
-        import mlx.core as mx
+        return _barrier((self.n_layers, 0), "head", (self, x))
 
-        inds, scores = self.moe.gate(x)
-        # the shared expert's output is kept apart and added with the routed sum in pass B, in the same order as
-        # mlx-lm's `h + (routed + shared)`, so low-precision (bf16) models round exactly as the reference does
-        shared = self.moe.shared_experts(x) if self.moe.config.n_shared_experts is not None else mx.zeros_like(x)
-        self.records.append((x, inds, scores, shared))
-        return mx.zeros_like(x)
+    def __getattr__(self, name):
+        return getattr(self.module, name)
 
 
+def _cache_arrays(c) -> list:
+    if isinstance(c, CacheList):
+        return [a for s in c.caches for a in _cache_arrays(s)]
+    if isinstance(c, KVCache):
+        return [a for a in (c.keys, c.values) if a is not None]
+    if isinstance(c, ArraysCache):
+        return [a for a in c.cache if a is not None]
+    return []
+
+
+def _drop_state(c) -> None:
+    """Free a cache's arrays once no later task continues from them (its offset stays)."""
+    if isinstance(c, CacheList):
+        for s in c.caches:
+            _drop_state(s)
+    elif isinstance(c, KVCache):
+        c.keys = c.values = None
+    elif isinstance(c, ArraysCache):
+        c.cache = [None] * len(c.cache)
+
+
+def _continue_from(dst, src, batch: int) -> None:
+    """Give `dst` (a task's cache for one layer) the state `src` reached (its predecessor's), repeated to `batch`."""
+    def rep(a):
+        return mx.repeat(a, batch, axis=0) if a is not None and a.shape[0] == 1 and batch > 1 else a
+
+    if isinstance(src, CacheList):
+        for d, s in zip(dst.caches, src.caches):
+            _continue_from(d, s, batch)
+    elif isinstance(src, KVCache):
+        if src.keys is not None:
+            k, v = src.keys[..., :src.offset, :], src.values[..., :src.offset, :]
+            dst.keys, dst.values, dst.offset = rep(k), rep(v), src.offset
+    elif isinstance(src, ArraysCache):
+        dst.cache = [rep(a) for a in src.cache]
+    else:
+        raise KDError(f"cache type {type(src).__name__} cannot be continued by the streaming executor")
+    mx.eval(_cache_arrays(dst))  # MLX streams are per thread: the task's thread must get evaluated arrays
+
+
+def _set_offset(c, offset: int) -> None:
+    """Start a task's caches at its first token's position, so the masks mlx-lm builds at the top of the forward
+    (from `cache.offset`) are those of the full sequence."""
+    if isinstance(c, CacheList):
+        for s in c.caches:
+            _set_offset(s, offset)
+    elif isinstance(c, KVCache):
+        c.offset = offset
+
+
+def _full_cache(c):
+    """mlx-lm's per-layer cache with sliding-window caches replaced by full KV caches (keys never evicted between
+    query blocks; mlx-lm's window masks then select the window)."""
+    if isinstance(c, RotatingKVCache):
+        return KVCache()
+    if isinstance(c, CacheList):
+        return CacheList(*[_full_cache(s) for s in c.caches])
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ executor
 class StreamingTeacher:
     """Log-probs of a model of any size under a memory budget (bytes; None = no budget, everything fits).
 
@@ -152,52 +370,71 @@ class StreamingTeacher:
                  prefetch: bool = True, max_block: int = 512, progress: bool = False,
                  expert_kernel: str | None = None, dequant_min_tokens: int = 16,
                  dequantize_layers: bool | None = None):
-        from mlx.utils import tree_flatten
-
         self.model_dir = resolve_model_path(str(model_dir))
         self.trust_remote_code = trust_remote_code
         lm: LazyModel = build_skeleton(self.model_dir, trust_remote_code)
         self.model, self.config, self.files = lm.model, lm.config, lm.files
-        self.arch = Arch(self.model, self.config)
+        self.text_config = {**self.config, **(self.config.get("text_config") or {})}
+        self.structure = Structure.of(self.model)
+        self.family = type(self.model).__module__.rsplit(".", 1)[-1]
         self.memory_budget = memory_budget
         self.max_block = max_block
-        import mlx.core as mx
-
-        # MoE kernels: mlx-lm's SwitchGLU (gather_mm/gather_qmm: the fast path on Metal/CUDA) or per-expert dense
-        # matmuls (the fast path on CPU, where gather_mm runs one matrix-vector product per token)
+        # MoE kernels: mlx-lm's own experts module (gather_mm/gather_qmm: the fast path on Metal/CUDA) or per-expert
+        # dense matmuls (the fast path on CPU, where gather_mm runs one matrix-vector product per token)
         if expert_kernel is None:
             expert_kernel = "dense" if mx.default_device() == mx.cpu else "gather"
         if expert_kernel not in ("gather", "dense"):
             raise KDError(f"expert_kernel must be 'gather' or 'dense', not {expert_kernel!r}")
         self.expert_kernel = expert_kernel
         self.dequant_min_tokens = dequant_min_tokens
-        # CPU: run each layer's quantized linears dequantized (fp32 BLAS ~30x faster than CPU quantized_matmul),
-        # when the plan has room for the dequantized copy; Metal/CUDA keep mlx-lm's quantized kernels
+        # CPU: run each layer's quantized linears dequantized (fp32 BLAS ~30x faster than CPU quantized_matmul)
+        # when the plan has room for the copy; Metal/CUDA keep mlx-lm's quantized kernels
         self._want_dequant = (mx.default_device() == mx.cpu) if dequantize_layers is None else dequantize_layers
         self.progress = progress
         self._tokenizer = None
-        keys = lm.param_keys
-        n = len(self.arch.layers)
-        self.layer_keys: list[list[str]] = [[] for _ in range(n)]
-        self.expert_keys: list[list[str]] = [[] for _ in range(n)]
-        for k in keys:
-            if k.startswith("model.layers."):
-                i = int(k.split(".")[2])
-                (self.expert_keys if ".mlp.switch_mlp." in k else self.layer_keys)[i].append(k)
-        self.embed_keys = [k for k in keys if k.startswith(self.arch.embed_prefix + ".")]
-        self.norm_keys = [k for k in keys if k.startswith(self.arch.norm_prefix + ".")]
-        self.head_keys = [k for k in keys if k.startswith(self.arch.head_prefix + ".")]
+        self._key_groups(lm.param_keys)
+        caches = make_prompt_cache(self.model)
+        if len(caches) != len(self.structure.layers):
+            raise KDError(f"{self.family}: {len(caches)} caches for {len(self.structure.layers)} layers; the streaming "
+                          f"executor needs one cache per decoder layer")
         # the skeleton's own (lazy, never evaluated) parameters: restored to release real weights
         self._lazy = dict(tree_flatten(self.model.parameters()))
+        # MLX streams are per thread and the forward runs on task threads: the modules' own constants (rope
+        # frequencies...) are computed here, once
+        mx.eval([v for _, m in self.model.named_modules() for k, v in m.items()
+                 if k.startswith("_") and isinstance(v, mx.array)])
         self.plan = self._make_plan(prefetch)
         self.stats = StreamStats()
+        self._installed_all = False
+
+    def _key_groups(self, keys: list[str]) -> None:
+        s = self.structure
+        n = len(s.layers)
+        self.layer_keys: list[list[str]] = [[] for _ in range(n)]
+        self.expert_keys: list[dict[str, list[str]]] = [{p: [] for p in s.experts[i]} for i in range(n)]
+        self.embed_keys: dict[str, list[str]] = {p: [] for p in s.embeds}
+        self.head_keys: list[str] = []
+        self.other_keys: list[str] = []
+        for k in keys:
+            if k.startswith(s.layers_prefix + "."):
+                rest = k[len(s.layers_prefix) + 1:]
+                i, _, local = rest.partition(".")
+                i = int(i)
+                mod = next((p for p in s.experts[i] if local.startswith(p + ".")), None)
+                (self.expert_keys[i][mod] if mod else self.layer_keys[i]).append(k)
+            elif s.head and k.startswith(s.head + "."):
+                self.head_keys.append(k)
+            elif (e := next((p for p in s.embeds if k.startswith(p + ".")), None)) is not None:
+                self.embed_keys[e].append(k)
+            else:
+                self.other_keys.append(k)
+        if s.head is None:  # tied: the embedding whose rows are the vocabulary
+            self.head_keys = next(iter(self.embed_keys.values()), [])
 
     # -------------------------------------------------------------------------------------------- public
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from ..tokenizer import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.model_dir, trust_remote_code=self.trust_remote_code)
         return self._tokenizer
 
@@ -207,19 +444,17 @@ class StreamingTeacher:
 
     def logprobs_at(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
                     prefix: Sequence[int] | None = None, reduce: Callable | None = None) -> list:
-        import mlx.core as mx
-
         if len(sequences) != len(positions):
             raise KDError(f"{len(sequences)} sequences but {len(positions)} position lists")
         seqs = [list(map(int, s)) for s in sequences]
         pre = list(map(int, prefix)) if prefix else []
-        V = self.config.get("vocab_size") or self.vocab_size
+        V = self.text_config.get("vocab_size") or self.vocab_size
         for i, (s, p) in enumerate(zip(seqs, positions)):
             if not s:
                 raise KDError(f"sequence {i} is empty")
             if any(not 0 <= int(q) < len(s) for q in p):
                 raise KDError(f"sequence {i}: positions {list(p)} outside 0..{len(s) - 1}")
-            if any(not 0 <= t < V for t in s):
+            if any(not 0 <= t < V for t in s + pre):
                 raise KDError(f"sequence {i}: token id outside the vocabulary (0..{V - 1})")
         t0 = time.perf_counter()
         read0 = self.files.bytes_read
@@ -228,16 +463,28 @@ class StreamingTeacher:
         # paying fresh page faults for every intermediate
         cap = (self.memory_budget // 8) if self.memory_budget else 1 << 30
         old_cache_limit = mx.set_cache_limit(cap)
-        prefetcher = _Prefetcher(self.plan.prefetch_layers or self.plan.prefetch_experts)
+        prefetcher = _Prefetcher(not self.plan.resident and (self.plan.prefetch_layers or self.plan.prefetch_experts))
+        undo = self._swap_in()
+        # functions mlx-lm compiles (mx.compile) keep the MLX stream of the thread that traced them, and the
+        # forward runs on task threads: compiled code is used uncompiled while streaming
+        compile_on = not os.environ.get("MLX_DISABLE_COMPILE")
+        mx.disable_compile()
         try:
+            if self.plan.resident and not self._installed_all:
+                self._install_all()
             for chunk in self._chunks(seqs, pre):
                 out = self._run_chunk(chunk, seqs, positions, pre, prefetcher)
                 for i, lp in out.items():
                     results[i] = reduce(lp) if reduce is not None else lp
                 self.stats.chunks += 1
         finally:
+            for u in reversed(undo):
+                u()
+            if compile_on:
+                mx.enable_compile()
             prefetcher.close()
-            self._restore(list(self._lazy))
+            if not self.plan.resident:
+                self._restore(list(self._lazy))
             mx.set_cache_limit(old_cache_limit)
             mx.clear_cache()
         self.stats.bytes_read += self.files.bytes_read - read0
@@ -255,36 +502,37 @@ class StreamingTeacher:
 
     # -------------------------------------------------------------------------------------------- plan
     def _make_plan(self, prefetch: bool) -> Plan:
+        """Sizes come from the bytes on disk of each tensor, so every module counts with its own bits (mixed-
+        precision quants, mxfp4) and dequantized copies with their fp32 size."""
         f = self.files
-        n = len(self.arch.layers)
+        n = len(self.structure.layers)
         layer_bytes = [sum(f.info(k).nbytes for k in ks) for ks in self.layer_keys]
-        n_experts = [f.info(ks[0]).shape[0] if ks else 0 for ks in self.expert_keys]
-        expert_bytes = [sum(f.info(k).row_bytes for k in ks) for ks in self.expert_keys]
-        row_split = set(self.embed_keys) | set(self.head_keys) | {k for ks in self.expert_keys for k in ks}
+        n_experts = [max((f.info(ks[0]).shape[0] for ks in mods.values() if ks), default=0)
+                     for mods in self.expert_keys]
+        expert_bytes = [sum(f.info(k).row_bytes for ks in mods.values() for k in ks) for mods in self.expert_keys]
+        head_keys = set(self.head_keys)
         indivisible = [(k, f.info(k).nbytes) for ks in self.layer_keys for k in ks] + \
-                      [(k, f.info(k).nbytes) for k in self.norm_keys if k not in row_split]
+                      [(k, f.info(k).nbytes) for k in self.other_keys]
         largest = max(indivisible, key=lambda kv: kv[1]) if indivisible else ("", 0)
-        head_row = sum(f.info(k).row_bytes for k in self.head_keys)
+        head_row = sum(f.info(k).row_bytes for k in head_keys)
+        other = sum(f.info(k).nbytes for k in self.other_keys)
         total = f.total_bytes
         B = self.memory_budget
-        D = int(self.config["hidden_size"])
-        deq = [self._dequant_bytes(ks) for ks in self.layer_keys] if self._want_dequant else [0] * n
-        if B is None:
-            return Plan(None, [a + b for a, b in zip(layer_bytes, deq)], expert_bytes, n_experts, largest, 1 << 62,
-                        prefetch, max(n_experts + [1]), prefetch, max(1, self.vocab_size), total,
-                        [d > 0 for d in deq])
+        D = int(self.text_config["hidden_size"])
+        deq = [self._dequant_bytes(i) for i in range(n)] if self._want_dequant else [0] * n
+        act_min = self._act_bytes(1, min(16, self.max_block), 16) + 16 * D * 4 * 4
+        if B is None or total + sum(deq) + 4 * act_min <= B:
+            act = (1 << 62) if B is None else B - total - sum(deq)
+            return Plan(B, [a + d for a, d in zip(layer_bytes, deq)], expert_bytes, n_experts, largest, act,
+                        False, max(n_experts + [1]), False, self.vocab_size, total, True, [d > 0 for d in deq])
         if largest[1] > B:
             raise KDError(f"memory budget {format_bytes(B)} is below the largest indivisible tensor "
                           f"{largest[0]} ({format_bytes(largest[1])})")
-        E0 = max(expert_bytes) if any(expert_bytes) else 0
-        act_min0 = self._act_bytes(1, min(16, self.max_block), 16) + 16 * D * 4 * 4
-        # a layer runs dequantized only where the copy leaves half the budget free; others keep quantized kernels
-        use_deq = [d > 0 and a + d + E0 + act_min0 <= B // 2 for a, d in zip(layer_bytes, deq)]
-        layer_bytes = [a + (d if u else 0) for a, d, u in zip(layer_bytes, deq, use_deq)]
-        W = max(layer_bytes)
         E = max(expert_bytes) if any(expert_bytes) else 0
-        # the smallest useful activation space: one block of 16 tokens through the widest layer
-        act_min = self._act_bytes(1, min(16, self.max_block), 16) + 16 * D * 4 * 4
+        # a layer runs dequantized only where the copy leaves half the budget free; others keep quantized kernels
+        use_deq = [d > 0 and a + d + E + act_min + other <= B // 2 for a, d in zip(layer_bytes, deq)]
+        layer_bytes = [a + (d if u else 0) for a, d, u in zip(layer_bytes, deq, use_deq)]
+        W = max(layer_bytes) + other
         need = W + E + act_min
         if need > B:
             i = int(np.argmax(layer_bytes))
@@ -294,63 +542,42 @@ class StreamingTeacher:
         free = B - W - E
         act = max(act_min, int(0.4 * free))
         pre_layers = prefetch and (2 * W + act <= B)
-        window = B - act - (W if pre_layers else 0)
+        window = B - act - W - (W if pre_layers else 0)
         if E:
             per = max(1, window // E)
             pre_exp = prefetch and per >= 2
             experts_per_group = max(1, per // 2) if pre_exp else max(1, per)
         else:
             experts_per_group, pre_exp = 1, False
-        # LM head slices: rows and their logits (n_pos rows of fp32 per vocab entry, bounded by activations)
-        head_rows = max(1, min(self.vocab_size, (B - act) // max(1, 2 * head_row)))
+        # LM head slices: rows and their logits (bounded by what activations leave)
+        head_rows = max(1, min(self.vocab_size, (B - act - other) // max(1, 2 * head_row)))
         return Plan(B, layer_bytes, expert_bytes, n_experts, largest, act, pre_layers, experts_per_group,
-                    pre_exp, head_rows, total, use_deq)
+                    pre_exp, head_rows, total, False, use_deq)
 
-    def _dequant_bytes(self, keys: list[str]) -> int:
-        """Bytes of the dequantized copies of a layer's quantized linear weights."""
-        f = self.files
+    def _dequant_bytes(self, i: int) -> int:
+        """Bytes of the fp32 copies of layer i's quantized linears (0 unless the model computes in fp32)."""
+        layer = self.structure.layers[i]
+        if layer is None:
+            return 0
+        floats = [self.files.info(k).dtype for k in self.layer_keys[i]
+                  if self.files.info(k).dtype in ("F32", "F16", "BF16") and not k.endswith((".scales", ".biases"))]
+        if not floats or any(d != "F32" for d in floats):  # half-precision models keep mlx-lm's kernels
+            return 0
         n = 0
-        for k in keys:
-            if k.endswith(".scales") and k[:-len("scales")] + "weight" in f.tensors:
-                s = f.info(k)
-                if s.dtype != "F32":  # half-precision models compute in half precision: keep mlx-lm's kernels
-                    return 0
-                item = 4
-                gs = self._group_size(k[:-len("scales")] + "weight") or 64
-                n += int(np.prod(s.shape[:-1])) * s.shape[-1] * gs * item
+        for _, m in layer.named_modules():
+            if isinstance(m, nn.QuantizedLinear):
+                n += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits * 4
         return n
 
-    def _dequantize_layer(self, layer):
-        """Swap the layer's QuantizedLinear modules (not the routed experts) for Linear ones holding the dequantized
-        weights; returns the originals to put back."""
-        import mlx.core as mx
-        import mlx.nn as nn
-        from mlx.utils import tree_unflatten
-
-        orig, new = [], []
-        for name, m in layer.named_modules():
-            if isinstance(m, nn.QuantizedLinear) and "switch_mlp" not in name:
-                w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, mode=m.mode)
-                lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-                lin.weight = w
-                if "bias" in m:
-                    lin.bias = m["bias"]
-                mx.eval(lin.parameters())
-                orig.append((name, m))
-                new.append((name, lin))
-        if not new:
-            return None
-        layer.update_modules(tree_unflatten(new))
-        return tree_unflatten(orig)
-
     def _dims(self) -> tuple[int, int, int, int]:
-        c = self.config
+        c = self.text_config
         D = int(c["hidden_size"])
-        H = int(c.get("num_attention_heads", 1))
-        I = int(c.get("intermediate_size", 4 * D))
-        if c.get("moe_intermediate_size"):
-            I = max(I, int(c["moe_intermediate_size"]) * (int(c.get("num_experts_per_tok", 1))
-                                                          + int(c.get("n_shared_experts") or 0)))
+        H = int(c.get("num_attention_heads") or 1)
+        I = int(c.get("intermediate_size") or 4 * D)
+        moe = c.get("moe_intermediate_size")
+        if moe:
+            k = int(c.get("num_experts_per_tok") or c.get("num_experts_per_token") or 1)
+            I = max(I, int(moe) * (k + int(c.get("n_shared_experts") or 1)))
         if "qk_nope_head_dim" in c:  # MLA: per key, nope-keys + values are expanded per head
             hd = int(c["qk_nope_head_dim"]) + int(c["qk_rope_head_dim"]) + int(c["v_head_dim"])
         else:
@@ -367,10 +594,10 @@ class StreamingTeacher:
     # -------------------------------------------------------------------------------------------- scheduling
     def _chunks(self, seqs: list[list[int]], pre: list[int]):
         """Groups of sequence indices whose hidden states stay resident together across all layers."""
-        D = int(self.config["hidden_size"])
+        D = int(self.text_config["hidden_size"])
         V = self.vocab_size
         resident = self.plan.act_budget // 2
-        per_tok = 4 * D * 4  # hidden in, hidden out, MoE record input, routed sum (fp32)
+        per_tok = 4 * D * 4  # hidden in, hidden out, experts input and output (fp32)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         chunk, used = [], len(pre) * per_tok * 2
         for i in order:
@@ -403,11 +630,327 @@ class StreamingTeacher:
             batches.append(cur)
         return batches, q
 
-    # -------------------------------------------------------------------------------------------- weights
-    def _install(self, arrays: dict) -> None:
-        from mlx.utils import tree_unflatten
+    def _new_caches(self, offset: int) -> list:
+        caches = [_full_cache(c) for c in make_prompt_cache(self.model)]
+        for c in caches:
+            _set_offset(c, offset)
+        return caches
 
-        self.model.update(tree_unflatten(list(arrays.items())))
+    def _tasks(self, chunk, seqs, positions, pre) -> tuple[list[_Task], list[tuple[int, list]]]:
+        """The chunk's tasks in run order, and per sequence (in the order results are returned) where each asked
+        position's row is: (sequence, [(task, index among that task's asked rows)])."""
+        batches, q = self._microbatches(chunk, seqs, len(pre))
+        tasks: list[_Task] = []
+        prefix_task = None
+        if pre:
+            prefix_task = _Task(np.array([pre], dtype=np.int32), self._new_caches(0), None, [])
+            tasks.append(prefix_task)
+        owners = []
+        for b in batches:
+            Lmax = max(len(seqs[i]) for i in b)
+            ids = np.zeros((len(b), Lmax), dtype=np.int32)
+            for r, i in enumerate(b):
+                ids[r, :len(seqs[i])] = seqs[i]
+            pred = prefix_task
+            where: dict[tuple[int, int], tuple[_Task, int]] = {}
+            for s in range(0, Lmax, q):
+                asked = sorted({(r, int(p) - s) for r, i in enumerate(b) for p in positions[i] if s <= int(p) < s + q})
+                t = _Task(ids[:, s:s + q], self._new_caches(len(pre) + s), pred, asked)
+                for j, (r, lp) in enumerate(asked):
+                    where[(r, lp + s)] = (t, j)
+                if pred is not None:
+                    pred.successors += 1
+                tasks.append(t)
+                pred = t
+            for r, i in enumerate(b):
+                owners.append((i, [where[(r, int(p))] for p in positions[i]]))
+        return tasks, owners
+
+    # -------------------------------------------------------------------------------------------- execution
+    def _swap_in(self) -> list[Callable[[], None]]:
+        s = self.structure
+        n = len(s.layers)
+        undo = []
+        stand_ins = [_LayerStandIn(layer, i) if layer is not None else None for i, layer in enumerate(s.layers)]
+        object.__setattr__(s.layers_owner, s.layers_attr, stand_ins)
+        undo.append(lambda: s.layers_owner.__dict__.pop(s.layers_attr, None))
+        for i, layer in enumerate(s.layers):
+            for slot, p in enumerate(s.experts[i]):
+                undo.append(_swap(layer, p, _ExpertsStandIn(_module_at(layer, p), i, slot)))
+        for p in s.embeds:
+            undo.append(_swap(self.model, p, _EmbedStandIn(_module_at(self.model, p), p, n)))
+        if s.head:
+            undo.append(_swap(self.model, s.head, _HeadStandIn(_module_at(self.model, s.head), s.head, n)))
+        return undo
+
+    def _run_chunk(self, chunk, seqs, positions, pre, prefetcher: _Prefetcher) -> dict:
+        tasks, owners = self._tasks(chunk, seqs, positions, pre)
+        n = len(self.structure.layers)
+        bar = tqdm(total=n, desc="layers", unit="layer", leave=False) if self.progress else None
+        state = {"layer": None, "swapped": None, "fut": None, "bar": bar, "prefetcher": prefetcher}
+        for t in tasks:
+            t.start(self.model)
+        try:
+            if not self.plan.resident:
+                self._install(self._to_mx(self._read_np(self.other_keys)))
+                state["fut"] = prefetcher.submit(self._read_np, self.layer_keys[0])
+            for t in tasks:
+                t.resume()
+                self._raise_if_failed(t)
+            while not all(t.done for t in tasks):
+                parked = [t for t in tasks if not t.done]
+                stage = min(t.barrier[0] for t in parked)
+                group = [t for t in parked if t.barrier[0] == stage]
+                kind = group[0].barrier[1]
+                if kind == "layer":
+                    self._enter_layer(stage[0], state, prefetcher)
+                    for t in group:
+                        if t.pred is not None:
+                            self._take_state(t, stage[0])
+                        t.resume()
+                        self._raise_if_failed(t)
+                    continue
+                if kind == "embed":
+                    self._embed_stage(group)
+                elif kind == "experts":
+                    self._experts_stage(stage[0], group, prefetcher)
+                elif kind == "head":
+                    self._leave_layer(state)
+                    self._head_stage(group, owners)
+                for t in group:
+                    t.resume()
+                    self._raise_if_failed(t)
+            self._leave_layer(state)
+        finally:
+            for t in tasks:
+                if not t.done:
+                    t.abort = True
+                    t.resume()
+            if bar is not None:
+                bar.close()
+            if state["fut"] is not None:
+                state["fut"].result()
+        out = {}
+        for i, where in owners:
+            rows = [np.asarray(t.result[0, j].astype(mx.float32)) for t, j in where]
+            out[i] = log_softmax_np(np.stack(rows)) if rows else np.zeros((0, self.vocab_size), np.float32)
+        return out
+
+    @staticmethod
+    def _raise_if_failed(t: _Task) -> None:
+        if t.error is not None:
+            raise t.error
+
+    def _take_state(self, t: _Task, i: int) -> None:
+        _continue_from(t.caches[i], t.pred.caches[i], t.ids.shape[0])
+        left = t.pred.taken[i] = t.pred.taken.get(i, t.pred.successors) - 1
+        if left == 0:
+            _drop_state(t.pred.caches[i])
+
+    def _enter_layer(self, i: int, state: dict, prefetcher: _Prefetcher) -> None:
+        self._leave_layer(state)
+        state["layer"] = i
+        if self.plan.resident:
+            return
+        w = self._to_mx(self._wait(state["fut"]))
+        state["fut"] = None
+        if self.plan.prefetch_layers and i + 1 < len(self.layer_keys):
+            state["fut"] = prefetcher.submit(self._read_np, self.layer_keys[i + 1])
+        self._install(w)
+        del w
+        if self.plan.dequant_layers[i]:
+            state["swapped"] = self._dequantize_layer(self.structure.layers[i])
+
+    def _leave_layer(self, state: dict) -> None:
+        i = state["layer"]
+        if i is None:
+            return
+        state["layer"] = None
+        if state["bar"] is not None:
+            state["bar"].update(1)
+        self.stats.layer_passes += 1
+        if self.plan.resident:
+            return
+        if state["swapped"] is not None:
+            self.structure.layers[i].update_modules(state["swapped"])
+            state["swapped"] = None
+        self._restore(self.layer_keys[i])
+        mx.clear_cache()
+        # the next layer's read starts now when the budget had no room to overlap it with this layer
+        if state["fut"] is None and i + 1 < len(self.layer_keys):
+            state["fut"] = state["prefetcher"].submit(self._read_np, self.layer_keys[i + 1])
+
+    def _embed_stage(self, group: list[_Task]) -> None:
+        """Each embedding reads only the rows of the tokens present (all tasks at once)."""
+        by_module: dict[str, list[_Task]] = {}
+        for t in group:
+            by_module.setdefault(t.barrier[2][0].path, []).append(t)
+        for path, ts in by_module.items():
+            stand_in = ts[0].barrier[2][0]
+            ids = [np.asarray(t.barrier[2][1]) for t in ts]
+            if self.plan.resident:
+                for t, a in zip(ts, ids):
+                    t.reply = stand_in.module(mx.array(a))
+                    mx.eval(t.reply)
+                continue
+            keys = self.embed_keys[path]
+            rows = np.unique(np.concatenate([a.reshape(-1) for a in ids]))
+            self._install(self._to_mx(self._read_rows_np(keys, rows)))
+            for t, a in zip(ts, ids):
+                t.reply = stand_in.module(mx.array(np.searchsorted(rows, a).astype(np.int32)))
+                mx.eval(t.reply)
+            self._restore(keys)
+
+    def _head_stage(self, group: list[_Task], owners) -> None:
+        """The LM head at the asked positions only, every task's rows in one matrix (in the order results are
+        returned), the head read `head_rows` vocabulary rows at a time."""
+        picked = {}
+        for t in group:
+            x = t.barrier[2][1]
+            picked[id(t)] = x[mx.array([r for r, _ in t.asked], dtype=mx.int32),
+                              mx.array([p for _, p in t.asked], dtype=mx.int32)] if t.asked else None
+        order = [(t, j) for _, where in owners for t, j in where]
+        V = self.vocab_size
+        if not order:
+            for t in group:
+                t.reply = mx.zeros((1, 0, V))
+            return
+        X = mx.concatenate([picked[id(t)][j:j + 1] for t, j in order], axis=0)
+        logits = self._head(X)
+        at = {}
+        for k, (t, j) in enumerate(order):
+            at[(id(t), j)] = k
+        for t in group:
+            idx = [at[(id(t), j)] for j in range(len(t.asked))]
+            t.reply = logits[mx.array(idx, dtype=mx.int32)][None] if idx else mx.zeros((1, 0, V), dtype=logits.dtype)
+
+    def _head(self, x):
+        """The LM head applied to `x` (n, D): logits (n, V), the head read `head_rows` vocabulary rows at a time."""
+        s = self.structure
+        apply = _module_at(self.model, s.head) if s.head else _module_at(self.model, s.embeds[0]).as_linear
+        if self.plan.resident:
+            out = apply(x)
+            mx.eval(out)
+            return out
+        V = self.vocab_size
+        parts = []
+        for a in range(0, V, self.plan.head_rows):
+            self._install(self._to_mx(self._read_rows_np(self.head_keys, np.arange(a, min(V, a + self.plan.head_rows)))))
+            part = apply(x)
+            mx.eval(part)
+            parts.append(part)
+            self._restore(self.head_keys)
+        return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+    def _experts_stage(self, li: int, group: list[_Task], prefetcher: _Prefetcher) -> None:
+        """One routed-experts module for every task: read only the experts some token selected, group by group,
+        and run mlx-lm's module on each group with the indices remapped to the rows installed."""
+        stand_in = group[0].barrier[2][0]
+        switch = stand_in.module
+        xs, inds = [], []
+        for t in group:
+            _, x, idx = t.barrier[2]
+            mx.eval(x, idx)
+            xs.append(x.reshape(-1, x.shape[-1]))
+            inds.append(np.asarray(idx).reshape(-1, idx.shape[-1]))
+        used = np.unique(np.concatenate([i.reshape(-1) for i in inds]))
+        self.stats.per_layer_experts[li] = len(used)
+        path = self.structure.experts[li][stand_in.slot]
+        keys = self.expert_keys[li][path]
+        outs: list = [None] * len(group)
+        if self.plan.resident:
+            groups = [used]
+        else:
+            g = self.plan.experts_per_group
+            groups = [used[s:s + g] for s in range(0, len(used), g)]
+        read0 = self.files.bytes_read
+        fut = None if self.plan.resident else prefetcher.submit(self._read_rows_np, keys, groups[0])
+        for gi, grp in enumerate(groups):
+            if self.plan.resident:
+                local = np.arange(int(used.max()) + 1, dtype=np.int32)
+            else:
+                w = self._to_mx(self._wait(fut))
+                fut = None
+                if gi + 1 < len(groups) and self.plan.prefetch_experts:
+                    fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
+                self._install(w)
+                del w
+                local = np.full(int(used.max()) + 1, -1, dtype=np.int32)
+                local[grp] = np.arange(len(grp), dtype=np.int32)
+            for k, (X, I) in enumerate(zip(xs, inds)):
+                outs[k] = self._run_experts(switch, X, I, grp, local, outs[k])
+            if not self.plan.resident:
+                self._restore(keys)
+                if fut is None and gi + 1 < len(groups):
+                    fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
+            self.stats.experts_loaded += len(grp)
+        self.stats.expert_bytes_read += self.files.bytes_read - read0
+        for t, out in zip(group, outs):
+            idx = t.barrier[2][2]
+            t.reply = out.reshape(*idx.shape, out.shape[-1])
+
+    def _run_experts(self, switch, X, I: np.ndarray, grp, local: np.ndarray, out):
+        """Outputs of the experts in `grp` for the (token, slot) pairs that chose them, added into `out`
+        (tokens x slots, D): mlx-lm's module with remapped indices ("gather"), or one dense matmul per expert."""
+        k = I.shape[1]
+        t, j = np.nonzero(np.isin(I, grp))
+        if not len(t):
+            return out
+        flat = mx.array((t * k + j).astype(np.int32))
+        if self.expert_kernel == "gather":
+            y = switch(X[mx.array(t.astype(np.int32))], mx.array(local[I[t, j]])[:, None])[:, 0]
+            out = (mx.zeros((I.size, y.shape[-1]), dtype=y.dtype) if out is None else out).at[flat].add(y)
+            mx.eval(out)
+            return out
+        e_of = local[I[t, j]]
+        for e in np.unique(e_of):
+            sel = np.nonzero(e_of == e)[0]
+            undo = [_swap(switch, name, _OneExpert(child, int(e), self.dequant_min_tokens))
+                    for name, child in switch.children().items() if isinstance(child, _SWITCH)]
+            try:
+                xe = X[mx.array(t[sel].astype(np.int32))]
+                y = switch(xe, mx.zeros((len(sel), 1), dtype=mx.uint32))[:, 0]
+            finally:
+                for u in undo:
+                    u()
+            if out is None:
+                out = mx.zeros((I.size, y.shape[-1]), dtype=y.dtype)
+            out = out.at[flat[mx.array(sel.astype(np.int32))]].add(y)
+            mx.eval(out)
+        return out
+
+    # -------------------------------------------------------------------------------------------- weights
+    def _install_all(self) -> None:
+        """The whole model read once and kept (the plan found it fits), quantized layers dequantized where planned."""
+        keys = list(self._lazy)
+        for s in range(0, len(keys), 64):
+            self._install(self._to_mx(self._read_np(keys[s:s + 64])))
+        for i, layer in enumerate(self.structure.layers):
+            if self.plan.dequant_layers[i]:
+                self._dequantize_layer(layer)
+        self._installed_all = True
+
+    def _dequantize_layer(self, layer):
+        """Swap the layer's QuantizedLinear modules (not the routed experts) for Linear ones holding the dequantized
+        weights; returns the originals to put back."""
+        orig, new = [], []
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.QuantizedLinear):
+                w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits, mode=m.mode)
+                lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+                lin.weight = w
+                if "bias" in m:
+                    lin.bias = m["bias"]
+                mx.eval(lin.parameters())
+                orig.append((name, m))
+                new.append((name, lin))
+        if not new:
+            return None
+        layer.update_modules(tree_unflatten(new))
+        return tree_unflatten(orig)
+
+    def _install(self, arrays: dict) -> None:
+        self.model.update(tree_unflatten(list(arrays.items())), strict=False)
 
     def _restore(self, keys: list[str]) -> None:
         self._install({k: self._lazy[k] for k in keys})
@@ -419,8 +962,6 @@ class StreamingTeacher:
         return {k: self.files.read_rows_np(k, rows) for k in keys}
 
     def _to_mx(self, arrays_np: dict) -> dict:
-        import mlx.core as mx
-
         out = {}
         for k in list(arrays_np):
             out[k] = self.files.to_mx(k, arrays_np.pop(k))  # drop each numpy buffer as soon as it is copied
@@ -433,311 +974,64 @@ class StreamingTeacher:
         self.stats.io_wait_s += time.perf_counter() - t
         return r
 
-    # -------------------------------------------------------------------------------------------- execution
-    def _run_chunk(self, chunk, seqs, positions, pre, prefetcher: _Prefetcher) -> dict:
-        import mlx.core as mx
-
-        batches, q = self._microbatches(chunk, seqs, len(pre))
-        # embedding: only the rows of the tokens present
-        all_ids = np.unique(np.concatenate([np.asarray(seqs[i]) for i in chunk] + ([np.asarray(pre)] if pre else [])))
-        emb = self._to_mx(self._read_rows_np(self.embed_keys, all_ids))
-        self._install(emb)
-        lut = {int(t): j for j, t in enumerate(all_ids)}
-        hs, valid = [], []
-        for b in batches:
-            Lmax = max(len(seqs[i]) for i in b)
-            ids = np.zeros((len(b), Lmax), dtype=np.int32)
-            mask = np.zeros((len(b), Lmax), dtype=bool)
-            for r, i in enumerate(b):
-                ids[r, :len(seqs[i])] = [lut[t] for t in seqs[i]]
-                mask[r, :len(seqs[i])] = True
-            h = self.arch.embed(mx.array(ids))
-            mx.eval(h)
-            hs.append(h)
-            valid.append(mask)
-        hp = None
-        if pre:
-            hp = self.arch.embed(mx.array([[lut[t] for t in pre]], dtype=mx.int32))
-            mx.eval(hp)
-        self._restore(self.embed_keys)
-        del emb
-
-        n = len(self.arch.layers)
-        fut = prefetcher.submit(self._read_np, self.layer_keys[0])
-        layers = range(n)
-        if self.progress:
-            from tqdm import tqdm
-
-            layers = tqdm(layers, desc="layers", unit="layer", leave=False)
-        for li in layers:
-            w = self._to_mx(self._wait(fut))
-            fut = None
-            if self.plan.prefetch_layers and li + 1 < n:
-                fut = prefetcher.submit(self._read_np, self.layer_keys[li + 1])
-            self._install(w)
-            del w
-            layer = self.arch.layers[li]
-            swapped = self._dequantize_layer(layer) if self.plan.dequant_layers[li] else None
-            recorder = None
-            if self.arch.is_moe(li):
-                recorder = _MoERecorder(layer.mlp)
-                moe = layer.mlp
-                layer.mlp = recorder  # plain attribute swap for pass A
-            try:
-                prefix_state = None
-                if hp is not None:
-                    hp, cache = self._layer_forward(layer, hp, None, q, recorder, keep_cache=True)
-                    prefix_state = (cache.keys[..., :cache.offset, :], cache.values[..., :cache.offset, :])
-                    mx.eval(prefix_state)
-                for bi, h in enumerate(hs):
-                    hs[bi], _ = self._layer_forward(layer, h, prefix_state, q, recorder)
-            finally:
-                if recorder is not None:
-                    layer.mlp = moe
-                if swapped is not None:
-                    layer.update_modules(swapped)
-            self._restore(self.layer_keys[li])
-            del prefix_state
-            if recorder is not None:
-                hp, hs = self._experts(li, layer.mlp, recorder, hp, hs, valid, prefetcher)
-            mx.clear_cache()
-            self.stats.layer_passes += 1
-            if fut is None and li + 1 < n:
-                fut = prefetcher.submit(self._read_np, self.layer_keys[li + 1])
-
-        # final norm + LM head, only at the asked positions
-        sel = []
-        owners = []
-        for b, h in zip(batches, hs):
-            for r, i in enumerate(b):
-                p = [int(x) for x in positions[i]]
-                sel.append(h[r, mx.array(p, dtype=mx.int32)] if p else h[r, :0])
-                owners.append((i, len(p)))
-        x = mx.concatenate(sel, axis=0)[None]
-        del hs
-        nw = self._to_mx(self._read_np(self.norm_keys))
-        self._install(nw)
-        x = self.arch.norm(x)
-        mx.eval(x)
-        self._restore(self.norm_keys)
-        logits = self._head(x[0])
-        out = {}
-        o = 0
-        for i, k in owners:
-            out[i] = logits[o:o + k].copy()
-            o += k
-        return out
-
-    def _layer_forward(self, layer, h, prefix_state, q: int, recorder, keep_cache: bool = False):
-        """One layer over a (B, L, D) batch, in query blocks of `q` tokens with a KV cache (exactly causal)."""
-        import mlx.core as mx
-        from mlx_lm.models.base import create_attention_mask
-        from mlx_lm.models.cache import KVCache
-
-        B, L, _ = h.shape
-        n_rec = len(recorder.records) if recorder is not None else 0
-        if prefix_state is None and L <= q and not keep_cache:
-            mask = create_attention_mask(h, None, return_array=self.arch.mask_array)
-            out = layer(h, mask, None)
-            cache = None
-            mx.eval(out, *(recorder.records[-1] if recorder is not None else ()))
-        else:
-            cache = KVCache()
-            if prefix_state is not None:
-                k, v = prefix_state
-                cache.keys = mx.repeat(k, B, axis=0) if B > 1 else k
-                cache.values = mx.repeat(v, B, axis=0) if B > 1 else v
-                cache.offset = k.shape[2]
-            outs = []
-            for s in range(0, L, q):
-                hb = h[:, s:s + q]
-                mask = create_attention_mask(hb, cache, return_array=self.arch.mask_array)
-                ob = layer(hb, mask, cache)
-                mx.eval(ob, cache.keys, cache.values, *(recorder.records[-1] if recorder is not None else ()))
-                outs.append(ob)
-            out = mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-            mx.eval(out)
-        if recorder is not None:  # merge this batch's block records into one (x, inds, scores) per batch
-            recs = recorder.records[n_rec:]
-            del recorder.records[n_rec:]
-            recorder.records.append(tuple(mx.concatenate([r[j] for r in recs], axis=1) if len(recs) > 1
-                                          else recs[0][j] for j in range(4)))
-        return out, cache
-
-    def _experts(self, li: int, moe, recorder: _MoERecorder, hp, hs, valid, prefetcher: _Prefetcher):
-        """Pass B: read only the routed experts, group by group, and add their weighted outputs."""
-        import mlx.core as mx
-
-        recs = recorder.records  # [prefix?] + one per micro-batch, in order
-        blocks = []  # (x_valid (T, D), inds (T, k), scores (T, k), flat valid index, target)
-        targets = ([("p", None)] if hp is not None else []) + [("b", bi) for bi in range(len(hs))]
-        for (kind, bi), (x, inds, scores, shared) in zip(targets, recs):
-            Bb, L, D = x.shape
-            if kind == "p":
-                idx = np.arange(L)
-            else:
-                idx = np.nonzero(valid[bi].reshape(-1))[0]
-            ii = mx.array(idx.astype(np.int32))
-            blocks.append((x.reshape(Bb * L, D)[ii], inds.reshape(Bb * L, -1)[ii], scores.reshape(Bb * L, -1)[ii],
-                           ii, kind, bi, shared.reshape(Bb * L, D)[ii]))
-        recorder.records = []
-        X = mx.concatenate([b[0] for b in blocks], axis=0)
-        I_np = np.array(mx.concatenate([b[1] for b in blocks], axis=0))
-        S = mx.concatenate([b[2] for b in blocks], axis=0)
-        mx.eval(X, S)
-        R = mx.zeros(X.shape, dtype=mx.float32)
-        used = np.unique(I_np)
-        self.stats.per_layer_experts[li] = len(used)
-        keys = self.expert_keys[li]
-        g = self.plan.experts_per_group
-        groups = [used[s:s + g] for s in range(0, len(used), g)]
-        switch = moe.switch_mlp
-        read0 = self.files.bytes_read
-        fut = prefetcher.submit(self._read_rows_np, keys, groups[0]) if groups else None
-        for gi, grp in enumerate(groups):
-            w = self._to_mx(self._wait(fut))
-            fut = None
-            if gi + 1 < len(groups):
-                if self.plan.prefetch_experts:
-                    fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
-            self._install(w)
-            del w
-            local = np.full(int(I_np.max()) + 1, -1, dtype=np.int32)
-            local[grp] = np.arange(len(grp), dtype=np.int32)
-            t, j = np.nonzero(np.isin(I_np, grp))
-            if self.expert_kernel == "gather":  # mlx-lm's own SwitchGLU (gather_mm / gather_qmm)
-                tt = mx.array(t.astype(np.int32))
-                y = switch(X[tt], mx.array(local[I_np[t, j]])[:, None])  # (n, 1, D)
-                contrib = y[:, 0, :].astype(mx.float32) * S[tt, mx.array(j.astype(np.int32))][:, None]
-                R = R.at[tt].add(contrib)
-                mx.eval(R)
-            else:
-                R = self._experts_dense(switch, grp, local, I_np, t, j, X, S, R)
-            self._restore(keys)
-            contrib = y = None
-            if fut is None and gi + 1 < len(groups):
-                fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
-            self.stats.experts_loaded += len(grp)
-        self.stats.expert_bytes_read += self.files.bytes_read - read0
-        # scatter the routed sums back onto the layer outputs
-        o = 0
-        for x, inds, scores, ii, kind, bi, shared in blocks:
-            T = x.shape[0]
-            r = R[o:o + T].astype(shared.dtype) + shared  # = mlx-lm's MoE output: routed + shared
-            o += T
-            if kind == "p":
-                hp = (hp[0] + r.astype(hp.dtype))[None]
-                mx.eval(hp)
-            else:
-                h = hs[bi]
-                Bb, L, D = h.shape
-                flat = h.reshape(Bb * L, D).at[ii].add(r.astype(h.dtype))
-                hs[bi] = flat.reshape(Bb, L, D)
-                mx.eval(hs[bi])
-        return hp, hs
-
-    def _experts_dense(self, switch, grp, local, I_np, t, j, X, S, R):
-        """Per-expert dense matmuls over the tokens routed to each expert (the CPU fast path: MLX's CPU gather_mm
-        does one matrix-vector product per token). Same maths as SwitchGLU: down(act(up(x), gate(x)));
-        4-bit experts with many tokens are dequantized first (fp32 BLAS is ~30x faster than CPU quantized_matmul)."""
-        import mlx.core as mx
-
-        e_of = local[I_np[t, j]]
-        order = np.argsort(e_of, kind="stable")
-        bounds = np.searchsorted(e_of[order], np.arange(len(grp) + 1))
-
-        def proj(lin, e: int, x):
-            if "scales" in lin:  # QuantizedSwitchLinear
-                if x.shape[0] >= self.dequant_min_tokens:
-                    w = mx.dequantize(lin["weight"][e], lin["scales"][e], lin.get("biases")[e]
-                                      if lin.get("biases") is not None else None, lin.group_size, lin.bits,
-                                      mode=lin.mode)
-                    y = x @ w.T
-                else:
-                    y = mx.quantized_matmul(x, lin["weight"][e], lin["scales"][e],
-                                            lin.get("biases")[e] if lin.get("biases") is not None else None,
-                                            transpose=True, group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
-            else:
-                y = x @ lin["weight"][e].T
-            if "bias" in lin:
-                y = y + lin["bias"][e]
-            return y
-
-        for e in range(len(grp)):
-            sel = order[bounds[e]:bounds[e + 1]]
-            if not len(sel):
-                continue
-            tt = mx.array(t[sel].astype(np.int32))
-            x = X[tt]
-            h = switch.activation(proj(switch.up_proj, e, x), proj(switch.gate_proj, e, x))
-            y = proj(switch.down_proj, e, h)
-            contrib = y.astype(mx.float32) * S[tt, mx.array(j[sel].astype(np.int32))][:, None]
-            R = R.at[tt].add(contrib)
-            mx.eval(R)
-        return R
-
-    def _head(self, x):
-        """Log-softmax over the full vocabulary of `x` (n, D), reading the head `head_rows` vocabulary rows at a time."""
-        import mlx.core as mx
-
-        V = self.vocab_size
-        step = self.plan.head_rows
-        parts = []
-        for a in range(0, V, step):
-            rows = np.arange(a, min(V, a + step))
-            w = self._to_mx(self._read_rows_np(self.head_keys, rows))
-            self._install(w)
-            del w
-            part = self.arch.apply_head(x)
-            mx.eval(part)
-            parts.append(part.astype(mx.float32))
-            self._restore(self.head_keys)
-        logits = mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-        from .reference import log_softmax_np
-
-        return log_softmax_np(logits)
-
     # -------------------------------------------------------------------------------------------- inspect
     def describe(self) -> dict:
         f = self.files
         n_params = 0
+        modules = dict(self.model.named_modules())
         for k, t in f.tensors.items():
-            n = int(np.prod(t.shape))
-            if t.dtype == "U32" and k.endswith(".weight"):
-                scales = k[:-len("weight")] + "scales"
-                if scales in f.tensors:  # packed quantized weights: 32 bits per uint32
-                    in_dim = f.info(scales).shape[-1] * (self._group_size(k) or 64)
-                    n = n // t.shape[-1] * in_dim
-            if k.endswith((".scales", ".biases")) and k[:-6] + "weight" in f.tensors:
+            base, _, leaf = k.rpartition(".")
+            m = modules.get(base)
+            if leaf in ("scales", "biases", "global_scale") and hasattr(m, "bits"):
                 continue
+            n = int(np.prod(t.shape))
+            if leaf == "weight" and hasattr(m, "bits"):  # packed quantized weights
+                n = n * 32 // m.bits
             n_params += n
-        layers = []
-        for i in range(len(self.arch.layers)):
-            layers.append({"layer": i, "resident_bytes": self.plan.layer_bytes[i],
-                           "experts": self.plan.n_experts[i], "bytes_per_expert": self.plan.expert_bytes[i]})
-        return {"model": str(self.model_dir), "model_type": self.config.get("model_type"),
-                "family": self.arch.family, "parameters": n_params, "bytes_on_disk": f.total_bytes,
-                "files": [p.name for p in f.files], "layers": layers, "plan": self.plan.describe()}
-
-    def _group_size(self, key: str) -> int | None:
-        q = self.config.get("quantization") or {}
-        base = key[:-len(".weight")]
-        if isinstance(q.get(base), dict):
-            return int(q[base]["group_size"])
-        return int(q["group_size"]) if "group_size" in q else None
+        layers = [{"layer": i, "resident_bytes": self.plan.layer_bytes[i], "experts": self.plan.n_experts[i],
+                   "bytes_per_expert": self.plan.expert_bytes[i]} for i in range(len(self.structure.layers))]
+        return {"model": str(self.model_dir), "model_type": self.config.get("model_type"), "family": self.family,
+                "parameters": n_params, "bytes_on_disk": f.total_bytes, "files": [p.name for p in f.files],
+                "layers": layers, "plan": self.plan.describe()}
 
     def bytes_per_question(self, tokens: int, experts_touched_fraction: float | None = None) -> int:
         """Rough bytes read per question in a chunk of one: every resident weight + the routed experts."""
         f = self.files
-        per = sum(self.plan.layer_bytes) + sum(f.info(k).nbytes for k in self.norm_keys)
-        per += sum(f.info(k).nbytes for k in self.head_keys)
-        k = int(self.config.get("num_experts_per_tok") or 0)
+        per = sum(self.plan.layer_bytes) + sum(f.info(k).nbytes for k in self.other_keys + self.head_keys)
+        k = int(self.text_config.get("num_experts_per_tok") or 0)
         for e, ne in zip(self.plan.expert_bytes, self.plan.n_experts):
             if ne:
                 frac = experts_touched_fraction if experts_touched_fraction is not None else \
-                    1 - (1 - k / ne) ** tokens
+                    1 - (1 - min(k, ne) / ne) ** tokens
                 per += int(e * ne * frac)
         return per
 
 
-__all__ = ["StreamingTeacher", "Plan", "StreamStats", "Arch"]
+class _OneExpert:
+    """Stands in for a `SwitchLinear`/`QuantizedSwitchLinear` when every token goes to expert `e`: one dense matmul
+    (4-bit weights dequantized first for enough tokens: fp32 BLAS is ~30x faster than CPU quantized_matmul)."""
+
+    def __init__(self, lin: nn.Module, e: int, dequant_min_tokens: int):
+        self.lin, self.e, self.dequant_min_tokens = lin, e, dequant_min_tokens
+
+    def __call__(self, x, indices, sorted_indices=False):
+        lin, e = self.lin, self.e
+        if isinstance(lin, QuantizedSwitchLinear):
+            biases = lin.get("biases")
+            b = biases[e] if biases is not None else None
+            extra = {"global_scale": lin.global_scale[e]} if getattr(lin, "global_scale", None) is not None else {}
+            if x.size // x.shape[-1] >= self.dequant_min_tokens:
+                w = mx.dequantize(lin["weight"][e], lin["scales"][e], b, lin.group_size, lin.bits, mode=lin.mode,
+                                  **extra)
+                y = x @ w.T
+            else:
+                y = mx.quantized_matmul(x, lin["weight"][e], lin["scales"][e], b, transpose=True,
+                                        group_size=lin.group_size, bits=lin.bits, mode=lin.mode, **extra)
+        else:
+            y = x @ lin["weight"][e].T
+        if "bias" in lin:
+            y = y + lin["bias"][e]
+        return y
+
+
+__all__ = ["StreamingTeacher", "Plan", "StreamStats", "Structure"]

