@@ -7,7 +7,6 @@ shapes on disk are checked against the skeleton up front.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, load_model
+from mlx_lm.utils import load_model
 
+from ..model_dir import normalise_config
 from ..safetensors_io import WeightFiles
 from ..utils import KDError
 
@@ -29,46 +29,6 @@ def read_config(model_dir: str | Path) -> dict:
         return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise KDError(f"{p} is not valid JSON: {e}") from None
-
-
-def _args_fields(config: dict) -> set[str]:
-    _, args_cls = _get_classes(config)
-    return {f.name for f in dataclasses.fields(args_cls)}
-
-
-def normalise_config(config: dict, model_dir: str | Path = "") -> dict:
-    """Make a config safe for mlx-lm 0.32, or refuse it.
-
-    transformers 5 writes `rope_parameters` (rope_theta + scaling in one dict) instead of `rope_theta` /
-    `rope_scaling`; mlx-lm's older model classes ignore it and silently fall back to their default rope base, which
-    makes logits wrong from position 1 on. Map it onto the classic keys when the model class does not read it."""
-    cfg = json.loads(json.dumps(config))
-    if "model_type" not in cfg:
-        raise KDError(f"config.json in {model_dir} has no model_type")
-    try:
-        fields = _args_fields(cfg)
-    except ValueError as e:
-        raise KDError(f"{model_dir}: {e}") from None
-    rp = cfg.get("rope_parameters")
-    if rp is not None and "rope_parameters" not in fields:
-        if not isinstance(rp, dict) or "rope_theta" not in rp:
-            raise KDError(f"{model_dir}/config.json: rope_parameters {rp!r} cannot be mapped to rope_theta/rope_scaling "
-                          f"for mlx-lm's {cfg['model_type']} (per-layer rope?): refusing to run with a wrong rope base")
-        theta = float(rp["rope_theta"])
-        if "rope_theta" in cfg and float(cfg["rope_theta"]) != theta:
-            raise KDError(f"{model_dir}/config.json: rope_theta {cfg['rope_theta']} disagrees with "
-                          f"rope_parameters.rope_theta {theta}")
-        cfg["rope_theta"] = theta
-        rtype = rp.get("rope_type", rp.get("type", "default"))
-        if rtype not in (None, "default"):
-            scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "rope_type")}
-            scaling["type"] = rtype
-            scaling["rope_type"] = rtype
-            if cfg.get("rope_scaling") not in (None, scaling):
-                raise KDError(f"{model_dir}/config.json: rope_scaling disagrees with rope_parameters")
-            cfg["rope_scaling"] = scaling
-        cfg.pop("rope_parameters")
-    return cfg
 
 
 @dataclass
@@ -84,7 +44,7 @@ class LazyModel:
 def _load_normalised(model_dir: Path, lazy: bool, trust_remote_code: bool):
     """mlx-lm's `load_model` on the normalised config (its keys that differ from config.json passed as overrides)."""
     raw = read_config(model_dir)
-    cfg = normalise_config(raw, model_dir)
+    cfg = normalise_config(raw, model_dir, check_required=False)
     if cfg.get("model_file") is not None and not trust_remote_code:
         raise KDError(f"{model_dir} needs custom model code ({cfg['model_file']}); pass trust_remote_code to run it")
     overrides = {k: v for k, v in cfg.items() if raw.get(k) != v}
