@@ -343,6 +343,11 @@ class Plan:
     n_heads: int | None = None
     n_kv_heads: int | None = None
 
+    def to_json(self) -> dict:
+        units = lambda d: None if d is None else {str(i): np.asarray(v).tolist() for i, v in d.items()}  # noqa: E731
+        return {"layers": list(self.layers), "mlp": units(self.mlp), "heads": units(self.heads),
+                "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads}
+
 
 def apply_plan(model: nn.Module, config: dict, plan: Plan) -> tuple[nn.Module, dict]:
     """A new model (built by mlx-lm from the new config, weights loaded strictly) and its config."""
