@@ -24,12 +24,12 @@ first `--eval-texts` questions, each cut to `--max-len` tokens. The unpruned mod
 store over every prompt position of `--train-questions` train-split questions (0-shot prompts) comes from the real
 dump path (`kd_mlx.teacher.dump.dump_store`, `--positions prompt`). Layer importance = increase of the token-level
 KD loss on `--calib` of those prompts; MLP importance = channel contribution norms. Recovery: `--recover-steps`
-AdamW steps (lr 1e-4, batch 2, embedding frozen) of token-level KD (sparse top-k KL with the tail bucket,
-`kd_mlx.losses.sparse_topk_kl`) vs next-token CE (`kd_mlx.losses.cross_entropy`) on the same tokens, positions and
+AdamW steps (`--lr`, default 2e-4, fixed before the run; batch 2, embedding frozen) of token-level KD (sparse
+top-k KL with the tail bucket, `kd_mlx.losses.sparse_topk_kl`) vs next-token CE (`kd_mlx.losses.cross_entropy`) on the same tokens, positions and
 batch order. The recovered configurations are `--recover` (default: 25 % of the layers).
 
 Speed: `mlx_lm.stream_generate` on a fixed prompt (`--speed-prompt` tokens, then `--speed-gen` generated tokens,
-EOS masked), best of 2; peak memory = `mx.get_peak_memory()` during that call.
+EOS masked), best of 5 (demo) or 2 (SmolLM2); peak memory = `mx.get_peak_memory()` during that call.
 
 Measured: see the end of this docstring (filled from the run's output).
 """
@@ -80,9 +80,9 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def speed(model_dir: Path, prompt_tokens: int, gen_tokens: int) -> dict:
-    """Prompt and generation tokens/s with mlx-lm's generator (best of 2), parameters, and the peak MLX memory
-    this model adds (weights + generation) over what the process already held."""
+def speed(model_dir: Path, prompt_tokens: int, gen_tokens: int, repeats: int = 2) -> dict:
+    """Prompt and generation tokens/s with mlx-lm's generator (best of `repeats`: the machine is shared),
+    parameters, and the peak MLX memory this model adds (weights + generation) over what the process held."""
     mx.clear_cache()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
@@ -92,7 +92,7 @@ def speed(model_dir: Path, prompt_tokens: int, gen_tokens: int) -> dict:
     block = mx.zeros((vocab,)).at[mx.array(eos)].add(-1e9) if eos else mx.zeros((vocab,))
     prompt = [int(t) for t in np.random.default_rng(0).integers(1000, min(vocab, 40000), prompt_tokens)]
     best_p, best_g = 0.0, 0.0
-    for _ in range(2):
+    for _ in range(repeats):
         last = None
         for last in stream_generate(model, tok, prompt, max_tokens=gen_tokens,
                                     logits_processors=[lambda toks, logits: logits + block]):
@@ -173,7 +173,7 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
             acc_pruned = accuracy(mdir)
             rec = train(mdir, d / f"recover_{name}", recover_steps, seed)
             acc_rec = accuracy(mdir, rec)
-            sp = speed(mdir, speed_prompt, speed_gen)
+            sp = speed(mdir, speed_prompt, speed_gen, repeats=5)  # tiny models: milliseconds per call
             row = {"part": "demo", "what": what, "fraction": frac, "seed": seed, "kept_layers": plan.layers,
                    "accuracy_pruned": acc_pruned, "accuracy_recovered": acc_rec, **sp}
             rows.append(row)
@@ -381,7 +381,7 @@ def _parse_recover(text: str) -> list[tuple[str, float]]:
 @click.option("--calib", type=int, default=6, show_default=True)
 @click.option("--max-len", type=int, default=128, show_default=True)
 @click.option("--recover", default="layers:0.25", show_default=True, help="SmolLM2 configurations recovered.")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="SmolLM2 recovery learning rate.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="SmolLM2 recovery learning rate.")
 @click.option("--speed-prompt", type=int, default=256, show_default=True)
 @click.option("--speed-gen", type=int, default=32, show_default=True)
 def main(part, out, demo_dir, seeds, n_layers, distil_steps, recover_steps, data, train_questions, eval_texts, calib,
