@@ -5,7 +5,9 @@
 Reads each RESULTS/summary.json written by `python -m kd_mlx.eval`, and RUN/metrics.jsonl (one JSON object per
 line with "step" and loss keys) when `--run` is given. Writes REPORT/report.md, REPORT/categories.png,
 REPORT/subject_deltas.png, REPORT/reliability.png, REPORT/training.png (with --run and metrics) and
-REPORT/config.json.
+REPORT/config.json. With `--prune bench_prune.json` (benchmarks/bench_prune.py) the report also gets the pruning
+trade-off table (parameters, tokens/s, memory, accuracy or bits per byte before/after KD recovery) and
+REPORT/prune_tradeoff.png (accuracy vs tokens/s).
 """
 
 from __future__ import annotations
@@ -273,7 +275,7 @@ REPORT_KIND = "report"
 
 
 def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str | None = None,
-                 overwrite: bool = False, config: dict | None = None) -> Path:
+                 overwrite: bool = False, config: dict | None = None, prune: str | None = None) -> Path:
     """Write REPORT/report.md, its PNG plots, targets.json and config.json; return the report path.
 
     REPORT follows the output-directory rule (kd_mlx.utils.prepare_output_dir): new, or an earlier report replaced
@@ -288,8 +290,11 @@ def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str
             raise KDError(f"{paths[m]}/summary.json has no overall score (empty evaluation?)")
     if run is not None and not Path(run).is_dir():
         raise KDError(f"run directory not found: {run}")
+    prune_rows = load_prune_rows(prune) if prune else None
     identity = {**{m: path_identity(p) for m, p in paths.items()}, "run": path_identity(run)}
-    prepare_output_dir(out, REPORT_KIND, identity, [*paths.values(), run], overwrite=overwrite)
+    if prune:
+        identity["prune"] = path_identity(prune)
+    prepare_output_dir(out, REPORT_KIND, identity, [*paths.values(), run, prune], overwrite=overwrite)
     with staged_output_dir(out, REPORT_KIND, identity) as outp:
         plots = ["categories.png", "subject_deltas.png", "reliability.png"]
         plot_categories(s, outp / plots[0])
@@ -299,6 +304,8 @@ def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str
         if metrics and plot_training(metrics, outp / "training.png"):
             plots.append("training.png")
         md = render_markdown(s, paths, metrics, plots, run)
+        if prune_rows:
+            md += "\n" + prune_section(prune_rows, prune, outp)
         with atomic_path(outp / "report.md") as tmp:
             tmp.write_text(md, encoding="utf-8")
         write_json_atomic(outp / "targets.json", {"overall": {m: s[m]["overall"] for m in MODELS}, **targets(s)})
@@ -306,7 +313,146 @@ def build_report(teacher: str, baseline: str, distilled: str, out: str, run: str
     return Path(out) / "report.md"
 
 
-DEFAULTS: dict[str, Any] = {"run": None, "out": None, "overwrite": False}
+# --------------------------------------------------------------------------------------------------- pruning
+PRUNE_NAMES = {"none": "unpruned", "layers": "layers removed", "mlp": "MLP width removed", "heads": "heads removed"}
+
+
+def load_prune_rows(path: str | os.PathLike) -> list[dict]:
+    """The rows of benchmarks/bench_prune.py's bench_prune.json (KDError naming the problem otherwise)."""
+    f = Path(path)
+    if not f.is_file():
+        raise KDError(f"pruning benchmark file not found: {f} (benchmarks/bench_prune.py writes OUT/bench_prune.json)")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise KDError(f"{f} is not valid JSON: {e}") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not rows or not all(isinstance(r, dict) and {"part", "what", "fraction"} <= set(r) for r in rows):
+        raise KDError(f"{f} has no rows with part/what/fraction: not a bench_prune.py output")
+    return rows
+
+
+def _mean_std(vals: list[float]) -> tuple[float | None, float | None]:
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    if not vals:
+        return None, None
+    m = sum(vals) / len(vals)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None)
+
+
+def prune_groups(rows: list[dict]) -> list[dict]:
+    """One entry per (part, what, fraction): figures averaged over seeds (mean, std where several seeds), speed
+    ratios against the part's unpruned row."""
+    keys = sorted({(r["part"], r["what"], float(r["fraction"])) for r in rows},
+                  key=lambda k: (k[0], k[1] != "none", k[1], k[2]))
+    out = []
+    for part, what, frac in keys:
+        rs = [r for r in rows if (r["part"], r["what"], float(r["fraction"])) == (part, what, frac)]
+        g: dict[str, Any] = {"part": part, "what": what, "fraction": frac, "seeds": len(rs)}
+        for k in ("parameters", "prompt_tps", "generation_tps", "peak_memory_gb", "accuracy_pruned",
+                  "accuracy_recovered", "bpb_pruned", "bpb_kd", "bpb_ce", "kd_closes", "ce_closes"):
+            g[k], g[k + "_std"] = _mean_std([r.get(k) for r in rs])
+        out.append(g)
+    for g in out:
+        base = next((b for b in out if b["part"] == g["part"] and b["what"] == "none"), None)
+        for k in ("prompt_tps", "generation_tps", "parameters"):
+            ok = base and base.get(k) and g.get(k)
+            g[k + "_ratio"] = g[k] / base[k] if ok else None
+    return out
+
+
+def _pm(m: float | None, sd: float | None, digits: int = 1) -> str:
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+
+
+def prune_table(rows: list[dict]) -> str:
+    """Markdown trade-off tables: one for the demo task (accuracy %), one for the real model (bits per byte)."""
+    groups = prune_groups(rows)
+    out = []
+    demo = [g for g in groups if g["part"] == "demo"]
+    if demo:
+        out += ["| pruned | seeds | parameters | prompt tok/s | generation tok/s | peak memory | accuracy pruned (%) "
+                "| after KD recovery (%) |", "|---|---|---|---|---|---|---|---|"]
+        for g in demo:
+            out.append(f"| {_prune_label(g)} | {g['seeds']} | {_params(g)} | {_speed(g, 'prompt_tps')} | "
+                       f"{_speed(g, 'generation_tps')} | {_fmt(g['peak_memory_gb'] and g['peak_memory_gb'] * 1e3, 0)} MB | "
+                       f"{_pm(g['accuracy_pruned'], g['accuracy_pruned_std'])} | "
+                       f"{_pm(g['accuracy_recovered'], g['accuracy_recovered_std'])} |")
+        out.append("")
+    real = [g for g in groups if g["part"] != "demo"]
+    if real:
+        out += ["| pruned | parameters | prompt tok/s | generation tok/s | peak memory | bits/byte pruned | after KD "
+                "recovery | after CE recovery | share of the loss KD / CE closed |", "|---|---|---|---|---|---|---|---|---|"]
+        for g in real:
+            closes = (f"{_pct(g['kd_closes'])} / {_pct(g['ce_closes'])}" if g["kd_closes"] is not None else "–")
+            out.append(f"| {_prune_label(g)} ({g['part']}) | {_params(g)} | {_speed(g, 'prompt_tps')} | "
+                       f"{_speed(g, 'generation_tps')} | {_fmt(g['peak_memory_gb'])} GB | {_fmt(g['bpb_pruned'], 3)} | "
+                       f"{_fmt(g['bpb_kd'], 3)} | {_fmt(g['bpb_ce'], 3)} | {closes} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _prune_label(g: dict) -> str:
+    return PRUNE_NAMES["none"] if g["what"] == "none" else f"{100 * g['fraction']:.0f}% {PRUNE_NAMES.get(g['what'], g['what'])}"
+
+
+def _params(g: dict) -> str:
+    if g["parameters"] is None:
+        return "–"
+    r = g["parameters_ratio"]
+    return f"{g['parameters'] / 1e6:.2f}M" + (f" ({r:.2f}×)" if r is not None and g["what"] != "none" else "")
+
+
+def _speed(g: dict, key: str) -> str:
+    if g[key] is None:
+        return "–"
+    r = g[key + "_ratio"]
+    return f"{g[key]:.0f}" + (f" ({r:.2f}×)" if r is not None and g["what"] != "none" else "")
+
+
+def plot_prune_tradeoff(rows: list[dict], path: Path) -> None:
+    """Accuracy (demo) and bits per byte (real model) against prompt tokens/s, before and after recovery."""
+    import matplotlib.pyplot as plt
+
+    groups = prune_groups(rows)
+    parts = [p for p in ("demo", "smollm2") if any(g["part"] == p for g in groups)]
+    parts += sorted({g["part"] for g in groups} - set(parts))
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        gs = [g for g in groups if g["part"] == part and g["prompt_tps"]]
+        demo = part == "demo"
+        series = ([("accuracy_pruned", "pruned", "#c44e52"), ("accuracy_recovered", "after KD recovery", "#55a868")]
+                  if demo else [("bpb_pruned", "pruned", "#c44e52"), ("bpb_kd", "after KD recovery", "#55a868"),
+                                ("bpb_ce", "after CE recovery", "#8172b2")])
+        for key, label, color in series:
+            pts = [(g["prompt_tps"], g[key], g) for g in gs if g[key] is not None]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, zorder=3)
+        for g in gs:
+            y = g["accuracy_pruned"] if demo else g["bpb_pruned"]
+            if y is not None:
+                ax.annotate(_prune_label(g), (g["prompt_tps"], y), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+        ax.set_xlabel("prompt tokens/s")
+        ax.set_ylabel("held-out accuracy (%)" if demo else "bits per byte (lower is better)")
+        ax.set_title("demo task" if demo else f"{part}: language modelling")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def prune_section(rows: list[dict], source: str, outp: Path) -> str:
+    """Write OUTP/prune_tradeoff.png; return the report's Markdown section (table + plot)."""
+    plot_prune_tradeoff(rows, outp / "prune_tradeoff.png")
+    return ("## Pruning: accuracy vs speed\n\n"
+            f"From `{source}` (benchmarks/bench_prune.py): every pruned model before and after KD recovery from "
+            "the same teacher store; speed ratios against the unpruned model of the same part.\n\n"
+            + prune_table(rows) + "\n![accuracy vs tokens/s](prune_tradeoff.png)\n")
+
+
+DEFAULTS: dict[str, Any] = {"run": None, "out": None, "overwrite": False, "prune": None}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -317,6 +463,7 @@ DEFAULTS: dict[str, Any] = {"run": None, "out": None, "overwrite": False}
 @click.option("--run", default=None, help="Training run directory (RUN/metrics.jsonl) for training curves.")
 @click.option("--out", default=None, help="Report directory (new, or --overwrite an earlier report there).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an earlier report in --out.")
+@click.option("--prune", default=None, help="bench_prune.json (benchmarks/bench_prune.py): adds the pruning trade-off.")
 @cli_errors
 def main(results_teacher, results_baseline, results_distilled, config_file, **flags) -> None:
     """Report teacher vs baseline vs distilled CMMLU results (Markdown + PNG)."""
@@ -324,7 +471,7 @@ def main(results_teacher, results_baseline, results_distilled, config_file, **fl
     if not cfg["out"]:
         raise KDError("missing --out")
     path = build_report(results_teacher, results_baseline, results_distilled, cfg["out"], cfg["run"],
-                        overwrite=bool(cfg["overwrite"]), config=cfg)
+                        overwrite=bool(cfg["overwrite"]), config=cfg, prune=cfg["prune"])
     tg = json.loads((Path(cfg["out"]) / "targets.json").read_text())
     ratio = tg["distilled_over_teacher"]
     click.echo(f"overall teacher {tg['overall']['teacher']:.2f} | baseline {tg['overall']['baseline']:.2f} | "

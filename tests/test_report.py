@@ -148,3 +148,51 @@ def test_report_from_real_eval_runs(tmp_path):
     assert (f"| **Overall** | **{s['teacher']['overall']:.2f}** | **{s['baseline']['overall']:.2f}** | "
             f"**{s['distilled']['overall']:.2f}** |") in md
     assert s["teacher"]["model"]["answer_token_ids"] == [32, 33, 34, 35]  # cl100k letters
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+
+
+def _prune_rows() -> dict:
+    """bench_prune.json's layout with hand-chosen figures: two demo seeds for 0 % and 25 % of the layers, one
+    SmolLM2 configuration with both recoveries."""
+    demo = [{"part": "demo", "what": w, "fraction": f, "seed": s, "parameters": p, "prompt_tps": t,
+             "generation_tps": t / 10, "peak_memory_gb": 0.02, "accuracy_pruned": a, "accuracy_recovered": r}
+            for w, f, p, t, s, a, r in [("none", 0.0, 8e6, 1000.0, 0, 40.0, 41.0), ("none", 0.0, 8e6, 1000.0, 1, 42.0, 43.0),
+                                         ("layers", 0.25, 6e6, 1250.0, 0, 30.0, 40.0),
+                                         ("layers", 0.25, 6e6, 1350.0, 1, 34.0, 42.0)]]
+    real = [{"part": "smollm2", "what": "none", "fraction": 0.0, "seed": 0, "parameters": 134e6, "prompt_tps": 200.0,
+             "generation_tps": 20.0, "peak_memory_gb": 0.6, "bpb_pruned": 2.0},
+            {"part": "smollm2", "what": "layers", "fraction": 0.25, "seed": 0, "parameters": 100e6, "prompt_tps": 250.0,
+             "generation_tps": 25.0, "peak_memory_gb": 0.5, "bpb_pruned": 3.0, "bpb_kd": 2.4, "bpb_ce": 2.8,
+             "kd_closes": 0.6, "ce_closes": 0.2}]
+    return {"rows": demo + real, "meta": {}}
+
+
+def test_prune_tradeoff_table_and_plot(three, tmp_path):
+    from kd_mlx.report import prune_groups
+
+    bench = tmp_path / "bench_prune.json"
+    bench.write_text(json.dumps(_prune_rows()))
+    groups = {(g["part"], g["what"], g["fraction"]): g for g in prune_groups(_prune_rows()["rows"])}
+    g = groups[("demo", "layers", 0.25)]
+    assert g["seeds"] == 2 and g["accuracy_recovered"] == 41.0 and g["accuracy_pruned_std"] == pytest.approx(2 ** 0.5 * 2)
+    assert g["prompt_tps_ratio"] == pytest.approx(1300 / 1000) and g["parameters_ratio"] == pytest.approx(0.75)
+    r = _run_cli([*three, "--out", str(tmp_path / "rep"), "--prune", str(bench)])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Pruning: accuracy vs speed" in md
+    assert "| 25% layers removed | 2 | 6.00M (0.75×) | 1300 (1.30×) | 130 (1.30×) | 20 MB | 32.0 ± 2.8 | 41.0 ± 1.4 |" in md
+    assert ("| 25% layers removed (smollm2) | 100.00M (0.75×) | 250 (1.25×) | 25 (1.25×) | 0.50 GB | 3.000 | 2.400 | "
+            "2.800 | 60.0% / 20.0% |") in md
+    png = (tmp_path / "rep" / "prune_tradeoff.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_prune_report_bad_input_one_line(three, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [{"part": "demo"}]}))
+    for arg in (str(bad), str(tmp_path / "missing.json")):
+        r = _run_cli([*three, "--out", str(tmp_path / "rep"), "--prune", arg])
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "rep").exists()

@@ -1,0 +1,413 @@
+"""Benchmark: what pruning costs and what KD recovery gives back, with parameters, tokens/s and memory.
+
+    source scripts/setup_env.sh
+    python -m kd_mlx demo --out demo_out                          # task, splits, trained teacher, its store
+    nice -n 10 python benchmarks/bench_prune.py --part demo --demo demo_out --out bench_prune/
+    nice -n 10 python benchmarks/bench_prune.py --part smollm2 --out bench_prune/
+    python -m kd_mlx.report ... --prune bench_prune/bench_prune.json   # the trade-off table and plot
+
+Both parts append their rows to OUT/bench_prune.json (one row per model: part, what, fraction, seed, parameters,
+prompt/generation tokens/s, peak memory, and accuracy or bits per byte before/after recovery).
+
+Part 1, demo task (held-out accuracy). The demo's task, splits, 4-bit teacher and answer-position store; the
+student is the demo's tiny Phi shape made 8 layers deep (so that 25 % of the layers is 2 layers), distilled with
+`kd_mlx.train` on the demo's settings (full fine-tuning, answer-KL + CE). The distilled student is pruned by
+`kd_mlx.prune` (importance on the train split) at 25 / 50 % of the layers and of the MLP width, scored on the
+test split, then recovered with `kd_mlx.train --student PRUNED` from the same store (same settings,
+`--recover-steps`) and scored again. The 0 % row gets the same recovery steps (the control: is the gain from the
+extra training alone?). Seeds: every seed makes its own student (init, distillation and recovery order); the
+25 %-layers configuration runs on every seed, the others on the first.
+
+Part 2, real SmolLM2-135M (bits per byte). Its CMMLU accuracy is near chance, so the measure is language
+modelling: bits per byte of the question texts (question + options + answer cue) of the real CMMLU test split,
+first `--eval-texts` questions, each cut to `--max-len` tokens. The unpruned model is the teacher: its top-32
+store over every prompt position of `--train-questions` train-split questions (0-shot prompts) comes from the real
+dump path (`kd_mlx.teacher.dump.dump_store`, `--positions prompt`). Layer importance = increase of the token-level
+KD loss on `--calib` of those prompts; MLP importance = channel contribution norms. Recovery: `--recover-steps`
+AdamW steps (`--lr`, default 2e-4, fixed before the run; batch 2, embedding frozen) of token-level KD (sparse
+top-k KL with the tail bucket, `kd_mlx.losses.sparse_topk_kl`) vs next-token CE (`kd_mlx.losses.cross_entropy`) on the same tokens, positions and
+batch order. The recovered configurations are `--recover` (default: 25 % of the layers).
+
+Speed: `mlx_lm.stream_generate` on a fixed prompt (`--speed-prompt` tokens, then `--speed-gen` generated tokens,
+EOS masked), best of 5 (demo) or 2 (SmolLM2); peak memory = `mx.get_peak_memory()` during that call.
+
+Measured: see the end of this docstring (filled from the run's output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx_lm import load as mlx_lm_load
+from mlx_lm.generate import stream_generate
+from mlx_lm.tuner.utils import load_adapters
+from mlx_lm.utils import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kd_mlx import losses, prune  # noqa: E402
+from kd_mlx.data import build_prompt, load_cmmlu, load_splits, make_splits, split_questions  # noqa: E402
+from kd_mlx.demo import TRAIN_CONFIG, letter_accuracy, task_prompts  # noqa: E402
+from kd_mlx.evaluate import answer_token_ids  # noqa: E402
+from kd_mlx.store import TopKStore  # noqa: E402
+from kd_mlx.teacher.dump import dump_store  # noqa: E402
+from kd_mlx.testing.models import smollm2_fp32_dir, tiny_phi_dir  # noqa: E402
+from kd_mlx.tokenizer import load_tokenizer  # noqa: E402
+from kd_mlx.train.run import DEFAULTS as TRAIN_DEFAULTS, prepare, train_prepared  # noqa: E402
+from kd_mlx.utils import write_json_atomic  # noqa: E402
+
+
+def peak_rss_mib() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def speed(model_dir: Path, prompt_tokens: int, gen_tokens: int, repeats: int = 2) -> dict:
+    """Prompt and generation tokens/s with mlx-lm's generator (best of `repeats`: the machine is shared),
+    parameters, and the peak MLX memory this model adds (weights + generation) over what the process held."""
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model, tok = mlx_lm_load(str(model_dir))
+    eos = list(tok.eos_token_ids)
+    vocab = model.model.embed_tokens.weight.shape[0]
+    block = mx.zeros((vocab,)).at[mx.array(eos)].add(-1e9) if eos else mx.zeros((vocab,))
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1000, min(vocab, 40000), prompt_tokens)]
+    best_p, best_g = 0.0, 0.0
+    for _ in range(repeats):
+        last = None
+        for last in stream_generate(model, tok, prompt, max_tokens=gen_tokens,
+                                    logits_processors=[lambda toks, logits: logits + block]):
+            pass
+        best_p, best_g = max(best_p, last.prompt_tps), max(best_g, last.generation_tps)
+    peak = mx.get_peak_memory() - before
+    n = prune.count_parameters(model)
+    del model
+    return {"prompt_tps": best_p, "generation_tps": best_g, "peak_memory_gb": peak / 1e9, "parameters": n}
+
+
+def prune_to_dir(model, config: dict, plan: prune.Plan, out: Path, tokenizer_src: Path, record: dict) -> Path:
+    pruned, pconfig = prune.apply_plan(model, config, plan)
+    record = {**record, "parameters_after": prune.count_parameters(pruned)}
+    return prune.write_model_dir(out, pruned, pconfig, tokenizer_src, {"plan": plan.to_json()}, record)
+
+
+def plan_for(what: str, frac: float, n_layers: int, layer_scores, mlp_scores) -> prune.Plan:
+    if what == "layers":
+        return prune.Plan(prune.layers_to_keep(layer_scores, int(round(frac * n_layers))))
+    keep = max(1, round((1 - frac) * mlp_scores.shape[1]))
+    return prune.Plan(list(range(n_layers)), mlp={i: prune.top_units(s, keep) for i, s in enumerate(mlp_scores)})
+
+
+def save_rows(out: Path, part: str, rows: list[dict], meta: dict) -> None:
+    path = out / "bench_prune.json"
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": [], "meta": {}}
+    old["rows"] = [r for r in old["rows"] if r["part"] != part] + rows
+    old["meta"][part] = meta
+    write_json_atomic(path, old)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Part 1: the demo task
+# --------------------------------------------------------------------------------------------------------------
+
+def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_steps: int, recover_steps: int,
+              speed_prompt: int, speed_gen: int) -> list[dict]:
+    task, splits, store, teacher = demo / "task", demo / "splits.json", demo / "store", demo / "models" / "teacher_4bit"
+    base = {**TRAIN_DEFAULTS, **TRAIN_CONFIG, "store": str(store), "data": str(task), "splits": str(splits),
+            "teacher_tokenizer": str(teacher), "steps": distil_steps, "batch_size": 8, "out": str(out / "unused"),
+            "student": str(tiny_phi_dir(out / "demo" / "student_seed0", seed=0, n_layers=n_layers))}
+    prep = prepare(dict(base), progress=False)  # examples depend on the tokenizer only: built once for every model
+    tok = load_tokenizer(base["student"])
+    letter_ids = answer_token_ids(tok)
+    test_seqs, test_golds = task_prompts(task, splits, "test", tok, shots=int(prep.cfg["shots"]))
+    calib = prune.calibration_batches(prep.train[:128], 8)
+    rows = []
+
+    def train(student_dir: Path, run: Path, steps: int, seed: int) -> Path:
+        cfg = {**prep.cfg, "student": str(student_dir), "out": str(run), "steps": steps, "seed": seed}
+        train_prepared(dataclasses.replace(prep, student_path=student_dir, cfg=cfg), cfg, progress=False)
+        return run / "best"
+
+    def accuracy(model_dir: Path, adapters: Path | None = None) -> float:
+        model, _ = load_model(model_dir)
+        if adapters is not None:
+            load_adapters(model, str(adapters))
+        model.eval()
+        return 100.0 * letter_accuracy(model, test_seqs, test_golds, letter_ids)
+
+    for si, seed in enumerate(seeds):
+        d = out / "demo" / f"seed{seed}"
+        student = tiny_phi_dir(out / "demo" / f"student_seed{seed}", seed=seed, n_layers=n_layers)
+        tic = time.perf_counter()
+        best = train(student, d / "distil", distil_steps, seed)
+        model, config = prune.load_fused_student(student, str(best), "float32")
+        model.eval()
+        fam = prune.family_of(config)
+        layer_scores = prune.layer_importance(model, fam, calib, prune.answer_kl_loss(model, letter_ids))
+        mlp_scores = prune.width_importance(model, fam, calib, "mlp")
+        configs = [("none", 0.0), ("layers", 0.25)] + ([("layers", 0.5), ("mlp", 0.25), ("mlp", 0.5)] if si == 0 else [])
+        for what, frac in configs:
+            name = f"{what}{int(frac * 100)}"
+            plan = prune.Plan(list(range(n_layers))) if what == "none" else plan_for(what, frac, n_layers,
+                                                                                      layer_scores, mlp_scores)
+            mdir = prune_to_dir(model, config, plan, d / name, student, {"layers": layer_scores.tolist()})
+            acc_pruned = accuracy(mdir)
+            rec = train(mdir, d / f"recover_{name}", recover_steps, seed)
+            acc_rec = accuracy(mdir, rec)
+            sp = speed(mdir, speed_prompt, speed_gen, repeats=5)  # tiny models: milliseconds per call
+            row = {"part": "demo", "what": what, "fraction": frac, "seed": seed, "kept_layers": plan.layers,
+                   "accuracy_pruned": acc_pruned, "accuracy_recovered": acc_rec, **sp}
+            rows.append(row)
+            log(f"  seed {seed} {name:9s} params {sp['parameters'] / 1e6:6.3f}M  acc pruned {acc_pruned:5.1f}  "
+                f"recovered {acc_rec:5.1f}  prompt {sp['prompt_tps']:8.0f} tok/s  gen {sp['generation_tps']:6.0f} "
+                f"tok/s  peak {sp['peak_memory_gb'] * 1e3:.0f} MB")
+        log(f"  seed {seed}: {time.perf_counter() - tic:.0f} s")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Part 2: SmolLM2-135M, bits per byte
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TextRecord:
+    tokens: np.ndarray  # (n,) teacher prompt ids (= student ids: same tokenizer)
+    topk_ids: np.ndarray  # (n-1, k): the teacher's top-k of token i+1 at position i
+    topk_logprobs: np.ndarray  # (n-1, k)
+
+
+def text_records(store_dir: Path, max_len: int) -> list[TextRecord]:
+    out = []
+    with TopKStore(store_dir) as store:
+        for qid in store.ids:
+            r = store[qid]
+            n = min(len(r.token_ids), max_len)
+            pos = np.asarray(r.positions)
+            assert (pos == np.arange(len(pos))).all(), "a --positions prompt store has a row at every position"
+            out.append(TextRecord(np.asarray(r.token_ids[:n], np.int32), np.asarray(r.topk_ids[:n - 1]),
+                                  np.asarray(r.topk_logprobs[:n - 1], np.float32)))
+    return out
+
+
+def text_batch(recs: list[TextRecord]) -> tuple:
+    """(tokens (B,T), lengths (B,), mask (B,T-1), topk ids (B,T-1,k), topk log-probs (B,T-1,k)), right-padded."""
+    T = max(len(r.tokens) for r in recs)
+    k = recs[0].topk_ids.shape[1]
+    toks = np.zeros((len(recs), T), np.int32)
+    ids = np.full((len(recs), T - 1, k), -1, np.int32)
+    lps = np.full((len(recs), T - 1, k), -np.inf, np.float32)
+    mask = np.zeros((len(recs), T - 1), np.float32)
+    for b, r in enumerate(recs):
+        n = len(r.tokens)
+        toks[b, :n] = r.tokens
+        ids[b, :n - 1], lps[b, :n - 1], mask[b, :n - 1] = r.topk_ids, r.topk_logprobs, 1
+    return (mx.array(toks), mx.array([len(r.tokens) for r in recs]), mx.array(mask), mx.array(ids), mx.array(lps))
+
+
+def token_kd_loss_fn(model) -> prune.LossFn:
+    head = prune.head_of(model)
+
+    def fn(hidden, batch):
+        _, _, mask, ids, lps = batch
+        kl = losses.sparse_topk_kl(head(hidden[:, :-1]), ids, lps, mask=mask, reduction="sum")
+        return kl, float(mask.sum().item())
+
+    return fn
+
+
+def recover_lm(model_dir: Path, recs: list[TextRecord], objective: str, steps: int, batch_size: int, lr: float,
+               seed: int) -> nn.Module:
+    """Full fine-tuning (embedding frozen) on token-level KD or next-token CE, same positions and batch order."""
+    model, _ = load_model(model_dir)
+    model.freeze()
+    for layer in model.model.layers:
+        layer.unfreeze()
+    model.model.norm.unfreeze()
+    model.train()
+
+    def loss_fn(m, toks, lengths, mask, ids, lps):
+        logits = m(toks)[:, :-1]
+        if objective == "kd":
+            return losses.sparse_topk_kl(logits, ids, lps, mask=mask, reduction="mean")
+        return losses.cross_entropy(logits, toks[:, 1:], mask=mask, reduction="mean")
+
+    opt = optim.AdamW(learning_rate=lr, weight_decay=0.0)
+    step_fn = nn.value_and_grad(model, loss_fn)
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            extra = list(range(len(recs)))
+            rng.shuffle(extra)
+            order += extra
+        idx, order = order[:batch_size], order[batch_size:]
+        loss, grads = step_fn(model, *text_batch([recs[i] for i in idx]))
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state, loss)
+    model.eval()
+    return model
+
+
+def bits_per_byte(model, seqs: list[list[int]], byte_counts: list[int], batch_size: int = 8) -> float:
+    """Σ next-token NLL (nats) / ln 2 / Σ UTF-8 bytes of the predicted tokens."""
+    nll = 0.0
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s:s + batch_size]
+        T = max(map(len, chunk))
+        toks = np.zeros((len(chunk), T), np.int32)
+        mask = np.zeros((len(chunk), T - 1), np.float32)
+        for b, x in enumerate(chunk):
+            toks[b, :len(x)], mask[b, :len(x) - 1] = x, 1
+        t = mx.array(toks)
+        nll += losses.cross_entropy(model(t)[:, :-1], t[:, 1:], mask=mx.array(mask), reduction="sum").item()
+    return nll / math.log(2) / sum(byte_counts)
+
+
+def eval_texts(cmmlu, splits: dict, tok, n: int, max_len: int, add_bos: bool) -> tuple[list[list[int]], list[int]]:
+    """Question blocks (题目：… options … 答案是：) of the first `n` test-split questions, cut to `max_len` tokens."""
+    seqs, nbytes = [], []
+    bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
+    for q in split_questions(cmmlu, splits, "test")[:n]:
+        ids = (bos + tok.encode(build_prompt(q, []).suffix))[:max_len]
+        seqs.append(ids)
+        nbytes.append(sum(len(tok.token_bytes(t)) for t in ids[1:]))
+    return seqs, nbytes
+
+
+def smollm2_part(out: Path, cmmlu_dir: Path, n_train: int, n_eval: int, n_calib: int, max_len: int,
+                 recover: list[tuple[str, float]], recover_steps: int, lr: float, speed_prompt: int,
+                 speed_gen: int) -> list[dict]:
+    d = out / "smollm2"
+    d.mkdir(parents=True, exist_ok=True)
+    teacher = smollm2_fp32_dir()
+    cmmlu = load_cmmlu(cmmlu_dir)
+    if not (d / "splits.json").is_file():
+        write_json_atomic(d / "splits.json", make_splits(cmmlu, seed=0, val=0.1, test=0.2))
+    splits = load_splits(d / "splits.json")
+    tic = time.perf_counter()
+    dump_store({"teacher": str(teacher), "data": str(cmmlu_dir), "splits": str(d / "splits.json"), "split": "train",
+                "shots": 0, "top_k": 32, "positions": "prompt", "max_questions": n_train, "max_tokens": max_len,
+                "out": str(d / "store")}, progress=False, log=lambda s: None)
+    t_dump = time.perf_counter() - tic
+    recs = text_records(d / "store", max_len)
+    add_bos = bool(TopKStore(d / "store").identity.get("add_bos"))
+    tok = load_tokenizer(teacher)
+    seqs, nbytes = eval_texts(cmmlu, splits, tok, n_eval, max_len, add_bos)
+    log(f"  store: {len(recs)} train prompts, {sum(len(r.tokens) for r in recs)} tokens ({t_dump:.0f} s); "
+        f"eval: {len(seqs)} test texts, {sum(map(len, seqs))} tokens, {sum(nbytes)} bytes")
+
+    model, config = load_model(teacher)
+    model.eval()
+    fam = prune.family_of(config)
+    n_layers = config["num_hidden_layers"]
+    bpb0 = bits_per_byte(model, seqs, nbytes)
+    tic = time.perf_counter()
+    calib = [text_batch(recs[i:i + 2]) for i in range(0, n_calib, 2)]
+    layer_scores = prune.layer_importance(model, fam, calib, token_kd_loss_fn(model))
+    mlp_scores = prune.width_importance(model, fam, calib, "mlp")
+    log(f"  importance: {time.perf_counter() - tic:.0f} s; layer scores {np.round(layer_scores, 3).tolist()}")
+    sp0 = speed(teacher, speed_prompt, speed_gen)
+    rows = [{"part": "smollm2", "what": "none", "fraction": 0.0, "seed": 0, "bpb_pruned": bpb0, **sp0}]
+    log(f"  unpruned: bpb {bpb0:.4f}  params {sp0['parameters'] / 1e6:.1f}M  prompt {sp0['prompt_tps']:.0f} tok/s "
+        f"gen {sp0['generation_tps']:.1f} tok/s  peak {sp0['peak_memory_gb']:.2f} GB")
+    for what, frac in [("layers", 0.25), ("layers", 0.5), ("mlp", 0.25), ("mlp", 0.5)]:
+        name = f"{what}{int(frac * 100)}"
+        plan = plan_for(what, frac, n_layers, layer_scores, mlp_scores)
+        mdir = d / name
+        if not (mdir / "config.json").is_file():
+            prune_to_dir(model, config, plan, mdir, teacher, {"layers": layer_scores.tolist()})
+        pruned, _ = load_model(mdir)
+        pruned.eval()
+        row = {"part": "smollm2", "what": what, "fraction": frac, "seed": 0, "kept_layers": plan.layers,
+               "bpb_pruned": bits_per_byte(pruned, seqs, nbytes), **speed(mdir, speed_prompt, speed_gen)}
+        del pruned
+        if (what, frac) in recover:
+            for objective in ("kd", "ce"):
+                tic = time.perf_counter()
+                rec_model = recover_lm(mdir, recs, objective, recover_steps, 2, lr, seed=0)
+                row[f"bpb_{objective}"] = bits_per_byte(rec_model, seqs, nbytes)
+                row[f"recover_{objective}_s"] = time.perf_counter() - tic
+                del rec_model
+            gap = row["bpb_pruned"] - bpb0
+            row["kd_closes"] = (row["bpb_pruned"] - row["bpb_kd"]) / gap if gap > 0 else None
+            row["ce_closes"] = (row["bpb_pruned"] - row["bpb_ce"]) / gap if gap > 0 else None
+        rows.append(row)
+        rec_txt = (f"  KD {row['bpb_kd']:.4f} (closes {row['kd_closes']:.0%})  CE {row['bpb_ce']:.4f} "
+                   f"(closes {row['ce_closes']:.0%})" if "bpb_kd" in row else "")
+        log(f"  {name:9s} params {row['parameters'] / 1e6:6.1f}M  bpb pruned {row['bpb_pruned']:.4f}{rec_txt}  "
+            f"prompt {row['prompt_tps']:.0f} tok/s  gen {row['generation_tps']:.1f} tok/s  "
+            f"peak {row['peak_memory_gb']:.2f} GB")
+    return rows
+
+
+def _parse_recover(text: str) -> list[tuple[str, float]]:
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        what, frac = item.split(":")
+        out.append((what, float(frac)))
+    return out
+
+
+@click.command()
+@click.option("--part", type=click.Choice(["demo", "smollm2"]), required=True)
+@click.option("--out", type=click.Path(), required=True, help="Output directory (bench_prune.json + models).")
+@click.option("--demo", "demo_dir", type=click.Path(), help="A `python -m kd_mlx demo --out DIR` directory (part demo).")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--layers", "n_layers", type=int, default=8, show_default=True, help="Demo student depth.")
+@click.option("--distil-steps", type=int, default=100, show_default=True)
+@click.option("--recover-steps", type=int, default=None, help="[default: demo 50, smollm2 10]")
+@click.option("--data", default=None, help="Real CMMLU [default: $KD_MLX_CMMLU or ../shared/cmmlu]")
+@click.option("--train-questions", type=int, default=48, show_default=True)
+@click.option("--eval-texts", type=int, default=32, show_default=True)
+@click.option("--calib", type=int, default=6, show_default=True)
+@click.option("--max-len", type=int, default=128, show_default=True)
+@click.option("--recover", default="layers:0.25", show_default=True, help="SmolLM2 configurations recovered.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="SmolLM2 recovery learning rate.")
+@click.option("--speed-prompt", type=int, default=256, show_default=True)
+@click.option("--speed-gen", type=int, default=32, show_default=True)
+def main(part, out, demo_dir, seeds, n_layers, distil_steps, recover_steps, data, train_questions, eval_texts, calib,
+         max_len, recover, lr, speed_prompt, speed_gen) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    if part == "demo":
+        if not demo_dir:
+            raise click.UsageError("--part demo needs --demo DIR (python -m kd_mlx demo --out DIR)")
+        seed_list = [int(s) for s in seeds.split(",")]
+        rows = demo_part(Path(demo_dir), out, seed_list, n_layers, distil_steps, recover_steps or 50,
+                         speed_prompt, speed_gen)
+        meta = {"demo": str(demo_dir), "seeds": seed_list, "layers": n_layers, "distil_steps": distil_steps,
+                "recover_steps": recover_steps or 50}
+    else:
+        cmmlu = Path(data or os.environ.get("KD_MLX_CMMLU", REPO.parent / "shared" / "cmmlu"))
+        rows = smollm2_part(out, cmmlu, train_questions, eval_texts, calib, max_len, _parse_recover(recover),
+                            recover_steps or 10, lr, speed_prompt, speed_gen)
+        meta = {"train_questions": train_questions, "eval_texts": eval_texts, "calib": calib, "max_len": max_len,
+                "recover_steps": recover_steps or 10, "lr": lr}
+    meta.update(seconds=time.perf_counter() - tic, peak_rss_mib=peak_rss_mib(), speed_prompt=speed_prompt,
+                speed_gen=speed_gen)
+    save_rows(out, part, rows, meta)
+    log(f"{part}: {meta['seconds']:.0f} s, peak RSS {meta['peak_rss_mib']:.0f} MiB -> {out / 'bench_prune.json'}")
+
+
+if __name__ == "__main__":
+    main()
