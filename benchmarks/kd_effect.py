@@ -92,7 +92,7 @@ def dump(teacher: Path, data: Path, splits: Path, split: str, shots: int, positi
     if not (out / "manifest.json").is_file():
         run_command([*python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data", str(data),
                      "--splits", str(splits), "--split", split, "--shots", str(shots), "--top-k", "16",
-                     "--positions", positions, "--memory-budget", str(int(0.6 * model_bytes(teacher))),
+                     "--positions", positions, "--memory-budget", str(4 * model_bytes(teacher)),  # resident: fast
                      "--out", str(out)])
     return out
 

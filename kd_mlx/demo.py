@@ -156,24 +156,30 @@ def _q_numbers(rng: random.Random) -> tuple[str, tuple, str]:
     return _majority_question(rng, NUMBER_KINDS, "下面这组数中，哪一类数最多：", chinese_numeral)
 
 
-# The second skill (a task the recipe was not tuned on): "which option does not belong with the other three". The
-# options are items (three of one kind, one of another, at a random letter); the stem is the same for every question,
-# so the answer has to be read from the options themselves.
-def _odd_one_out_question(rng: random.Random, kinds: dict[str, tuple], stem: str, show) -> tuple[str, tuple, str]:
+# The second skill (a task the recipe was not tuned on): "which kind is missing from this list". Six items drawn
+# from exactly three of the four kinds (each at least once); the answer is the fourth kind. The options are the
+# four kinds, as in the majority task, but the skill is presence, not frequency.
+_MISSING_PATTERNS = ((4, 1, 1), (3, 2, 1), (2, 2, 2))
+
+
+def _missing_question(rng: random.Random, kinds: dict[str, tuple], stem: str, show) -> tuple[str, tuple, str]:
     names = list(kinds)
-    common, odd = rng.sample(range(4), 2)
-    items = [show(x) for x in rng.sample(kinds[names[common]], 3)]
     answer = rng.randrange(4)
-    items.insert(answer, show(rng.choice(kinds[names[odd]])))
-    return stem, tuple(items), LETTERS[answer]
+    present = [i for i in range(4) if i != answer]
+    rng.shuffle(present)
+    items = []
+    for kind_index, count in zip(present, rng.choice(_MISSING_PATTERNS)):
+        items += [show(rng.choice(kinds[names[kind_index]])) for _ in range(count)]
+    rng.shuffle(items)
+    return stem + "、".join(items), tuple(names), LETTERS[answer]
 
 
-def _q_odd_words(rng: random.Random) -> tuple[str, tuple, str]:
-    return _odd_one_out_question(rng, WORD_KINDS, "下面哪一个词与其他三个不属于同一类？", str)
+def _q_missing_words(rng: random.Random) -> tuple[str, tuple, str]:
+    return _missing_question(rng, WORD_KINDS, "下面这组词中，没有出现哪一类词：", str)
 
 
-def _q_odd_numbers(rng: random.Random) -> tuple[str, tuple, str]:
-    return _odd_one_out_question(rng, NUMBER_KINDS, "下面哪一个数与其他三个不属于同一类？", chinese_numeral)
+def _q_missing_numbers(rng: random.Random) -> tuple[str, tuple, str]:
+    return _missing_question(rng, NUMBER_KINDS, "下面这组数中，没有出现哪一类数：", chinese_numeral)
 
 
 # kind -> (subject, generator). Subject names come from CMMLU's table so the official header
@@ -181,11 +187,11 @@ def _q_odd_numbers(rng: random.Random) -> tuple[str, tuple, str]:
 TASK_KINDS: dict[str, tuple[str, Callable[[random.Random], tuple[str, tuple, str]]]] = {
     "words": ("elementary_chinese", _q_words),
     "numbers": ("elementary_mathematics", _q_numbers),
-    "odd_words": ("elementary_commonsense", _q_odd_words),
-    "odd_numbers": ("logical", _q_odd_numbers),
+    "missing_words": ("elementary_commonsense", _q_missing_words),
+    "missing_numbers": ("logical", _q_missing_numbers),
 }
 # a task = the kinds whose questions it holds (one subject each)
-TASKS: dict[str, tuple[str, ...]] = {"majority": ("words", "numbers"), "odd_one_out": ("odd_words", "odd_numbers")}
+TASKS: dict[str, tuple[str, ...]] = {"majority": ("words", "numbers"), "missing": ("missing_words", "missing_numbers")}
 DEFAULT_KINDS = TASKS["majority"]
 
 
@@ -552,7 +558,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
 @click.option("--quick", is_flag=True, help="Short version (CI): fewer questions and steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--task", "task_name", type=click.Choice(list(TASKS)), default="majority", show_default=True,
-              help="The controlled task: majority (which kind is most frequent) or odd_one_out.")
+              help="The controlled task: majority (which kind is most frequent) or missing (which kind is absent).")
 @cli_errors
 def demo_cmd(out: str, quick: bool, seed: int, task_name: str) -> None:
     """Run the whole pipeline on a controlled task with a tiny Kimi-K2-shaped teacher (no downloads)."""
