@@ -1,153 +1,208 @@
-"""Benchmark: does distillation beat training on the gold labels? Held-out accuracy on the demo's controlled task.
+"""Benchmark: which distillation recipe works? Held-out accuracy on the demo's controlled task, arm by arm.
 
-    source scripts/setup_env.sh
-    python -m kd_mlx demo --out demo_out                     # task, splits, trained teacher
-    python benchmarks/kd_effect.py --demo demo_out --seeds 0,1,2 --steps 80
+    python -m kd_mlx demo --out demo_out                                       # task, splits, trained teacher
+    nice -n 5 python benchmarks/kd_effect.py --demo demo_out --seeds 0,1,2     # the table below
+    python benchmarks/kd_effect.py --demo demo_out --arms recipe,ce --arm "lr1e-2:learning_rate=0.01"
 
-The demo's store holds the answer position only; the benchmark first dumps the question positions as well with
-`python -m kd_mlx.teacher dump --positions question` (DEMO/kd_effect/store_question) unless the demo's store has them.
+Every arm trains a fresh random-init tiny Phi student (seed-dependent init and batch order) on the SAME training
+questions (the demo's train split) through kd_mlx.train's own loop (`prepare` once per store, `train_prepared` per
+arm) and is scored on the demo's held-out test split by kd_mlx.eval (official protocol, the adapters of the
+LAST step, so no arm is picked by a test-set peek). An arm is the demo recipe (`kd_mlx.demo.TRAIN_CONFIG` over
+`kd_mlx.train` DEFAULTS) with a few keys changed (`ARMS`); all arms share steps, batch size and data unless the
+arm's name says otherwise. Arms that need token-level targets use a store dumped with `--positions question` (made
+once under DEMO/kd_effect/); transfer arms use a store that also holds unlabelled transfer questions (below).
+Prints mean ± std over seeds, the teacher's test accuracy, wall time and peak memory per arm; appends every run
+to OUT/kd_effect.jsonl as it finishes and writes the table to OUT/kd_effect.json.
 
-For each seed: a fresh random-init tiny Phi student (seed-dependent init), then four arms with the SAME training
-questions (the demo's train split), the SAME number of optimizer steps, batch size, learning rate and batch order:
-  baseline        no training (the student as initialised)
-  ce              cross-entropy on the gold letter only (over A–D)
-  answer_kl       KL(teacher A–D ‖ student A–D) at the answer position, T=2, no gold labels
-  answer_kl+tok   answer_kl + token-level cross-tokenizer KD (teacher top-k on the question tokens, aligned to
-                  the student's tokens by kd_mlx.align, tail bucket), weight --kd-weight
-All arms train through kd_mlx.train's own loop (`prepare` once, `train_prepared` per arm) and are scored on the
-demo's held-out test split by kd_mlx.eval (official protocol). Prints mean ± std over seeds, the teacher's test
-accuracy (from the demo's results), and wall time / peak memory per arm. Results also go to OUT/kd_effect.json.
-
-Measured 2026-11-29 on the build machine (Linux x86_64, 2 shared cores, MLX CPU + OpenBLAS), on a demo directory
-made by `python -m kd_mlx demo` (task seed 0: 2 subjects x 300 questions, train 360 / val 60 / test 180; teacher
-trained 300 steps, 4-bit, 58.33% on the test split; its store dumped with --positions question, top-16), command
-`python benchmarks/kd_effect.py --demo DEMO --seeds 0,1,2 --steps 80` (batch 8, lr 3e-3, T 2, token-KD weight 0.1,
-16 token positions per question, 5,760 aligned positions over the 360 training questions):
-
-    held-out test accuracy (%), mean ± std over seeds 0,1,2 (180 questions each); chance 25
-      baseline        22.41 ±  2.80   per seed 22.8, 19.4, 25.0
-      ce              25.74 ±  6.39   per seed 25.6, 19.4, 32.2    55 s/run
-      answer_kl       42.96 ±  4.49   per seed 45.6, 37.8, 45.6    57 s/run
-      answer_kl+tok   36.11 ±  4.19   per seed 32.2, 35.6, 40.6   160 s/run
-    peak MLX memory 45-46 MiB per arm
-
-Reading: at equal steps (80 x 8 = 640 examples, 1.8 epochs) answer-KL beats gold-label CE by +17.2 points (CE is
-still at chance here: one gold letter per question is a far weaker signal than the teacher's four probabilities,
-whose ranking of the wrong options carries the item counts). Adding token-level KD *lowers* accuracy (-6.9 points vs
-answer-KL alone). Why: this demo teacher was trained only on the answer position, so its next-token distributions
-over the question text carry no knowledge of the task (dump quality report: mean entropy 5.07 nats, top-16 mass
-0.50 — near its random initialisation); matching them spends the student's capacity and gradient on noise. A real
-pretrained teacher (Kimi-K2) has informative token distributions; this benchmark cannot show that, and the token-KD
-arm here measures the cost of uninformative targets. Not tuned: the settings above were fixed before the run
-(kd weight 0.1 = the demo's; no other values tried). Noise: 180 test questions -> one question = 0.56 points.
+Transfer set (issue 13 item 2): `transfer1x` / `transfer4x` add 1x / 4x the train split in NEW generated questions
+(`kd_mlx.demo.generate_task` with another seed; any question equal to a train/val/test one is dropped) whose labels
+are never read: they are written with their own Answer column only because this store path needs one, the arm
+trains with ce_weight 0 (answer-KL only), so those questions reach the student only through the teacher's A–D
+distribution from the dump. Their reference is `answer_kl` (the same objective without transfer questions).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import click
+import mlx.core as mx
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-ARMS = {
+from kd_mlx.demo import TRAIN_CONFIG, model_bytes, python_m, run_command, write_transfer_task  # noqa: E402
+from kd_mlx.eval import evaluate_model, load_eval_model, select_questions  # noqa: E402
+from kd_mlx.store import TopKStore  # noqa: E402
+from kd_mlx.testing.models import tiny_phi_dir  # noqa: E402
+from kd_mlx.train.run import DEFAULTS, prepare, train_prepared  # noqa: E402
+
+# arm -> keys changed from the demo recipe. "store": which store the arm reads (answer | question | transferNx).
+ARMS: dict[str, dict] = {
+    "recipe": {},
     "ce": {"answer_weight": 0.0, "kd_weight": 0.0, "ce_weight": 1.0},
+    "ce_vocab": {"answer_weight": 0.0, "kd_weight": 0.0, "ce_weight": 1.0, "ce_over": "vocab"},
     "answer_kl": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0},
-    "answer_kl+tok": {"answer_weight": 1.0, "kd_weight": None, "ce_weight": 0.0},  # None: --kd-weight
+    "answer_kl_T1": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0, "temperature": 1.0},
+    "answer_kl_T4": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0, "temperature": 4.0},
+    "recipe_ce0.25": {"ce_weight": 0.25},
+    "recipe_ce1": {"ce_weight": 1.0},
+    "recipe_ce_vocab": {"ce_over": "vocab"},
+    "recipe_lr1e-3": {"learning_rate": 1e-3},
+    "recipe_lr1e-2": {"learning_rate": 1e-2},
+    "recipe_cosine": {"min_lr_ratio": 0.1},
+    "recipe_lora": {"fine_tune_type": "lora", "lora_rank": 8, "lora_scale": 20.0},
+    "recipe_steps2x": {"steps_x": 2},  # twice --steps
+    "recipe+tok0.1": {"kd_weight": 0.1, "store": "question"},
+    "recipe+tok0.5": {"kd_weight": 0.5, "store": "question"},
+    "recipe+tok0.5_T2": {"kd_weight": 0.5, "kd_temperature": 2.0, "store": "question"},
+    "transfer1x": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0, "store": "transfer1x"},
+    "transfer4x": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0, "store": "transfer4x"},
 }
+DEFAULT_ARMS = ("recipe", "ce", "answer_kl", "answer_kl_T1", "answer_kl_T4", "recipe_ce1", "recipe_ce_vocab",
+                "recipe_lr1e-3", "recipe_lr1e-2", "recipe_cosine", "recipe_lora", "recipe_steps2x")
 
 
-def evaluate_model_on_test(student: Path, adapters: Path | None, data: Path, splits: Path, shots: int) -> float:
-    from kd_mlx.eval import evaluate_model, load_eval_model, select_questions
+def parse_arm(spec: str) -> tuple[str, dict]:
+    """`NAME:key=value,key=value` (YAML scalars) -> (NAME, overrides)."""
+    name, _, body = spec.partition(":")
+    over = {}
+    for item in filter(None, body.split(",")):
+        k, _, v = item.partition("=")
+        if k.strip() not in (*DEFAULTS, "store", "steps_x"):
+            raise click.BadParameter(f"--arm {spec!r}: {k!r} is not a training setting")
+        over[k.strip()] = yaml.safe_load(v)
+    return name, over
 
+
+def test_accuracy(student: Path, adapters: Path | None, data: Path, splits: Path, shots: int) -> float:
     questions, dev = select_questions(str(data), str(splits), "test")
     em = load_eval_model(str(student), str(adapters) if adapters else None, dtype="float32")
-    return float(evaluate_model(em, questions, dev, shots=shots, batch_size=16).summary["overall"])
+    return float(evaluate_model(em, questions, dev, shots=shots, batch_size=16, progress=False).summary["overall"])
+
+
+def dump(teacher: Path, data: Path, splits: Path, split: str, shots: int, positions: str, out: Path) -> Path:
+    if not (out / "manifest.json").is_file():
+        run_command([*python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data", str(data),
+                     "--splits", str(splits), "--split", split, "--shots", str(shots), "--top-k", "16",
+                     "--positions", positions, "--memory-budget", str(4 * model_bytes(teacher)),  # resident: fast
+                     "--out", str(out)])
+    return out
+
+
+def val_curve(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [(r["step"], round(r["val_acc"] * 100, 1)) for r in rows if r["kind"] == "val"]
+
+
+def mean_std(v: list[float]) -> str:
+    return f"{statistics.mean(v):6.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:5.2f}"
 
 
 @click.command()
 @click.option("--demo", "demo_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Output of `python -m kd_mlx demo` (its task, splits, store and teacher are reused).")
 @click.option("--seeds", default="0,1,2", show_default=True)
-@click.option("--steps", type=int, default=80, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--learning-rate", type=float, default=3e-3, show_default=True)
-@click.option("--kd-weight", type=float, default=0.1, show_default=True, help="Token-KD weight of the last arm.")
-@click.option("--temperature", type=float, default=2.0, show_default=True)
-@click.option("--kd-max-positions", type=int, default=16, show_default=True,
-              help="Aligned token positions per question (nearest the answer) in the token-KD arm.")
+@click.option("--arms", default=",".join(DEFAULT_ARMS), show_default=True, help="Comma-separated names of ARMS.")
+@click.option("--arm", "extra_arms", multiple=True, help="Extra arm NAME:key=value,... over the recipe.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps per arm (default: the demo's).")
+@click.option("--eval-every", type=int, default=25, show_default=True, help="Validation every N steps (curve).")
 @click.option("--out", default=None, help="Where runs and kd_effect.json go (default DEMO/kd_effect).")
-def main(demo_dir, seeds, steps, batch_size, learning_rate, kd_weight, temperature, kd_max_positions, out):
-    import mlx.core as mx
-
-    from kd_mlx.demo import TRAIN_CONFIG
-    from kd_mlx.testing.models import tiny_phi_dir
-    from kd_mlx.train.run import DEFAULTS, prepare, train_prepared
-
-    from kd_mlx.demo import _python_m, model_bytes, run_command
-    from kd_mlx.store import TopKStore
-
+def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
     demo = Path(demo_dir).resolve()
-    out_dir = Path(out) if out else demo / "kd_effect"
-    data, splits, store, teacher = demo / "task", demo / "splits.json", demo / "store", demo / "models" / "teacher_4bit"
-    ident = TopKStore(store).identity if (store / "manifest.json").is_file() else {}
-    shots = int(ident.get("shots", 0))
-    if ident.get("positions") != "question":  # token-level KD needs the question positions: dump them once
-        store = out_dir / "store_question"
-        run_command([*_python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data", str(data),
-                     "--splits", str(splits), "--split", "train,val", "--shots", str(shots), "--top-k", "16",
-                     "--positions", "question", "--memory-budget", str(int(0.6 * model_bytes(teacher))),
-                     "--out", str(store)])
-    teacher_acc = evaluate_model_on_test(teacher, None, data, splits, shots)  # in memory (dequantized on CPU)
+    out_dir = Path(out).resolve() if out else demo / "kd_effect"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = json.loads((demo / "demo.json").read_text(encoding="utf-8"))
+    data, splits, teacher = demo / "task", demo / "splits.json", demo / "models" / "teacher_4bit"
+    shots = int(TopKStore(demo / "store").identity.get("shots", 0))
+    steps = int(steps or summary["preset"]["student_steps"])
+    arm_table = {a: ARMS[a] for a in arms.split(",") if a}
+    arm_table.update(dict(parse_arm(s) for s in extra_arms))
+    teacher_acc = float(summary["overall"]["teacher"])
+
+    stores: dict[str, tuple[Path, Path, Path]] = {"answer": (demo / "store", data, splits)}  # store, data, splits
+
+    def store_for(kind: str) -> tuple[Path, Path, Path]:
+        if kind not in stores:
+            if kind == "question":  # token-level KD needs the question positions: dumped once
+                stores[kind] = (dump(teacher, data, splits, "train,val", shots, "question",
+                                     out_dir / "store_question"), data, splits)
+            elif kind.startswith("transfer"):
+                factor = int(kind.removeprefix("transfer").removesuffix("x"))
+                t_data, t_splits = write_transfer_task(data, splits, out_dir / kind, factor,
+                                                       seed=1000 + int(summary["seed"]))
+                stores[kind] = (dump(teacher, t_data, t_splits, "train,val", shots, "answer",
+                                     out_dir / kind / "store"), t_data, t_splits)
+            else:
+                raise click.BadParameter(f"unknown store kind {kind!r}")
+        return stores[kind]
+
     seed_list = [int(s) for s in seeds.split(",")]
-    base = {**DEFAULTS, **TRAIN_CONFIG, "data": str(data), "splits": str(splits), "store": str(store),
-            "teacher_tokenizer": str(teacher), "steps": steps, "batch_size": batch_size,
-            "learning_rate": learning_rate, "temperature": temperature, "eval_every": steps, "save_every": steps,
-            "best_metric": "val_acc", "patience": 0, "kd_weight": kd_weight,
-            "kd_max_positions": kd_max_positions}
-    rows: dict[str, list[float]] = {"baseline": [], **{a: [] for a in ARMS}}
-    secs: dict[str, list[float]] = {a: [] for a in ARMS}
-    print(f"demo {demo}: teacher test accuracy {teacher_acc:.2f}%; store {store} (question positions); "
-          f"{steps} steps x batch {batch_size}, "
-          f"lr {learning_rate}, T {temperature}, token-KD weight {kd_weight}")
-    for seed in seed_list:
-        student = tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, n_layers=2, hidden=64, heads=4)
-        rows["baseline"].append(evaluate_model_on_test(student, None, data, splits, shots))
-        prep = prepare({**base, "student": str(student), "out": str(out_dir / "prep"), "seed": seed}, progress=False)
-        n_kd = sum(int(e.kd_pos.shape[0]) for e in prep.train)
-        for arm, weights in ARMS.items():
-            w = {k: (kd_weight if v is None else v) for k, v in weights.items()}
-            cfg = prep.cfg.replace(**w, seed=seed, out=str(out_dir / f"seed{seed}_{arm}"))
+    log = out_dir / "kd_effect.jsonl"  # one line per finished run; a rerun skips runs already there
+    done = {}
+    if log.is_file():
+        for ln in log.read_text(encoding="utf-8").splitlines():
+            r = json.loads(ln)
+            done[(r["seed"], r["arm"], json.dumps(r["overrides"], sort_keys=True))] = r
+    print(f"demo {demo}: teacher test {teacher_acc:.2f}%; {steps} steps; arms {', '.join(arm_table)}", flush=True)
+    students = {seed: tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, n_layers=2, hidden=64, heads=4)
+                for seed in seed_list}
+    rows: dict[str, list[float]] = {"baseline": [test_accuracy(students[s], None, data, splits, shots)
+                                                 for s in seed_list]}
+    info: dict[str, dict] = {}
+    preps: dict[tuple, object] = {}
+    for arm, over in arm_table.items():  # arm by arm, each over all seeds: a partial run gives whole rows
+        over = dict(over)
+        kind = over.pop("store", "answer")
+        arm_steps = steps * int(over.pop("steps_x", 1))
+        info[arm] = {**over, "store": kind, "steps": arm_steps}
+        for seed in seed_list:
+            prev = done.get((seed, arm, json.dumps(info[arm], sort_keys=True)))
+            if prev is not None:
+                rows.setdefault(arm, []).append(prev["test"])
+                print(f"seed {seed} {arm:18s} test {prev['test']:6.2f}%  (from {log.name})", flush=True)
+                continue
+            store, a_data, a_splits = store_for(kind)
+            cfg = {**DEFAULTS, **TRAIN_CONFIG, "data": str(a_data), "splits": str(a_splits), "store": str(store),
+                   "teacher_tokenizer": str(teacher), "student": str(students[seed]), "steps": arm_steps,
+                   "batch_size": summary["preset"]["student_batch"], "eval_every": eval_every,
+                   "save_every": arm_steps, "seed": seed, **over, "out": str(out_dir / f"seed{seed}_{arm}")}
+            key = (seed, kind, bool(cfg["kd_weight"]))  # examples depend on the store and on the KD targets
+            if key not in preps:
+                preps[key] = prepare(dict(cfg), progress=False)
+            prep = preps[key]
+            cfg = {**prep.cfg, **{k: v for k, v in cfg.items() if k != "shots"}}
             mx.reset_peak_memory()
             tic = time.perf_counter()
             train_prepared(prep, cfg, progress=False)
-            secs[arm].append(time.perf_counter() - tic)
-            acc = evaluate_model_on_test(student, Path(cfg.out) / "last", data, splits, shots)
-            rows[arm].append(acc)
-            print(f"seed {seed} {arm:14s} test {acc:6.2f}%  ({secs[arm][-1]:.0f} s, peak MLX "
-                  f"{mx.get_peak_memory() / 2**20:.0f} MiB)", flush=True)
-        print(f"seed {seed} baseline       test {rows['baseline'][-1]:6.2f}%  ({len(prep.train)} train questions, "
-              f"{n_kd} aligned token-KD positions)", flush=True)
-
-    def ms(v: list[float]) -> str:
-        return f"{statistics.mean(v):6.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:5.2f}"
-
-    print(f"\nheld-out test accuracy (%), mean ± std over seeds {seed_list}; teacher {teacher_acc:.2f}; "
-          f"chance 25")
+            dt = time.perf_counter() - tic
+            acc = test_accuracy(students[seed], Path(cfg["out"]) / "last", data, splits, shots)
+            rows.setdefault(arm, []).append(acc)
+            rec = {"seed": seed, "arm": arm, "test": acc, "seconds": dt, "n_train": len(prep.train),
+                   "val_curve": val_curve(Path(cfg["out"])), "peak_mlx_mib": mx.get_peak_memory() / 2**20,
+                   "overrides": info[arm]}
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"seed {seed} {arm:18s} test {acc:6.2f}%  val {rec['val_curve']}  ({dt:.0f} s, "
+                  f"{len(prep.train)} train q, peak MLX {rec['peak_mlx_mib']:.0f} MiB)", flush=True)
+    base = statistics.mean(rows["baseline"])
+    print(f"\nheld-out test accuracy (%), mean ± std over seeds {seed_list}; teacher {teacher_acc:.2f}; chance 25; "
+          f"gap closed = (arm - baseline) / (teacher - baseline)")
     for arm, v in rows.items():
-        extra = f"   {statistics.mean(secs[arm]):.0f} s/run" if arm in secs else ""
-        print(f"  {arm:14s} {ms(v)}   per seed {', '.join(f'{x:.1f}' for x in v)}{extra}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        gap = (statistics.mean(v) - base) / (teacher_acc - base)
+        print(f"  {arm:18s} {mean_std(v)}   gap closed {gap:5.0%}   per seed {', '.join(f'{x:.1f}' for x in v)}")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    print(f"process peak RSS {rss / 2**30:.2f} GiB")
     result = {"command": " ".join(sys.argv), "machine": f"{platform.system()} {platform.machine()}",
-              "teacher_test": teacher_acc, "store": str(store), "seeds": seed_list, "steps": steps,
-              "batch_size": batch_size, "learning_rate": learning_rate, "kd_weight": kd_weight,
-              "temperature": temperature, "kd_max_positions": kd_max_positions, "accuracy": rows, "train_seconds": secs}
+              "teacher_test": teacher_acc, "seeds": seed_list, "steps": steps, "recipe": TRAIN_CONFIG,
+              "arms": info, "accuracy": rows, "peak_rss_bytes": rss}
     (out_dir / "kd_effect.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out_dir / 'kd_effect.json'}")
 

@@ -31,13 +31,28 @@ import csv
 import io
 import json
 import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import click
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-from .utils import KDError, atomic_path, cli_errors, linux_blas_advice
+from .data import answer_token_ids, load_cmmlu, load_splits, split_questions
+from .eval import build_prompt_ids
+from .testing.models import tiny_kimi_k2_dir, tiny_phi_dir
+from .tokenizer import load_tokenizer
+from .utils import KDError, atomic_path, cli_errors, format_bytes, linux_blas_advice, write_json_atomic
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -141,13 +156,43 @@ def _q_numbers(rng: random.Random) -> tuple[str, tuple, str]:
     return _majority_question(rng, NUMBER_KINDS, "下面这组数中，哪一类数最多：", chinese_numeral)
 
 
+# The second skill (a task the recipe was not tuned on): "which kind is missing from this list". Six items drawn
+# from exactly three of the four kinds (each at least once); the answer is the fourth kind. The options are the
+# four kinds, as in the majority task, but the skill is presence, not frequency.
+_MISSING_PATTERNS = ((4, 1, 1), (3, 2, 1), (2, 2, 2))
+
+
+def _missing_question(rng: random.Random, kinds: dict[str, tuple], stem: str, show) -> tuple[str, tuple, str]:
+    names = list(kinds)
+    answer = rng.randrange(4)
+    present = [i for i in range(4) if i != answer]
+    rng.shuffle(present)
+    items = []
+    for kind_index, count in zip(present, rng.choice(_MISSING_PATTERNS)):
+        items += [show(rng.choice(kinds[names[kind_index]])) for _ in range(count)]
+    rng.shuffle(items)
+    return stem + "、".join(items), tuple(names), LETTERS[answer]
+
+
+def _q_missing_words(rng: random.Random) -> tuple[str, tuple, str]:
+    return _missing_question(rng, WORD_KINDS, "下面这组词中，没有出现哪一类词：", str)
+
+
+def _q_missing_numbers(rng: random.Random) -> tuple[str, tuple, str]:
+    return _missing_question(rng, NUMBER_KINDS, "下面这组数中，没有出现哪一类数：", chinese_numeral)
+
+
 # kind -> (subject, generator). Subject names come from CMMLU's table so the official header
 # (以下是关于{subject_zh}的单项选择题…) is built exactly as for the real benchmark.
 TASK_KINDS: dict[str, tuple[str, Callable[[random.Random], tuple[str, tuple, str]]]] = {
     "words": ("elementary_chinese", _q_words),
     "numbers": ("elementary_mathematics", _q_numbers),
+    "missing_words": ("elementary_commonsense", _q_missing_words),
+    "missing_numbers": ("logical", _q_missing_numbers),
 }
-DEFAULT_KINDS = ("words", "numbers")
+# a task = the kinds whose questions it holds (one subject each)
+TASKS: dict[str, tuple[str, ...]] = {"majority": ("words", "numbers"), "missing": ("missing_words", "missing_numbers")}
+DEFAULT_KINDS = TASKS["majority"]
 
 
 def generate_task(seed: int = 0, n_test: int = 200, n_dev: int = 5,
@@ -165,16 +210,46 @@ def generate_task(seed: int = 0, n_test: int = 200, n_dev: int = 5,
     for kind in kinds:
         subject, gen = TASK_KINDS[kind]
         rng = random.Random(f"kd_mlx-demo/{seed}/{kind}")  # per kind: adding a kind leaves the others unchanged
-        seen: set[str] = set()
+        seen: set[tuple] = set()
         items: list[TaskItem] = []
         while len(items) < n_dev + n_test:
             stem, choices, answer = gen(rng)
-            if stem in seen:  # the options are fixed: the stem alone identifies a question
+            if (stem, choices) in seen:
                 continue
-            seen.add(stem)
+            seen.add((stem, choices))
             items.append(TaskItem(subject, kind, stem, choices, answer))  # type: ignore[arg-type]
         out[subject] = {"dev": items[:n_dev], "test": items[n_dev:]}
     return out
+
+
+def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor: int, seed: int) -> tuple[Path, Path]:
+    """A copy of a written task whose train split gains `factor` x as many NEW generated questions (a transfer set:
+    questions for the teacher to label; any question equal to one of the task's is skipped). Returns (task dir,
+    splits.json). Those questions carry the generator's Answer only because the CSV layout needs one: train on them
+    with the teacher's terms only (ce_weight 0)."""
+    cmmlu = load_cmmlu(data_dir)
+    splits = load_splits(splits_path)
+    train = split_questions(cmmlu, splits, "train")
+    kinds = tuple(k for k, (subject, _) in TASK_KINDS.items() if subject in cmmlu.subjects)
+    known = {(q.question, tuple(q.choices)) for qs in (*cmmlu.test.values(), *cmmlu.dev.values()) for q in qs}
+    per_subject = {s: factor * sum(q.subject == s for q in train) for s in cmmlu.subjects}
+    fresh = generate_task(seed, max(per_subject.values()) * 2 + 4, 0, kinds)
+    out_dir = Path(out_dir)
+    for subject in cmmlu.subjects:
+        new = [it for it in fresh[subject]["test"] if (it.question, it.choices) not in known][: per_subject[subject]]
+        if len(new) < per_subject[subject]:
+            raise KDError(f"could not generate {per_subject[subject]} new {subject} questions")
+        old = [TaskItem(q.subject, "", q.question, tuple(q.choices), q.answer) for q in cmmlu.test[subject]]
+        for split, items in (("test", old + new), ("dev", [TaskItem(q.subject, "", q.question, tuple(q.choices),
+                                                                    q.answer) for q in cmmlu.dev.get(subject, [])])):
+            with atomic_path(out_dir / "task" / split / f"{subject}.csv") as tmp:
+                tmp.write_text(_csv_text(items), encoding="utf-8")
+    grown = load_cmmlu(out_dir / "task")
+    old_ids = set(splits["train"]) | set(splits["val"]) | set(splits["test"])
+    transfer = sorted(q.id for q in grown.test_questions() if q.id not in old_ids)
+    write_json_atomic(out_dir / "splits.json", {**splits, "train": sorted([*splits["train"], *transfer]),
+                                                "transfer": transfer})
+    return out_dir / "task", out_dir / "splits.json"
 
 
 def _csv_text(items: list[TaskItem]) -> str:
@@ -204,12 +279,10 @@ def write_task(out_dir: str | Path, seed: int = 0, n_test: int = 200, n_dev: int
 
 
 def prompt_batches(seqs: list[list[int]], golds: list[int], batch_size: int, rng: random.Random,
-                   pad_to: int = 16):
-    """Endless shuffled, right-padded batches (tokens, last index, gold 0..3); lengths rounded up to `pad_to` so
-    only a few shapes occur."""
-    import mlx.core as mx
-    import numpy as np
-
+                   pad_to: int = 16, lm_positions: int = 0):
+    """Endless shuffled, right-padded batches (tokens, last index, gold 0..3, LM positions); lengths rounded up to
+    `pad_to` so only a few shapes occur. LM positions: `lm_positions` prompt positions per row drawn uniformly
+    (with replacement) below the last one, whose next token is a next-token target, shape (B, lm_positions)."""
     order: list[int] = []
     while True:
         if len(order) < batch_size:
@@ -219,10 +292,12 @@ def prompt_batches(seqs: list[list[int]], golds: list[int], batch_size: int, rng
         idx, order = order[:batch_size], order[batch_size:]
         L = -(-max(len(seqs[i]) for i in idx) // pad_to) * pad_to
         toks = np.zeros((len(idx), L), np.int32)
+        lm_pos = np.zeros((len(idx), lm_positions), np.int32)
         for r, i in enumerate(idx):
             toks[r, : len(seqs[i])] = seqs[i]
+            lm_pos[r] = [rng.randrange(len(seqs[i]) - 1) for _ in range(lm_positions)]
         yield (mx.array(toks), mx.array([len(seqs[i]) - 1 for i in idx], dtype=mx.int32),
-               mx.array([golds[i] for i in idx], dtype=mx.int32))
+               mx.array([golds[i] for i in idx], dtype=mx.int32), mx.array(lm_pos))
 
 
 def _hidden_and_head(model):
@@ -236,9 +311,6 @@ def _hidden_and_head(model):
 def letter_accuracy(model, seqs: list[list[int]], golds: list[int], letter_ids: list[int],
                     batch_size: int = 32) -> float:
     """Official scoring (argmax over the four letter logits at the last position), plain per-batch forward."""
-    import mlx.core as mx
-    import numpy as np
-
     backbone, head = _hidden_and_head(model)
     lid = mx.array(letter_ids)
     correct = 0
@@ -255,15 +327,14 @@ def letter_accuracy(model, seqs: list[list[int]], golds: list[int], letter_ids: 
 
 
 def train_letter_model(model, seqs: list[list[int]], golds: list[int], letter_ids: list[int], *, steps: int,
-                       batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0,
-                       train_embeddings: bool = False, log_every: int = 0, log=print) -> list[float]:
-    """Plain MLX full fine-tuning: cross-entropy of the gold letter (over the four letter logits) at the answer
-    position; AdamW, linear warm-up then constant. Returns the loss per step. Used for the demo teacher's set-up
-    and as the gold-only reference in benchmarks/kd_effect.py."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-
+                       batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0, lm_weight: float = 0.0,
+                       lm_positions: int = 16, train_embeddings: bool = False, log_every: int = 0,
+                       log=print) -> list[float]:
+    """Plain MLX full fine-tuning of the demo teacher: cross-entropy of the gold letter (over the four letter
+    logits) at the answer position, plus, with `lm_weight` > 0, `lm_weight` x the next-token cross-entropy (full
+    vocabulary) at `lm_positions` random prompt positions per row: trained on whole sequences, the teacher's
+    distributions over the question text carry what it knows (token-level KD has something to transfer).
+    AdamW, linear warm-up then constant. Returns the loss per step."""
     mx.random.seed(seed)
     backbone, head = _hidden_and_head(model)
     lid = mx.array(letter_ids)
@@ -274,9 +345,14 @@ def train_letter_model(model, seqs: list[list[int]], golds: list[int], letter_id
         if "lm_head" in model:
             model.lm_head.freeze()
 
-    def loss_fn(m, toks, last, gold):
-        h = backbone(toks)[mx.arange(toks.shape[0]), last]
-        return nn.losses.cross_entropy(head(h)[:, lid], gold).mean()  # over the four letters (official scoring)
+    def loss_fn(m, toks, last, gold, lm_pos):
+        hidden = backbone(toks)
+        h = hidden[mx.arange(toks.shape[0]), last]
+        loss = nn.losses.cross_entropy(head(h)[:, lid], gold).mean()  # over the four letters (official scoring)
+        if lm_weight:
+            h_lm = mx.take_along_axis(hidden, lm_pos[..., None], axis=1)
+            loss = loss + lm_weight * nn.losses.cross_entropy(head(h_lm), mx.take_along_axis(toks, lm_pos + 1, axis=1)).mean()
+        return loss
 
     warm = max(1, steps // 10)
 
@@ -285,7 +361,7 @@ def train_letter_model(model, seqs: list[list[int]], golds: list[int], letter_id
 
     opt = optim.AdamW(learning_rate=sched, weight_decay=0.0)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
-    batches = prompt_batches(seqs, golds, batch_size, random.Random(seed))
+    batches = prompt_batches(seqs, golds, batch_size, random.Random(seed), lm_positions=lm_positions if lm_weight else 0)
     losses = []
     for step in range(1, steps + 1):
         loss, grads = loss_and_grad(model, *next(batches))
@@ -301,52 +377,30 @@ def train_letter_model(model, seqs: list[list[int]], golds: list[int], letter_id
 def task_prompts(data_dir: str | Path, splits_path: str | Path, split: str, tokenizer, shots: int,
                  add_bos: bool = False, max_tokens: int = 2048) -> tuple[list[list[int]], list[int]]:
     """Token ids of the official prompts of one split (exactly what kd_mlx.eval builds) and the gold indices."""
-    from .data import load_cmmlu, load_splits, split_questions
-    from .eval import build_prompt_ids
-
     cmmlu = load_cmmlu(data_dir)
     qs = split_questions(cmmlu, load_splits(splits_path), split)
     seqs, _, _, _ = build_prompt_ids(qs, dict(cmmlu.dev), tokenizer, shots, max_tokens, add_bos)
     return seqs, ["ABCD".index(q.answer) for q in qs]
 
 
-def save_quantized(model, config: dict, src_dir: Path, out_dir: Path, bits: int = 4, group_size: int = 32,
-                   n_shards: int = 3) -> Path:
-    """Quantize with mlx-lm (affine, `bits`) and write sharded safetensors + index + config + the tokenizer files
-    of `src_dir`, like a hub snapshot of an MLX 4-bit model."""
-    import shutil
-
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import quantize_model
-
-    from .testing.models import _layer_groups, _save_shards
-    from .utils import write_json_atomic
-
+def save_quantized(model, config: dict, src_dir: Path, out_dir: Path, bits: int = 4, group_size: int = 32) -> Path:
+    """Quantize with mlx-lm (affine, `bits`) and write it as mlx-lm writes a converted model (safetensors + index +
+    config) with the tokenizer files of `src_dir`, like a hub snapshot of an MLX 4-bit model."""
     model, config = quantize_model(model, dict(config), group_size=group_size, bits=bits)
     mx.eval(model.parameters())
-    weights = dict(tree_flatten(model.parameters()))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _save_shards(out_dir, weights, _layer_groups(list(weights), int(config["num_hidden_layers"]), n_shards))
+    save_model(out_dir, model)
     for f in src_dir.iterdir():
         if f.is_file() and (f.name.startswith("tokenizer") or f.suffix in (".model", ".tiktoken")):
             shutil.copyfile(f, out_dir / f.name)
-    write_json_atomic(out_dir / "config.json", config)
+    save_config(config, out_dir / "config.json")
     return out_dir
 
 
 def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, steps: int, shots: int, seed: int,
-                       bits: int = 4, log=print) -> dict:
+                       lm_weight: float = 0.0, bits: int = 4, log=print) -> dict:
     """Demo set-up: a tiny Kimi-K2-shaped model (deepseek_v3 architecture, Kimi-format tokenizer) trained on the
-    task's *train* split with plain MLX full fine-tuning, then written as 4-bit shards. Returns what it measured."""
-    import time
-
-    from mlx_lm.utils import load_model
-
-    from .data import answer_token_ids
-    from .testing.models import tiny_kimi_k2_dir
-    from .tokenizer import load_tokenizer
-
+    task's *train* split with plain MLX full fine-tuning (the answer letter, plus the prompt's next tokens with
+    `lm_weight`), then written as 4-bit safetensors. Returns what it measured."""
     tic = time.perf_counter()
     init_dir = tiny_kimi_k2_dir(out_dir.parent / "teacher_init", seed=seed, n_layers=2, hidden=64,
                                 n_routed_experts=4, experts_per_tok=2)
@@ -355,13 +409,15 @@ def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, step
     letters = answer_token_ids(tok)
     train_seqs, train_gold = task_prompts(data_dir, splits_path, "train", tok, shots)
     val_seqs, val_gold = task_prompts(data_dir, splits_path, "val", tok, shots)
-    log(f"  training the teacher on {len(train_seqs)} train questions for {steps} steps (plain MLX, full fine-tuning)")
-    losses = train_letter_model(model, train_seqs, train_gold, letters, steps=steps, seed=seed,
+    what = "answer letter + next tokens of the prompt" if lm_weight else "answer letter"
+    log(f"  training the teacher on {len(train_seqs)} train questions for {steps} steps (plain MLX, full fine-tuning "
+        f"of the {what})")
+    losses = train_letter_model(model, train_seqs, train_gold, letters, steps=steps, seed=seed, lm_weight=lm_weight,
                                 log_every=max(1, steps // 5), log=log)
     acc = {"train": letter_accuracy(model, train_seqs, train_gold, letters),
            "val": letter_accuracy(model, val_seqs, val_gold, letters)}
     save_quantized(model, config, init_dir, out_dir, bits=bits)
-    info = {"steps": steps, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "accuracy_fp32": acc,
+    info = {"steps": steps, "lm_weight": lm_weight, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "accuracy_fp32": acc,
             "bits": bits, "seconds": time.perf_counter() - tic}
     log(f"  teacher (fp32, before quantizing): train acc {acc['train']:.1%}, val acc {acc['val']:.1%}; "
         f"{bits}-bit shards in {out_dir}")
@@ -377,9 +433,9 @@ PRESETS: dict[str, dict] = {
     # the answer-position dump keeps the demo inside its time; benchmarks/kd_effect.py dumps question positions
     # too (token-level KD), which costs a full-vocabulary log-softmax per question token (~1 s per question here)
     "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 16,
-             "positions": "answer", "student_batch": 8},
+             "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0},
     "quick": {"n_test": 40, "shots": 0, "teacher_steps": 30, "student_steps": 10, "top_k": 8,
-              "positions": "answer", "student_batch": 8},
+              "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0},
 }
 
 # The distillation settings the demo passes to `python -m kd_mlx.train --config` (written to OUT/train.yaml). A
@@ -392,19 +448,12 @@ TRAIN_CONFIG = {
 }
 
 
-def _python_m() -> list[str]:
-    import sys
-
+def python_m() -> list[str]:
     return [sys.executable, "-m"]
 
 
 def run_command(argv: list[str], log=print, cwd: Path | None = None) -> float:
     """Run one pipeline command as a subprocess (printed as a user would type it); KDError if it fails."""
-    import shlex
-    import subprocess
-    import sys
-    import time
-
     shown = ["python" if a == sys.executable else a for a in argv]
     log(f"$ {shlex.join(shown)}")
     tic = time.perf_counter()
@@ -423,17 +472,11 @@ def model_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str = "majority",
+             preset: dict | None = None, log=print) -> dict:
     """The whole demo: task, set-up (teacher trained + quantized, student built), then the pipeline commands.
-    Returns a summary (also written to OUT/demo.json)."""
-    import time
-
-    import yaml
-
-    from .testing.models import tiny_phi_dir
-    from .utils import format_bytes, write_json_atomic
-
-    p = dict(PRESETS["quick" if quick else "full"])
+    `preset` changes keys of PRESETS (benchmarks). Returns a summary (also written to OUT/demo.json)."""
+    p = {**PRESETS["quick" if quick else "full"], **(preset or {})}
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     task, models = out / "task", out / "models"
@@ -444,19 +487,23 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> 
     tic0 = time.perf_counter()
 
     log(f"== 1. the controlled task -> {task}")
-    write_task(task, seed=seed, n_test=p["n_test"], n_dev=5)
-    example = generate_task(seed, 4, 0)["elementary_mathematics"]["test"][0]
-    log(f"  {len(DEFAULT_KINDS)} subjects x {p['n_test']} questions in CMMLU's layout (dev/ test/ CSVs): which kind "
-        f"of item is most frequent in a list; e.g.\n    {example.question}  "
+    if task_name not in TASKS:
+        raise KDError(f"unknown task {task_name!r}; known: {', '.join(TASKS)}")
+    kinds = TASKS[task_name]
+    write_task(task, seed=seed, n_test=p["n_test"], n_dev=5, kinds=kinds)
+    example = next(iter(generate_task(seed, 4, 0, kinds).values()))["test"][0]
+    log(f"  {len(kinds)} subjects x {p['n_test']} questions in CMMLU's layout (dev/ test/ CSVs), task {task_name}; "
+        f"e.g.\n    {example.question}  "
         f"{' '.join(f'{l}. {c}' for l, c in zip(LETTERS, example.choices))}  -> {example.answer}")
 
     log(f"== 2. pipeline: leak-free splits -> {splits}")
-    times["split"] = run_command([*_python_m(), "kd_mlx.data", "split", "--data", str(task), "--out", str(splits),
+    times["split"] = run_command([*python_m(), "kd_mlx.data", "split", "--data", str(task), "--out", str(splits),
                                   "--seed", str(seed), "--val", "0.1", "--test", "0.3"], log)
 
     log("== 3. demo set-up (not part of the pipeline): a teacher that knows the task, a student that does not")
     tic = time.perf_counter()
-    info = build_demo_teacher(teacher, task, splits, steps=p["teacher_steps"], shots=p["shots"], seed=seed, log=log)
+    info = build_demo_teacher(teacher, task, splits, steps=p["teacher_steps"], shots=p["shots"], seed=seed,
+                              lm_weight=p["teacher_lm_weight"], log=log)
     tiny_phi_dir(student, seed=seed, n_layers=2, hidden=64, heads=4)
     t_bytes = model_bytes(teacher)
     budget = int(t_bytes * 0.6)  # streamed: the teacher never fits whole in the budget
@@ -465,7 +512,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> 
 
     log(f"== 4. pipeline: teacher dump, streamed under {format_bytes(budget)} (teacher on disk: "
         f"{format_bytes(t_bytes)}) -> {store}")
-    times["dump"] = run_command([*_python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data",
+    times["dump"] = run_command([*python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data",
                                  str(task), "--splits", str(splits), "--split", "train,val", "--shots",
                                  str(p["shots"]), "--top-k", str(p["top_k"]), "--positions", p["positions"],
                                  "--memory-budget", str(budget), "--out", str(store)], log)
@@ -474,7 +521,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> 
     cfg_path = out / "train.yaml"
     cfg_path.write_text(yaml.safe_dump({**TRAIN_CONFIG, "steps": p["student_steps"],
                                         "batch_size": p["student_batch"], "seed": seed}, sort_keys=False))
-    times["train"] = run_command([*_python_m(), "kd_mlx.train", "--config", str(cfg_path), "--student",
+    times["train"] = run_command([*python_m(), "kd_mlx.train", "--config", str(cfg_path), "--student",
                                   str(student), "--store", str(store), "--data", str(task), "--splits", str(splits),
                                   "--teacher-tokenizer", str(teacher), "--out", str(run), "--no-progress"], log)
 
@@ -484,18 +531,18 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> 
              "baseline": ["--model", str(student)],
              "distilled": ["--model", str(student), "--adapters", str(run / "best")]}
     for name, args in evals.items():
-        times[f"eval_{name}"] = run_command([*_python_m(), "kd_mlx.eval", *args, *common, "--out",
+        times[f"eval_{name}"] = run_command([*python_m(), "kd_mlx.eval", *args, *common, "--out",
                                              str(results / name)], log)
 
     log(f"== 7. pipeline: report -> {report}")
-    times["report"] = run_command([*_python_m(), "kd_mlx.report", str(results / "teacher"),
+    times["report"] = run_command([*python_m(), "kd_mlx.report", str(results / "teacher"),
                                    str(results / "baseline"), str(results / "distilled"), "--run", str(run),
                                    "--out", str(report)], log)
     overall = {}
     for name in evals:
         s = json.loads((results / name / "summary.json").read_text(encoding="utf-8"))
         overall[name] = s["overall"]
-    summary = {"out": str(out), "quick": quick, "seed": seed, "preset": p, "teacher_setup": info,
+    summary = {"out": str(out), "quick": quick, "seed": seed, "task": task_name, "preset": p, "teacher_setup": info,
                "teacher_bytes": t_bytes, "memory_budget": budget, "overall": overall, "seconds": times,
                "total_seconds": time.perf_counter() - tic0, "report": str(report / "report.md")}
     write_json_atomic(out / "demo.json", summary)
@@ -510,12 +557,14 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, log=print) -> 
 @click.option("--out", default="demo_out", show_default=True, help="Directory for every artifact.")
 @click.option("--quick", is_flag=True, help="Short version (CI): fewer questions and steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--task", "task_name", type=click.Choice(list(TASKS)), default="majority", show_default=True,
+              help="The controlled task: majority (which kind is most frequent) or missing (which kind is absent).")
 @cli_errors
-def demo_cmd(out: str, quick: bool, seed: int) -> None:
+def demo_cmd(out: str, quick: bool, seed: int, task_name: str) -> None:
     """Run the whole pipeline on a controlled task with a tiny Kimi-K2-shaped teacher (no downloads)."""
     if (advice := linux_blas_advice()):
         click.echo(advice, err=True)
-    run_demo(out, quick=quick, seed=seed, log=lambda s: click.echo(s))
+    run_demo(out, quick=quick, seed=seed, task_name=task_name, log=lambda s: click.echo(s))
 
 
 def main() -> None:
