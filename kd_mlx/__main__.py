@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("kd_mlx.eval", "CMMLU accuracy under the official protocol"),
     "report": ("kd_mlx.report", "Markdown report and plots from eval results"),
     "export": ("kd_mlx.export", "fuse adapters, quantize, serve, ask one question"),
+    "prune": ("kd_mlx.prune", "structured pruning of the student (layers, MLP channels, heads) by importance"),
     "demo": ("kd_mlx.demo", "the whole pipeline on a controlled task, no downloads"),
 }
 # shortcuts: `python -m kd_mlx ask ...` = `python -m kd_mlx export ask ...`

@@ -150,7 +150,7 @@ def _is_hub_id(student: str) -> bool:
     return not Path(student).expanduser().exists() and student.count("/") == 1 and not student.startswith((".", "/", "~"))
 
 
-def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
@@ -252,7 +252,7 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
         weight_bytes = sum(v.nbytes for v in weights.values())
         n_params = int(get_total_parameters(model))
         del weights
-        _copy_tokenizer_files(student_dir, tmp)
+        copy_tokenizer_files(student_dir, tmp)
         added_template = ensure_chat_template(tmp)
         quant = config.get("quantization")
         record = {

@@ -50,7 +50,8 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import _get_classes, load_model, save_config, save_model
 
 from . import losses
-from .export import _copy_tokenizer_files, check_adapters_dir, fuse_adapters
+from .export import copy_tokenizer_files, fuse_adapters
+from .model_dir import read_adapter_config
 from .train.batches import Example, collate
 from .utils import KDError, cli_errors, load_yaml_config, merge_config, resolve_model_path, write_json_atomic
 
@@ -479,7 +480,7 @@ def write_model_dir(out: Path, model: nn.Module, config: dict, tokenizer_src: Pa
     try:
         save_model(tmp, model, donate_model=False)
         save_config(dict(config), tmp / "config.json")
-        copied = _copy_tokenizer_files(tokenizer_src, tmp)
+        copied = copy_tokenizer_files(tokenizer_src, tmp)
         if not copied:
             raise KDError(f"student {tokenizer_src} has no tokenizer files to copy (tokenizer.json, ...)")
         write_json_atomic(tmp / "prune_config.json", final_config)
@@ -540,7 +541,7 @@ def run_prune(cfg: dict, progress: bool = True) -> PruneResult:
     if int(cfg["calib_questions"]) < 1 or int(cfg["batch_size"]) < 1:
         raise KDError("--calib-questions and --batch-size must be >= 1")
     if cfg["adapters"]:
-        check_adapters_dir(cfg["adapters"])
+        read_adapter_config(cfg["adapters"])
     out = check_out(cfg["out"])
     tcfg = {**TRAIN_DEFAULTS, "student": str(student), "store": cfg["store"], "data": cfg["data"],
             "splits": cfg["splits"], "out": str(out), "teacher_tokenizer": cfg["teacher_tokenizer"],
