@@ -123,3 +123,15 @@ def test_stage_help_same_through_dispatcher_and_module(stage):
     b = subprocess.run([sys.executable, "-m", f"kd_mlx.{stage}", "--help"], capture_output=True, text=True,
                        check=True)
     assert a.stdout == b.stdout and "Usage: python -m kd_mlx." in a.stdout
+
+
+def test_imports_live_at_module_level():
+    """The dispatcher imports only the chosen stage, so imports belong at the top of a module; the few inside
+    functions are for optional or heavy dependencies used by one path (transformers for remote-code tokenizers,
+    matplotlib's backend choice)."""
+    inside = [f"{p.relative_to(PKG.parent)}:{node.lineno}"
+              for p in PKG.rglob("*.py")
+              for fn in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+              if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert len(inside) <= 40, f"{len(inside)} function-level imports: {inside}"
