@@ -197,12 +197,12 @@ def test_split_refuses_to_replace_other_splits_and_directories(world, tmp_path):
     assert msg == f"--out {inside} is inside the data's own files: write splits.json elsewhere"
 
 
-def test_mistyped_local_data_path_is_not_a_hub_id(tmp_path):
-    runner = CliRunner(env={"HF_HUB_OFFLINE": "1"})
-    with runner.isolated_filesystem(temp_dir=tmp_path):
-        Path("data").mkdir()
-        r = runner.invoke(data_cli, ["split", "--data", "data/cmmlu_typo", "--out", "s.json"], catch_exceptions=False)
-        assert r.exit_code == 1
-        assert r.stderr.strip() == ("error: CMMLU data not found: data/cmmlu_typo (a directory with dev/ and test/, "
-                                    "a zip, or a hub id)")
-        assert not Path("s.json").exists()
+def test_mistyped_local_data_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("data").mkdir()  # `data/cmmlu_typo` has the owner/name shape, but data/ is a local directory
+    r = CliRunner(env={"HF_HUB_OFFLINE": "1"}).invoke(data_cli, ["split", "--data", "data/cmmlu_typo", "--out",
+                                                                 "s.json"], catch_exceptions=False)
+    assert r.exit_code == 1
+    assert r.stderr.strip() == ("error: CMMLU data not found: data/cmmlu_typo (a directory with dev/ and test/, "
+                                "a zip, or a hub id)")
+    assert not Path("s.json").exists()

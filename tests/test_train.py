@@ -464,3 +464,60 @@ def test_sweep_ranks_trials(world, tmp_path):
     assert accs == sorted(accs, reverse=True)
     assert {t["params"]["temperature"] for t in sw["trials"]} == {1, 2}
     assert "val_acc" in r.output
+
+
+@pytest.mark.slow
+def test_transfer_set_labelled_by_the_dump_trains_on_teacher_terms_only(world, tmp_path):
+    """Questions without answers (DATA/transfer/) go through the real dump (label -1) and training: their rows add
+    to the teacher's terms and to nothing else (no CE, no accuracy)."""
+    import shutil
+
+    from kd_mlx.data import load_cmmlu, make_splits
+    from kd_mlx.store import TopKStore
+    from kd_mlx.teacher.dump import dump_store
+    from kd_mlx.train.batches import collate
+    from kd_mlx.train.model import load_student, setup_trainable
+    from kd_mlx.train.objective import head_split, objective
+    from kd_mlx.train.run import prepare, train_prepared
+    from kd_mlx.utils import write_json_atomic
+
+    data = Path(shutil.copytree(world["data"], tmp_path / "cmmlu"))
+    (data / "transfer").mkdir()
+    for s_i, subject in enumerate(SUBJECTS):  # no Answer column at all
+        with open(data / "transfer" / f"{subject}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["", "Question", "A", "B", "C", "D"])
+            for i, r in enumerate(_questions(700 + s_i, 4)):
+                w.writerow([i, *r[:5]])
+    cmmlu = load_cmmlu(data)
+    splits = make_splits(cmmlu, seed=0, val=0.2, test=0.2)
+    assert len(splits["transfer"]) == 8
+    write_json_atomic(tmp_path / "splits.json", splits)
+    store = tmp_path / "store"
+    dump_store({"teacher": str(world["teacher"]), "data": str(data), "splits": str(tmp_path / "splits.json"),
+                "split": "train,val,transfer", "shots": SHOTS, "top_k": TOPK, "encoding": "fp32",
+                "out": str(store)}, progress=False, log=lambda m: None)
+    assert {TopKStore(store)[i].label for i in splits["transfer"]} == {-1}  # the teacher labels them, no gold
+
+    cfg = cfg_for(world, tmp_path / "run", data=str(data), splits=str(tmp_path / "splits.json"), store=str(store),
+                  teacher_tokenizer=str(world["teacher"]), transfer_split="transfer", steps=2, eval_every=2,
+                  save_every=2)
+    prep = prepare(cfg, progress=False)
+    transfer = [e for e in prep.train if "/transfer/" in e.qid]
+    labelled = [e for e in prep.train if "/transfer/" not in e.qid]
+    assert len(transfer) == 8 and {e.gold for e in transfer} == {-1} and min(e.gold for e in labelled) >= 0
+    assert all(len(e.kd_pos) for e in transfer)  # token-level targets too
+
+    model, _, _ = load_student(str(world["student"]))
+    setup_trainable(model, prep.cfg)
+    split, letters = head_split(model), mx.array(prep.letter_ids)
+
+    def parts(exs):
+        return np.array(objective(model, split, collate(exs, pad_to=16).arrays(), letters, prep.cfg)[1])
+
+    both, lab, tr = parts(labelled[:2] + transfer[:2]), parts(labelled[:2]), parts(transfer[:2])
+    assert tr[2] == 0.0 and tr[3] == 0.0  # no CE and no accuracy without an answer
+    assert both[2] == pytest.approx(lab[2], rel=1e-5) and both[3] == lab[3]  # CE: the labelled rows' mean
+    assert both[0] == pytest.approx((lab[0] + tr[0]) / 2, rel=1e-5)  # answer KL: every row
+    summary = train_prepared(prep, prep.cfg, progress=False)
+    assert summary["stopped"] == "completed" and all(math.isfinite(r["loss"]) for r in train_rows(tmp_path / "run"))
