@@ -29,8 +29,9 @@ _FLAGS = {"student": str, "store": str, "data": str, "splits": str, "teacher_tok
 
 def _with_common(fn):
     for name, kind in reversed(list(_FLAGS.items())):
-        fn = click.option(f"--{name.replace('_', '-')}", name, type=kind,
-                          help=f"{help_text(name)} [default: {defaults()[name]}]")(fn)
+        default = defaults()[name]
+        shown = "" if default is None else f" [default: {default}]"
+        fn = click.option(f"--{name.replace('_', '-')}", name, type=kind, help=help_text(name) + shown)(fn)
     fn = click.option("--no-verify", "verify_store", flag_value=False, default=None,
                       help="Skip the once-per-run sha256 check of the store's shards.")(fn)
     return click.option("--config", "config_path", type=click.Path(dir_okay=False),

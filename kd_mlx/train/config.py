@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Union
 
 from ..utils import KDError
@@ -156,11 +156,6 @@ def defaults() -> dict[str, Any]:
 
 def help_text(name: str) -> str:
     return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
-
-
-def default_of(name: str) -> Any:
-    f = next(f for f in fields(TrainConfig) if f.name == name)
-    return f.default_factory() if f.default is MISSING else f.default
 
 
 # ------------------------------------------------------------------------------------------------ validation
