@@ -278,7 +278,9 @@ def test_train_cli_loss_decreases_and_adapters_load_in_mlx_lm(world, tmp_path):
     def epoch_mean(key, part):
         return float(np.mean([x[key] for x in part]))
 
-    for key, ratio in (("answer_kl", 0.5), ("ce", 0.95), ("loss", 0.95)):
+    # measured (exact token targets): answer_kl 0.99 -> 0.61, ce 10.26 -> 9.13, loss 8.06 -> 7.07; the answer terms
+    # fall the same with kd_weight 0 (0.98 -> 0.60)
+    for key, ratio in (("answer_kl", 0.7), ("ce", 0.95), ("loss", 0.95)):
         first, last = epoch_mean(key, rows[:6]), epoch_mean(key, rows[-6:])
         assert last < ratio * first, (key, first, last)
     assert epoch_mean("token_kd", rows[-6:]) <= 1.02 * epoch_mean("token_kd", rows[:6])
@@ -322,12 +324,9 @@ def test_token_kd_form():
 
     assert abs(kl(flat, rest, "bucket")) < 1e-4  # the student already is the teacher: nothing to learn
     assert kl(flat, rest, "renorm") == pytest.approx(math.log(V / k), rel=1e-4)  # renorm invents confidence
-    # tempering the (k+1)-category coarsening at T=2 would leave the same exact student far from its "target"
-    # (hand: tempered weights sqrt(1/V) x8 and sqrt(1-8/V) renormalised, vs the still-uniform student, x T^2)
-    w_i, w_t = (1 / V) ** 0.5, (1 - k / V) ** 0.5
-    z = k * w_i + w_t
-    want = 4 * (k * (w_i / z) * math.log((w_i / z) * V) + (w_t / z) * math.log((w_t / z) / (1 - k / V)))
-    assert kl(flat, rest, "bucket", T=2.0) == pytest.approx(want, rel=1e-3) and want > 0.5
+    # at T=2 the targets arrive tempered from the full teacher row (a uniform row stays uniform) and the loss tempers
+    # only the student: the same exact student is still at KL 0 (no inflated tail category)
+    assert abs(kl(flat, rest, "bucket", T=2.0)) < 1e-4
     # a peaked teacher (95% in the top-8): both forms ask for nearly the same thing
     peaked = mx.full((1, k), 0.95 / k)
     b, r = kl(peaked, mx.array([0.05]), "bucket"), kl(peaked, mx.array([0.05]), "renorm")
