@@ -130,7 +130,7 @@ def test_train_into_other_things(world, tmp_path):  # noqa: F811
     other.mkdir()
     (other / "summary.json").write_text("{}")
     msg = refused(train_cli, cli_args(world, other), other, *inputs(world))
-    assert msg == f"--out {other} is not empty (holds summary.json): choose a new or empty run directory"
+    assert msg == f"--out {other} holds 1 entry (summary.json): choose a new or empty run directory"
     msg = refused(train_cli, cli_args(world, world["store"] / "run"), *inputs(world))
     assert msg.startswith(f"--out {world['store'] / 'run'} overlaps the store input")
     (tmp_path / "file").write_text("x")

@@ -14,7 +14,7 @@ import yaml
 from ..data import answer_token_ids, check_no_leak, load_cmmlu, load_splits, split_questions
 from ..store import TOKENIZER_DIR, TopKStore, store_tokenizer
 from ..tokenizer import load_tokenizer
-from ..utils import KDError, resolve_model_path, write_json_atomic
+from ..utils import KDError, describe_dir, resolve_model_path, write_json_atomic, write_output_marker
 from .batches import BatchStream, eval_batches
 from .config import REQUIRED, RUN_FORMAT, TrainConfig, defaults
 from .distributed import check_ranks_agree, digest, examples_digest, rank_of, world
@@ -33,6 +33,7 @@ from .objective import head_split, objective
 DEFAULTS = defaults()  # every setting's default as a dict (= configs/train_phi15.yaml)
 # settings a resumed run may change: how far it goes (and `shots` left null = "what the store says")
 RESUMABLE_CHANGES = ("steps",)
+TRAIN_KIND = "train"  # the output-directory kind of a run directory (kd_mlx.utils output marker)
 
 
 def as_config(cfg: TrainConfig | dict) -> TrainConfig:
@@ -111,18 +112,15 @@ def check_run_dir(cfg: TrainConfig, resume: bool) -> None:
             raise KDError(f"nothing to resume in {cfg.out}: no checkpoint")
         check_adapter_base(last, resolve_model_path(cfg.student))
         return
-    if not out.is_dir():
+    if not out.is_dir() or not any(out.iterdir()):
         return
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    if "config.json" in entries or "metrics.jsonl" in entries or "checkpoints" in entries:
+    kind, words = describe_dir(out)
+    if kind == TRAIN_KIND or (out / "config.json").is_file():
         last = latest_checkpoint(out)
         where = f"last checkpoint {last.name}" if last else "no checkpoint"
         raise KDError(f"--out {cfg.out} already holds a training run ({where}): continue it with --resume "
                       f"{cfg.out}, or choose a new --out")
-    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    raise KDError(f"--out {cfg.out} is not empty (holds {shown}): choose a new or empty run directory")
+    raise KDError(f"--out {cfg.out} holds {words}: choose a new or empty run directory")
 
 
 # ------------------------------------------------------------------------------------------------ preparing
@@ -222,6 +220,7 @@ def train_prepared(prep: Prepared, cfg: TrainConfig | dict, resume: bool = False
     acfg[FINGERPRINT_KEY] = base_model_fingerprint(prep.student_path)
     if rank_of(group) == 0:
         run.mkdir(parents=True, exist_ok=True)
+        write_output_marker(run, TRAIN_KIND, {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES})
         write_json_atomic(run / "config.json", {"format": RUN_FORMAT, **cfg.to_dict(),
                                                 "trainable_parameters": trainable_parameter_count(model),
                                                 "n_train": len(prep.train), "n_val": len(prep.val),
