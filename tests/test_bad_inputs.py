@@ -329,9 +329,9 @@ def test_eval_overwrite_replaces_the_whole_results_dir(world, tmp_path):
     shutil.copytree(world.results, res)
     assert sorted(p.name for p in (res / "subjects").iterdir()) == ["anatomy.csv", "elementary_mathematics.csv"]
     before = tree_digest(world.root)
-    r = run_cli("eval", "--model", world.student, "--data", world.data, "--splits", world.splits, "--shots", "0",
-                "--subjects", "anatomy", "--quiet", "--out", res, "--overwrite")
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_inprocess(["eval", "--model", world.student, "--data", world.data, "--splits", world.splits,
+                                  "--shots", "0", "--subjects", "anatomy", "--quiet", "--out", res, "--overwrite"])
+    assert code == 0, err
     assert sorted(p.name for p in (res / "subjects").iterdir()) == ["anatomy.csv"]
     summary = json.loads((res / "summary.json").read_text())
     assert list(summary["subjects"]) == ["anatomy"] and summary["adapters"] is None
