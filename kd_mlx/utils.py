@@ -205,7 +205,10 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # `out` was a link: the link goes, the directory it pointed to is left as it was
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
