@@ -389,6 +389,7 @@ def _resume_bad_config(w: World, t: Path) -> list:
 
 
 OWN_DATA = "owner: kd_mlx/data/cli.py"
+OWN_LOAD_STUDENT = "owner: kd_mlx/train/model.py load_student -> kd_mlx.model_dir.load_model (lead, at merge)"
 
 SWEEP = {
     # data
@@ -442,6 +443,10 @@ SWEEP = {
     "train_zero_steps": _case(lambda w, t: _train(w, t, "--steps", "0"), "steps"),
     "train_yaml_steps_word": _case(lambda w, t: _train(w, t, steps=False, yaml={"steps": "four"}), "steps"),
     "train_yaml_lora_rank_zero": _case(lambda w, t: _train(w, t, yaml={"lora_rank": 0}), "lora_rank"),
+    "train_student_gemma_no_head_dim": _case(lambda w, t: _train(w, t, "--student", w.junk / "gemma_no_head_dim"),
+                                             "head_dim", OWN_LOAD_STUDENT),
+    "train_student_per_layer_rope": _case(lambda w, t: _train(w, t, "--student", w.junk / "per_layer_rope"),
+                                          "cannot be mapped", OWN_LOAD_STUDENT),
     "train_resume_missing": _case(lambda w, t: ["train", "--resume", t / "nope", "--no-progress"]),
     "train_resume_corrupt_config": _case(_resume_bad_config, "config.json"),
     "train_store_is_file": _case(lambda w, t: _train(w, t) + ["--store", w.junk / "text.txt"]),
