@@ -48,8 +48,8 @@ from .data import (LETTERS, answer_token_ids, load_cmmlu, load_splits, prompt_id
 from .model_dir import load_model, read_adapter_config, read_raw_config
 from .teacher import StreamingTeacher
 from .tokenizer import load_tokenizer
-from .utils import (KDError, cli_errors, config_int, linux_blas_advice, load_yaml_config, merge_config, parse_bytes, path_identity,
-                    prepare_output_dir, resolve_model_path, staged_output_dir, write_json_atomic)
+from .utils import (KDError, cli_errors, config_int, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
+                    path_identity, prepare_output_dir, resolve_model_path, staged_output_dir, write_json_atomic)
 
 N_CALIBRATION_BINS = 10
 

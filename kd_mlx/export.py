@@ -35,8 +35,8 @@ from mlx_lm.utils import dequantize_model, get_total_parameters, quantize_model,
 from .data import Question, answer_token_ids, build_prompt, subject_table
 from .eval import letter_logits_reference, letter_logits_streaming, load_eval_model, softmax4
 from .model_dir import load_model, read_adapter_config, read_raw_config
-from .utils import (KDError, cli_errors, config_int, load_yaml_config, merge_config, path_identity, prepare_output_dir,
-                    resolve_model_path, sha256_file, staged_output_dir, write_json_atomic)
+from .utils import (KDError, cli_errors, config_int, load_yaml_config, merge_config, path_identity,
+                    prepare_output_dir, resolve_model_path, sha256_file, staged_output_dir, write_json_atomic)
 
 LETTERS = ("A", "B", "C", "D")
 

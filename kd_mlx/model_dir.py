@@ -207,14 +207,23 @@ def read_adapter_config(adapters: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def check_adapters_base(adapters_dir: Path, adapter_cfg: dict, model_dir: Path) -> None:
-    """Refuse adapters trained on another base model (adapter_config.json's `base_model_fingerprint`, written at
-    training time). Adapters without the key (older runs, mlx-lm's own trainer) cannot be checked and pass."""
+    """Refuse adapters trained on another base model: adapter_config.json's `base_model_fingerprint` (written at
+    training time) must equal `model_dir`'s. Adapters without it (older runs, mlx-lm's own trainer) are checked
+    against the model their config names ("model") when that directory still exists; otherwise they pass."""
     want = adapter_cfg.get(FINGERPRINT_KEY)
+    named = adapter_cfg.get("model")
+    if want is None and isinstance(named, str) and Path(named).expanduser().is_dir():
+        named_dir = Path(named).expanduser()
+        if named_dir.resolve() == Path(model_dir).resolve():
+            return
+        try:
+            want = base_model_fingerprint(named_dir)
+        except KDError:
+            return  # the named directory is no longer a model: nothing to compare with
     if want is None:
         return
     got = base_model_fingerprint(model_dir)
     if got != want:
-        named = adapter_cfg.get("model")
         raise KDError(f"adapters {adapters_dir} were trained on another base model (fingerprint {want}"
                       f"{f', {named}' if named else ''}), not {model_dir} ({got}): give the student they were "
                       f"trained on")

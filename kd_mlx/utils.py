@@ -170,8 +170,8 @@ def prepare_output_dir(out: str | os.PathLike, kind: str, identity: dict, inputs
     there, words = describe_dir(out_p)
     marker = read_output_marker(out_p)
     if there != kind:
-        raise KDError(f"output {out_p} holds {words}, not kd_mlx {kind} output: choose another --out (--overwrite never "
-                      f"replaces another kind of directory)")
+        raise KDError(f"output {out_p} holds {words}, not kd_mlx {kind} output: choose another --out "
+                      f"(--overwrite never replaces another kind of directory)")
     same = marker is not None and _json_identity(marker.get("identity")) == _json_identity(identity)
     if same and resume:
         return "resume"
@@ -205,7 +205,10 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     os.replace(out, old)
     os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # `out` was a link: the link goes, the directory it pointed to is left as it was
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

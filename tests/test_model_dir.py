@@ -48,8 +48,8 @@ def _to_rope_parameters(keys: tuple[str, ...]):
 
 
 def _adapters(model_dir: Path, out: Path, keys: list[str], seed: int = 1) -> Path:
-    """mlx-lm LoRA adapters on the last two layers of `model_dir`, lora_b non-zero (seeded), with the base
-    fingerprint (as kd_mlx.train writes it)."""
+    """mlx-lm LoRA adapters on the last two layers of `model_dir`, lora_b non-zero (seeded), with the base-model
+    fingerprint as kd_mlx.train records it (equal for both configs of one checkpoint: the normalised config counts)."""
     model, _ = mlx_lm_load_model(model_dir, lazy=True)
     model.freeze()
     n = 2
@@ -184,6 +184,26 @@ def test_fingerprint_tells_same_shape_students_apart(tmp_path):
     shutil.copytree(a, copy)
     assert len(base_model_fingerprint(a)) == 16
     assert base_model_fingerprint(a) == base_model_fingerprint(copy) != base_model_fingerprint(b)
-    # the headers alone are identical: the samples of the data are what differ
-    head = [(d / "model.safetensors").read_bytes()[:4096] for d in (a, b)]
-    assert head[0][:8] == head[1][:8]
+    # the safetensors headers are identical: the samples of the data tell the weights apart
+    assert [(d / "model.safetensors").read_bytes()[:8] for d in (a, b)] == [(a / "model.safetensors").read_bytes()[:8]] * 2
+    # a transformers-5 re-save of the same weights is the same base model (the normalised config is hashed)
+    resaved = _resave(a, tmp_path / "resaved", _to_rope_parameters(("rope_theta", "partial_rotary_factor")))
+    assert base_model_fingerprint(resaved) == base_model_fingerprint(a)
+
+
+def test_adapters_of_another_student_refused(tmp_path):
+    a = tiny_phi_dir(tmp_path / "a", seed=0)
+    b = tiny_phi_dir(tmp_path / "b", seed=1)
+    adapters = _adapters(a, tmp_path / "adapters", PHI_KEYS)
+    acfg = json.loads((adapters / "adapter_config.json").read_text())
+    acfg.pop(FINGERPRINT_KEY)
+    (adapters / "adapter_config.json").write_text(json.dumps(acfg))
+    load_model(b, adapters=adapters)  # mlx-lm's format, no fingerprint, no named model: nothing to check against
+    (adapters / "adapter_config.json").write_text(json.dumps({**acfg, "model": str(a)}))
+    with pytest.raises(KDError, match="trained on another base model"):
+        load_model(b, adapters=adapters)  # the model the config names still exists: compared with it
+    load_model(a, adapters=adapters)
+    (adapters / "adapter_config.json").write_text(json.dumps({**acfg, FINGERPRINT_KEY: base_model_fingerprint(a)}))
+    with pytest.raises(KDError, match=f"fingerprint {base_model_fingerprint(a)}.*{base_model_fingerprint(b)}"):
+        load_model(b, adapters=adapters)
+    load_model(a, adapters=adapters)

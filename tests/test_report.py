@@ -150,6 +150,29 @@ def test_report_from_real_eval_runs(tmp_path):
     assert s["teacher"]["model"]["answer_token_ids"] == [32, 33, 34, 35]  # cl100k letters
 
 
+def test_report_rerun_follows_the_output_rule(three, tmp_path):
+    """A second report into the same --out is refused without --overwrite; with it the whole directory is replaced
+    (no training.png left from a run given before), and the report can never be written into one of its inputs."""
+    t, b, d = three
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 1.0}) + "\n")
+    rep = tmp_path / "rep"
+    assert _run_cli([t, b, d, "--run", str(run), "--out", str(rep)]).exit_code == 0
+    assert (rep / "training.png").exists()
+    before = (rep / "report.md").read_bytes()
+    r = _run_cli([t, b, d, "--out", str(rep)])
+    assert r.exit_code == 1 and "differs in: run" in r.output and "--overwrite" in r.output
+    assert (rep / "report.md").read_bytes() == before
+    r = _run_cli([t, b, d, "--out", str(rep), "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert not (rep / "training.png").exists() and "No run given" in (rep / "report.md").read_text(encoding="utf-8")
+    summary = (Path(t) / "summary.json").read_bytes()
+    r = _run_cli([t, b, d, "--out", t, "--overwrite"])
+    assert r.exit_code == 1 and "is the input" in r.output and (Path(t) / "summary.json").read_bytes() == summary
+    assert sorted(p.name for p in Path(t).iterdir()) == ["summary.json"]
+
+
 # ------------------------------------------------------------------------------------------------ pruning
 
 

@@ -142,3 +142,16 @@ def test_config_int():
     for bad, needle in (("four", "whole number"), (2.5, "whole number"), (True, "whole number"), (0, ">= 1")):
         with pytest.raises(KDError, match=needle):
             config_int({"n": bad}, "n", 1)
+
+
+def test_staged_output_dir_over_a_symlink_replaces_the_link_only(tmp_path):
+    from kd_mlx.utils import staged_output_dir
+
+    target = _marked(tmp_path / "elsewhere" / "res", "eval", {"a": 1})
+    link = tmp_path / "res"
+    link.symlink_to(target)
+    with staged_output_dir(link, "eval", {"a": 2}) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not link.is_symlink() and (link / "new.txt").read_text() == "new"
+    assert (target / "result.txt").read_text() == "earlier work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "res"]
