@@ -275,29 +275,38 @@ def fit_model_qwen3_moe(work: Path) -> Path:
     return tiny_family_dir("qwen3_moe", work / "qwen3_moe_fit", tokenizer="kimi", n_shards=4, overrides=QWEN_FIT)
 
 
-def part_b(work: Path, n_q: int, subject: str) -> dict:
+def part_b(work: Path, n_q: int, subject: str, reps: int = 2) -> dict:
     """Per model: generic streaming vs the baseline executor (same budget, cold page cache), and generic streaming
-    under half the model (cold) vs the same executor with the whole model resident (a second call)."""
+    under half the model (cold) vs the same executor with the whole model resident (a second call). The runs
+    alternate `reps` times and each configuration keeps its fastest run (the machine is shared)."""
     prompts = cmmlu_prompts(n_q, 0, subject)
     out = {}
     for name, model in (("deepseek_v3", fit_model(work)), ("qwen3_moe", fit_model_qwen3_moe(work))):
         disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         common = {"model": str(model), "prompts": prompts, "work": str(work), "budget": disk // 2, "cold": True}
-        r = {"model_bytes_on_disk": disk, "budget": disk // 2, "questions": n_q}
-        g = run_child("stream", {**common, "save": str(work / f"b_{name}_stream.npy")})
+        kinds = {"stream": ("stream", {}), "resident": ("stream", {"budget": None, "again": True})}
         if name == "deepseek_v3":  # the baseline executor ran deepseek_v3 and four dense families only
-            o = run_child("baseline", {**common, "save": str(work / f"b_{name}_baseline.npy")})
-            a, b = np.load(work / f"b_{name}_stream.npy"), np.load(work / f"b_{name}_baseline.npy")
+            kinds["baseline"] = ("baseline", {})
+        best: dict[str, dict] = {}
+        for _ in range(reps):
+            for label, (kind, extra) in kinds.items():
+                res = run_child(kind, {**common, **extra, "save": str(work / f"b_{name}_{label}.npy")})
+                if label not in best or res["wall_s"] < best[label]["wall_s"]:
+                    best[label] = res
+        g, res = best["stream"], best["resident"]
+        lp = {k: np.load(work / f"b_{name}_{k}.npy") for k in kinds}
+        r = {"model_bytes_on_disk": disk, "budget": disk // 2, "questions": n_q, "reps": reps, "tokens": g["tokens"],
+             "stream_wall_s": g["wall_s"], "stream_peak_mlx": g["peak_mlx"], "stream_peak_rss": g["peak_rss"],
+             "stream_bytes_read": g["bytes_read"], "io_wait_s": g["io_wait_s"],
+             "resident_first_call_s": res["first_call_s"], "resident_wall_s": res["wall_s"],
+             "resident_peak_rss": res["peak_rss"], "stream_over_resident": g["wall_s"] / res["wall_s"],
+             "max_abs_diff_stream_vs_resident": float(np.abs(lp["stream"] - lp["resident"]).max())}
+        if "baseline" in best:
+            o = best["baseline"]
             r.update(baseline_wall_s=o["wall_s"], baseline_peak_rss=o["peak_rss"], baseline_peak_mlx=o["peak_mlx"],
-                     generic_over_baseline=g["wall_s"] / o["wall_s"], max_abs_diff_vs_baseline=float(np.abs(a - b).max()),
-                     same_argmax=bool((a.argmax(1) == b.argmax(1)).all()))
-        res = run_child("stream", {**common, "budget": None, "again": True, "save": str(work / f"b_{name}_res.npy")})
-        a, b = np.load(work / f"b_{name}_stream.npy"), np.load(work / f"b_{name}_res.npy")
-        r.update(tokens=g["tokens"], stream_wall_s=g["wall_s"], stream_peak_mlx=g["peak_mlx"],
-                 stream_peak_rss=g["peak_rss"], stream_bytes_read=g["bytes_read"], io_wait_s=g["io_wait_s"],
-                 resident_first_call_s=res["first_call_s"], resident_wall_s=res["wall_s"],
-                 resident_peak_rss=res["peak_rss"], stream_over_resident=g["wall_s"] / res["wall_s"],
-                 max_abs_diff_stream_vs_resident=float(np.abs(a - b).max()))
+                     generic_over_baseline=g["wall_s"] / o["wall_s"],
+                     max_abs_diff_vs_baseline=float(np.abs(lp["stream"] - lp["baseline"]).max()),
+                     same_argmax=bool((lp["stream"].argmax(1) == lp["baseline"].argmax(1)).all()))
         out[name] = r
     return out
 
