@@ -3,13 +3,16 @@
 (a) a synthetic real-width Kimi-K2 (4-bit) >= 1.25x this machine's RAM on disk, budget 4 GiB, real CMMLU prompts:
     peak MLX memory, peak RSS, bytes read, wall time; ratio to max(raw sequential read of the same bytes,
     in-memory compute of the same tokens with mlx-lm's own layers, weights resident).
-(b) a model that fits (reduced-width Kimi-K2-shaped MoE): streaming vs plain `mlx_lm.utils.load_model` + forward,
-    and vs a naive reload-each-layer-per-sequence executor (AirLLM-style).
+(b) models that fit (a reduced-width Kimi-K2 = deepseek_v3, and a qwen3_moe of the same width), fp32, budget half
+    the model, cold page cache: generic streaming vs the per-family executor it replaced (git revision
+    BASELINE_REV, same budget; deepseek_v3 only: the baseline ran no other MoE family), and generic streaming vs the
+    same executor with the whole model resident (a second call, weights already in memory).
 (c) 5-shot prompts of one subject with and without prefix sharing.
 
     source scripts/setup_env.sh
     python benchmarks/bench_teacher.py --work-dir ../kd_bench --budget 4GiB --questions-a 2 --questions-b 8
     python benchmarks/bench_teacher.py --parts bc          # skip the big model
+    nice -n 10 python benchmarks/bench_teacher.py --parts b --questions-b 4
 
 Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, MLX 0.32 CPU + OpenBLAS, disk
 ~0.5-0.7 GB/s), `--questions-a 2 --questions-b 8 --questions-c 10` (c also with 30):
@@ -21,9 +24,18 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     and shared expert dequantized to fp32; the dense layer 0 stays 4-bit, its fp32 copy would not leave half the
     budget free): wall 457 s (0.44x the limit), peak MLX 1.44 GiB, peak RSS 3.22 GiB; its log-probs differ from
     the quantized-kernel run by max 1.1e-4 (same argmax) at this width.
-(b) 2.15 GiB fp32 reduced-width Kimi-K2, 8 prompts (1605 tokens), budget 0.72 GiB: streaming 19.1 s, mlx-lm
-    load + forward 121 s, naive reload-per-sequence 120 s (17.2 GiB read vs 1.5 GiB) -> 6.3x faster than naive;
-    max |stream - mlx-lm| 3.2e-5, same argmax.
+(b) re-measured 2026-11-30 for generic streaming, `--parts b --questions-b 4` (4 CMMLU prompts, 810 tokens), on a
+    shared machine (load average ~13 on 2 cores: each configuration ran twice, alternating, fastest kept):
+    deepseek_v3 2.15 GiB, budget 1.08 GiB: generic 42.1 s vs baseline executor 48.3 s = 0.87x; peak RSS 1.07 GiB
+    (baseline 0.99 GiB), peak MLX 0.34 GiB; same argmax, max |diff| 2.1e-5 (an earlier single run with 8 prompts,
+    before the experts-assembly fix: 80.9 vs 69.3 s = 1.17x). Streamed vs resident: 42.1 vs 23.6 s
+    = 1.79x (io wait 6.0 s; the resident first call, which reads the model, took 49.0 s).
+    qwen3_moe 1.75 GiB, budget 0.88 GiB: streamed 56.0 s vs resident 16.3 s = 3.43x (io wait 10.5 s; first
+    resident call 62.3 s); peak RSS 0.84 GiB, peak MLX 0.27 GiB; streamed == resident exactly.
+    The streaming-cost goal (<= 1.1x) is not met: beyond the io wait, each call re-copies every weight from
+    numpy into fresh MLX buffers and reads the 100k-row LM head in slices; unresolved on this loaded machine.
+    Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
+    + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
     wall 52.9 vs 144.7 s = 0.37x); the ratio tends to suffix/(prefix+suffix) ~ 0.23 over a whole subject.
 
@@ -275,29 +287,38 @@ def fit_model_qwen3_moe(work: Path) -> Path:
     return tiny_family_dir("qwen3_moe", work / "qwen3_moe_fit", tokenizer="kimi", n_shards=4, overrides=QWEN_FIT)
 
 
-def part_b(work: Path, n_q: int, subject: str) -> dict:
+def part_b(work: Path, n_q: int, subject: str, reps: int = 2) -> dict:
     """Per model: generic streaming vs the baseline executor (same budget, cold page cache), and generic streaming
-    under half the model (cold) vs the same executor with the whole model resident (a second call)."""
+    under half the model (cold) vs the same executor with the whole model resident (a second call). The runs
+    alternate `reps` times and each configuration keeps its fastest run (the machine is shared)."""
     prompts = cmmlu_prompts(n_q, 0, subject)
     out = {}
     for name, model in (("deepseek_v3", fit_model(work)), ("qwen3_moe", fit_model_qwen3_moe(work))):
         disk = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
         common = {"model": str(model), "prompts": prompts, "work": str(work), "budget": disk // 2, "cold": True}
-        r = {"model_bytes_on_disk": disk, "budget": disk // 2, "questions": n_q}
-        g = run_child("stream", {**common, "save": str(work / f"b_{name}_stream.npy")})
+        kinds = {"stream": ("stream", {}), "resident": ("stream", {"budget": None, "again": True})}
         if name == "deepseek_v3":  # the baseline executor ran deepseek_v3 and four dense families only
-            o = run_child("baseline", {**common, "save": str(work / f"b_{name}_baseline.npy")})
-            a, b = np.load(work / f"b_{name}_stream.npy"), np.load(work / f"b_{name}_baseline.npy")
+            kinds["baseline"] = ("baseline", {})
+        best: dict[str, dict] = {}
+        for _ in range(reps):
+            for label, (kind, extra) in kinds.items():
+                res = run_child(kind, {**common, **extra, "save": str(work / f"b_{name}_{label}.npy")})
+                if label not in best or res["wall_s"] < best[label]["wall_s"]:
+                    best[label] = res
+        g, res = best["stream"], best["resident"]
+        lp = {k: np.load(work / f"b_{name}_{k}.npy") for k in kinds}
+        r = {"model_bytes_on_disk": disk, "budget": disk // 2, "questions": n_q, "reps": reps, "tokens": g["tokens"],
+             "stream_wall_s": g["wall_s"], "stream_peak_mlx": g["peak_mlx"], "stream_peak_rss": g["peak_rss"],
+             "stream_bytes_read": g["bytes_read"], "io_wait_s": g["io_wait_s"],
+             "resident_first_call_s": res["first_call_s"], "resident_wall_s": res["wall_s"],
+             "resident_peak_rss": res["peak_rss"], "stream_over_resident": g["wall_s"] / res["wall_s"],
+             "max_abs_diff_stream_vs_resident": float(np.abs(lp["stream"] - lp["resident"]).max())}
+        if "baseline" in best:
+            o = best["baseline"]
             r.update(baseline_wall_s=o["wall_s"], baseline_peak_rss=o["peak_rss"], baseline_peak_mlx=o["peak_mlx"],
-                     generic_over_baseline=g["wall_s"] / o["wall_s"], max_abs_diff_vs_baseline=float(np.abs(a - b).max()),
-                     same_argmax=bool((a.argmax(1) == b.argmax(1)).all()))
-        res = run_child("stream", {**common, "budget": None, "again": True, "save": str(work / f"b_{name}_res.npy")})
-        a, b = np.load(work / f"b_{name}_stream.npy"), np.load(work / f"b_{name}_res.npy")
-        r.update(tokens=g["tokens"], stream_wall_s=g["wall_s"], stream_peak_mlx=g["peak_mlx"],
-                 stream_peak_rss=g["peak_rss"], stream_bytes_read=g["bytes_read"], io_wait_s=g["io_wait_s"],
-                 resident_first_call_s=res["first_call_s"], resident_wall_s=res["wall_s"],
-                 resident_peak_rss=res["peak_rss"], stream_over_resident=g["wall_s"] / res["wall_s"],
-                 max_abs_diff_stream_vs_resident=float(np.abs(a - b).max()))
+                     generic_over_baseline=g["wall_s"] / o["wall_s"],
+                     max_abs_diff_vs_baseline=float(np.abs(lp["stream"] - lp["baseline"]).max()),
+                     same_argmax=bool((lp["stream"].argmax(1) == lp["baseline"].argmax(1)).all()))
         out[name] = r
     return out
 

@@ -857,7 +857,7 @@ class StreamingTeacher:
         self.stats.per_layer_experts[li] = len(used)
         path = self.structure.experts[li][stand_in.slot]
         keys = self.expert_keys[li][path]
-        outs: list = [None] * len(group)
+        parts: list[list] = [[] for _ in group]  # per task: (flat (token, slot) indices, outputs) per expert run
         if self.plan.resident:
             groups = [used]
         else:
@@ -878,45 +878,45 @@ class StreamingTeacher:
                 local = np.full(int(used.max()) + 1, -1, dtype=np.int32)
                 local[grp] = np.arange(len(grp), dtype=np.int32)
             for k, (X, I) in enumerate(zip(xs, inds)):
-                outs[k] = self._run_experts(switch, X, I, grp, local, outs[k])
+                parts[k] += self._run_experts(switch, X, I, grp, local)
             if not self.plan.resident:
                 self._restore(keys)
                 if fut is None and gi + 1 < len(groups):
                     fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
             self.stats.experts_loaded += len(grp)
         self.stats.expert_bytes_read += self.files.bytes_read - read0
-        for t, out in zip(group, outs):
+        for t, ps in zip(group, parts):
+            # every (token, slot) was computed exactly once: one gather puts the rows back in order
+            order = np.argsort(np.concatenate([f for f, _ in ps]))
+            out = mx.concatenate([y for _, y in ps], axis=0)[mx.array(order.astype(np.int32))]
             idx = t.barrier[2][2]
             t.reply = out.reshape(*idx.shape, out.shape[-1])
 
-    def _run_experts(self, switch, X, I: np.ndarray, grp, local: np.ndarray, out):
-        """Outputs of the experts in `grp` for the (token, slot) pairs that chose them, added into `out`
-        (tokens x slots, D): mlx-lm's module with remapped indices ("gather"), or one dense matmul per expert."""
+    def _run_experts(self, switch, X, I: np.ndarray, grp, local: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+        """Outputs of the experts in `grp` for the (token, slot) pairs that chose them, as (flat token x slot
+        indices, rows): mlx-lm's module with remapped indices ("gather"), or one dense matmul per expert."""
         k = I.shape[1]
         t, j = np.nonzero(np.isin(I, grp))
         if not len(t):
-            return out
-        flat = mx.array((t * k + j).astype(np.int32))
+            return []
+        flat = t * k + j
         if self.expert_kernel == "gather":
             y = switch(X[mx.array(t.astype(np.int32))], mx.array(local[I[t, j]])[:, None])[:, 0]
-            out = (mx.zeros((I.size, y.shape[-1]), dtype=y.dtype) if out is None else out).at[flat].add(y)
-            mx.eval(out)
-            return out
+            mx.eval(y)
+            return [(flat, y)]
         e_of = local[I[t, j]]
+        out = []
         for e in np.unique(e_of):
             sel = np.nonzero(e_of == e)[0]
             undo = [_swap(switch, name, _OneExpert(child, int(e), self.dequant_min_tokens))
                     for name, child in switch.children().items() if isinstance(child, _SWITCH)]
             try:
-                xe = X[mx.array(t[sel].astype(np.int32))]
-                y = switch(xe, mx.zeros((len(sel), 1), dtype=mx.uint32))[:, 0]
+                y = switch(X[mx.array(t[sel].astype(np.int32))], mx.zeros((len(sel), 1), dtype=mx.uint32))[:, 0]
+                mx.eval(y)
             finally:
                 for u in undo:
                     u()
-            if out is None:
-                out = mx.zeros((I.size, y.shape[-1]), dtype=y.dtype)
-            out = out.at[flat[mx.array(sel.astype(np.int32))]].add(y)
-            mx.eval(out)
+            out.append((flat[sel], y))
         return out
 
     # -------------------------------------------------------------------------------------------- weights

@@ -496,23 +496,10 @@ def tiny_phi_dir(out_dir: str | Path, seed: int = 0, n_layers: int = 2, hidden: 
 
 # ---------------------------------------------------------------------------------------------- HF checkpoints
 
-def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int = 0, hidden: int = 256,
-                               vocab_size: int = 1000, n_layers: int = 2, n_routed_experts: int = 4) -> Path:
-    """A Kimi-K2 checkpoint in Hugging Face layout (per-expert tensors, MLA `kv_b_proj`), bf16 or block-FP8.
-
-    FP8 as in the real release: every linear weight inside the layers stored as float8_e4m3 (`F8_E4M3`) with a
-    float32 `weight_scale_inv` per 128x128 block; embeddings, norms, router and head in bf16."""
-
-    out = Path(out_dir)
-    if _done(out):
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = kimi_k2_tiny_config(vocab_size=vocab_size, n_layers=n_layers, hidden=hidden,
-                              n_routed_experts=n_routed_experts)
-    cfg.update({"intermediate_size": hidden + 64, "moe_intermediate_size": hidden // 2 + 32, "q_lora_rank": 192,
-                "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
-                "torch_dtype": "bfloat16"})
-    D, H = hidden, cfg["num_attention_heads"]
+def _hf_kimi_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """Tensor name -> (shape, whether the real release stores it as block-FP8) of a Kimi-K2 HF checkpoint."""
+    vocab_size, n_layers, n_routed_experts = cfg["vocab_size"], cfg["num_hidden_layers"], cfg["n_routed_experts"]
+    D, H = cfg["hidden_size"], cfg["num_attention_heads"]
     nope, rope, vd = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
     shapes: dict[str, tuple[tuple[int, ...], bool]] = {}  # name -> (shape, is fp8 candidate)
 
@@ -548,6 +535,11 @@ def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int
     shapes["model.norm.weight"] = ((D,), False)
     shapes["lm_head.weight"] = ((vocab_size, D), False)
 
+    return shapes
+
+
+def _hf_kimi_tensors(shapes: dict, fp8: bool, seed: int) -> dict:
+    """Random bf16 tensors of those shapes (name -> (array, safetensors dtype override)), FP8 blocks if `fp8`."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, (shape, q) in shapes.items():
@@ -572,6 +564,26 @@ def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int
             tensors[name + "_scale_inv"] = (s.astype(mx.float32), None)
         else:
             tensors[name] = (a, None)
+    return tensors
+
+
+def tiny_hf_kimi_k2_checkpoint(out_dir: str | Path, fp8: bool = False, seed: int = 0, hidden: int = 256,
+                               vocab_size: int = 1000, n_layers: int = 2, n_routed_experts: int = 4) -> Path:
+    """A Kimi-K2 checkpoint in Hugging Face layout (per-expert tensors, MLA `kv_b_proj`), bf16 or block-FP8.
+
+    FP8 as in the real release: every linear weight inside the layers stored as float8_e4m3 (`F8_E4M3`) with a
+    float32 `weight_scale_inv` per 128x128 block; embeddings, norms, router and head in bf16."""
+
+    out = Path(out_dir)
+    if _done(out):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = kimi_k2_tiny_config(vocab_size=vocab_size, n_layers=n_layers, hidden=hidden,
+                              n_routed_experts=n_routed_experts)
+    cfg.update({"intermediate_size": hidden + 64, "moe_intermediate_size": hidden // 2 + 32, "q_lora_rank": 192,
+                "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+                "torch_dtype": "bfloat16"})
+    tensors = _hf_kimi_tensors(_hf_kimi_shapes(cfg), fp8, seed)
     names = sorted(tensors)
     half = len(names) // 2
     wmap = {}
@@ -654,6 +666,68 @@ def kimi_k2_real_layout_dir(out_dir: str | Path, bits: int = 4, group_size: int 
     return out
 
 
+def _write_synthetic_shards(out: Path, shards: list[list], total: int, bits: int | None, group_size: int, seed: int,
+                            progress: bool) -> dict[str, str]:
+    """Random tensors with the scale of a trained model, one stacked-expert row at a time; -> weight map."""
+    rng = np.random.default_rng(seed)
+    levels = 2**(bits or 4)
+    spread = np.sqrt((levels**2 - 1) / 12.0)  # std of a uniform code in 0..levels-1
+
+    def as_dtype(x: np.ndarray, dt: str) -> np.ndarray:
+        if dt == "BF16":
+            return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return x.astype(numpy_dtype(dt))
+
+    def fan_in_std(name: str, in_dim: int) -> float:
+        if "embed_tokens" in name:
+            return 1.0
+        if name.startswith("lm_head"):
+            return 4.0 / np.sqrt(in_dim)
+        return 1.0 / np.sqrt(in_dim)
+
+    bar = None
+    if progress:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="synthetic teacher")
+    n = len(shards)
+    wmap = {}
+    for i, entries in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        w = StreamingShardWriter(out / fname, entries)
+        try:
+            for k, dt, shape in entries:
+                wmap[k] = fname
+                rows = shape[0] if len(shape) == 3 else 1  # stacked experts / MLA heads: one slice at a time
+                row_shape = shape[1:] if len(shape) == 3 else shape
+                for r in range(rows):
+                    if k.endswith(".weight") and dt == "U32":
+                        data = rng.integers(0, 2**32, size=row_shape, dtype=np.uint32)
+                    elif k.endswith((".scales", ".biases")):
+                        wk = k.rsplit(".", 1)[0] + ".weight"
+                        in_dim = row_shape[-1] * group_size
+                        s = fan_in_std(wk, in_dim) / spread * (1 + 0.1 * rng.standard_normal(row_shape))
+                        data = s if k.endswith(".scales") else -(levels - 1) / 2 * s
+                    elif k.endswith("e_score_correction_bias"):
+                        data = 0.1 * rng.standard_normal(row_shape)
+                    elif len(row_shape) == 1:  # norms
+                        data = 1 + 0.1 * rng.standard_normal(row_shape)
+                    else:  # unquantized matrices (router, small MLA parts)
+                        std = 3.0 / np.sqrt(row_shape[-1]) if k.endswith("gate.weight") else \
+                            fan_in_std(k, row_shape[-1])
+                        data = rng.standard_normal(row_shape, dtype=np.float32) * std
+                    data = as_dtype(np.asarray(data), dt)
+                    w.write(k, data, row=r if len(shape) == 3 else None)
+                    if bar:
+                        bar.update(data.nbytes)
+                    del data
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+    if bar:
+        bar.close()
+    return wmap
+
+
 def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, n_layers: int | None = None,
                           bits: int | None = 4, group_size: int = 64, float_dtype: str = "float32", seed: int = 0,
                           shard_bytes: int = 5 * 2**30, progress: bool = True, **overrides) -> Path:
@@ -704,64 +778,8 @@ def synthetic_kimi_k2_dir(out_dir: str | Path, target_bytes: int | None = None, 
         shards[-1].append(e)
         size += b
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    levels = 2**(bits or 4)
-    spread = np.sqrt((levels**2 - 1) / 12.0)  # std of a uniform code in 0..levels-1
-
-    def as_dtype(x: np.ndarray, dt: str) -> np.ndarray:
-        if dt == "BF16":
-            return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
-        return x.astype(numpy_dtype(dt))
-
-    def fan_in_std(name: str, in_dim: int) -> float:
-        if "embed_tokens" in name:
-            return 1.0
-        if name.startswith("lm_head"):
-            return 4.0 / np.sqrt(in_dim)
-        return 1.0 / np.sqrt(in_dim)
-
-    shapes = {k: (dt, s) for k, dt, s in layout}
     total = nbytes(layout)
-    bar = None
-    if progress:
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="synthetic teacher")
-    n = len(shards)
-    wmap = {}
-    for i, entries in enumerate(shards):
-        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        w = StreamingShardWriter(out / fname, entries)
-        try:
-            for k, dt, shape in entries:
-                wmap[k] = fname
-                rows = shape[0] if len(shape) == 3 else 1  # stacked experts / MLA heads: one slice at a time
-                row_shape = shape[1:] if len(shape) == 3 else shape
-                for r in range(rows):
-                    if k.endswith(".weight") and dt == "U32":
-                        data = rng.integers(0, 2**32, size=row_shape, dtype=np.uint32)
-                    elif k.endswith((".scales", ".biases")):
-                        wk = k.rsplit(".", 1)[0] + ".weight"
-                        in_dim = row_shape[-1] * group_size
-                        s = fan_in_std(wk, in_dim) / spread * (1 + 0.1 * rng.standard_normal(row_shape))
-                        data = s if k.endswith(".scales") else -(levels - 1) / 2 * s
-                    elif k.endswith("e_score_correction_bias"):
-                        data = 0.1 * rng.standard_normal(row_shape)
-                    elif len(row_shape) == 1:  # norms
-                        data = 1 + 0.1 * rng.standard_normal(row_shape)
-                    else:  # unquantized matrices (router, small MLA parts)
-                        std = 3.0 / np.sqrt(row_shape[-1]) if k.endswith("gate.weight") else \
-                            fan_in_std(k, row_shape[-1])
-                        data = rng.standard_normal(row_shape, dtype=np.float32) * std
-                    data = as_dtype(np.asarray(data), dt)
-                    w.write(k, data, row=r if len(shape) == 3 else None)
-                    if bar:
-                        bar.update(data.nbytes)
-                    del data
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
-    if bar:
-        bar.close()
+    wmap = _write_synthetic_shards(out, shards, total, bits, group_size, seed, progress)
     write_json_atomic(out / "model.safetensors.index.json",
                       {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
     kimi_tokenizer_dir(out)
