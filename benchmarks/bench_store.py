@@ -162,7 +162,7 @@ def measure_encodings(rows, vocab: int, label: str) -> list[dict]:
                 for r in recs:
                     w.add(r)
                 w.close()
-                payload = topk_bytes(shard_tensors(recs, enc, k))
+                payload = topk_bytes(shard_tensors(recs, {"encoding": enc, "k": k}, k))
                 shard_bytes = sum(p.stat().st_size for p in d.glob("shard-*.safetensors"))
                 with TopKStore(d) as st:
                     dec = list(st)

@@ -380,8 +380,9 @@ def _topk_rows(rec, rows: np.ndarray, temperature: float = 1.0) -> tuple[np.ndar
     ids = np.asarray(rec.topk_ids)
     k = ids.shape[1] if ids.ndim == 2 else ids.size // max(len(rec.positions), 1)  # an empty record: (0,)
     ids = ids.reshape(len(rec.positions), k)
-    lp = rec.tempered_topk(temperature).reshape(len(rec.positions), k)
-    cm = rec.class_mass.get(temperature)
+    lp = np.asarray(rec.topk_logprobs) if temperature == 1.0 else rec.tempered_topk(temperature)
+    lp = lp.reshape(len(rec.positions), k)
+    cm = getattr(rec, "class_mass", {}).get(temperature)  # any record-shaped object; a StoreRecord may carry it
     return ids[rows], lp[rows], None if cm is None else np.asarray(cm).reshape(len(rec.positions), k)[rows]
 
 
@@ -461,7 +462,7 @@ def _project_reference(rec, found: list[tuple[int, int]], vmap: VocabMap, max_po
         found = [(r, j) for r, j in found
                  if int(vmap.student_id[int(rec.token_ids[int(rec.positions[r]) + 1])]) == int(s_ids[j + 1])]
     found = found[_keep_last(len(found), max_positions)]
-    cmass = rec.class_mass.get(temperature)
+    cmass = getattr(rec, "class_mass", {}).get(temperature)
     pos, ids, probs, rest = [], [], [], []
     for r, j in found:
         acc: dict[int, float] = {}

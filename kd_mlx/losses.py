@@ -247,8 +247,9 @@ def cross_entropy(logits: mx.array, targets: mx.array, mask=None, reduction: str
     valid = targets >= 0
     mask = valid if mask is None else mx.logical_and(mx.array(mask).astype(mx.bool_), valid)
     safe = mx.where(targets >= 0, targets, mx.zeros_like(targets)).astype(mx.int32)
-    logq = nn.log_softmax(_zero_masked(logits, mask), axis=-1)
-    per = -mx.take_along_axis(logq, safe[..., None], axis=-1)[..., 0]
+    x = _zero_masked(logits, mask)
+    # logsumexp − logit: one pass over the vocabulary, no (…, V) log-softmax materialised
+    per = mx.logsumexp(x, axis=-1) - mx.take_along_axis(x, safe[..., None], axis=-1)[..., 0]
     return reduce_masked(per, mask, reduction)
 
 

@@ -371,3 +371,31 @@ def test_prompt_and_answer_position_spans(world, tmp_path):
             # the answer row agrees with the question-span dump's last row (other call grouping: float rounding)
             np.testing.assert_allclose(rec.topk_logprobs[-1], ref.topk_logprobs[-1], atol=1e-4)
             np.testing.assert_allclose(rec.answer_logprobs, ref.answer_logprobs, atol=1e-4)
+
+
+def test_dump_texts_every_position_with_class_masses_and_resume(world, tmp_path):
+    """Plain texts through the dump's shard computation: a row at every token, log Z / class masses kept, the
+    tokenizer carried; a rerun after losing a shard and the manifest gives the same bytes."""
+    from kd_mlx.store import TopKStore
+    from kd_mlx.teacher.dump import dump_texts
+    from kd_mlx.teacher.streaming import StreamingTeacher
+
+    teacher = StreamingTeacher(world["teacher"], None)
+    texts = ["题目：下列哪种作物最耐旱？\nA. 农作物", "The quick brown fox.", "1+1=2，对吗？"]
+    out = tmp_path / "texts"
+    dump_texts(teacher, texts, out, 4, [1.0, 2.0], str(world["student_tok"]), encoding="fp16", shard_size=2)
+    before = files_bytes(out)
+    st = TopKStore(out)
+    assert st.identity["template"] == "text" and (out / "tokenizer").is_dir()
+    for text, rec in zip(texts, st):
+        ids = teacher.tokenizer.encode(text)
+        assert rec.token_ids.tolist() == ids and rec.positions.tolist() == list(range(len(ids)))
+        assert set(rec.logz) == {2.0} and set(rec.class_mass) == {1.0, 2.0}
+        p = np.exp(rec.topk_logprobs.astype(np.float64))
+        cm = rec.class_mass[1.0]
+        assert np.all((cm >= p - 1e-3) | (cm == 0))  # a class holds at least its listed token (0: unmappable)
+    st.close()
+    (out / "shard-000001.safetensors").unlink()
+    (out / "manifest.json").unlink()
+    dump_texts(teacher, texts, out, 4, [1.0, 2.0], str(world["student_tok"]), encoding="fp16", shard_size=2)
+    assert files_bytes(out) == before

@@ -451,3 +451,40 @@ def test_padding_rows_give_finite_gradients(temperature):
     fast = cases[0][0]
     g = np.array(mx.grad(lambda x: fast(x, None))(mx.array(s)))
     assert np.all(np.isfinite(g)) and np.all(g[pad] == 0)
+
+
+# ------------------------------------------------------------------------------------- token-level text objective
+def test_text_objective_and_bits_per_byte_fast_equal_reference():
+    """kd_mlx.textkd on a tiny Phi-shaped model: batched bits per byte == the per-text float64 reference; the
+    batch's CE ignores padding; the KD part equals projected_kl on the gathered rows."""
+    from mlx_lm.models import phi
+
+    from kd_mlx.textkd import TextExample, bits_per_byte, bits_per_byte_reference, make_batch, text_kd_loss
+
+    mx.random.seed(0)
+    model = phi.Model(phi.ModelArgs(model_type="phi", max_position_embeddings=64, vocab_size=50, hidden_size=16,
+                                    num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=2,
+                                    partial_rotary_factor=0.5, intermediate_size=32, layer_norm_eps=1e-5,
+                                    rope_theta=10000.0))
+    rng = np.random.default_rng(0)
+    exs = []
+    for n in (5, 9, 3):
+        kd_ids = rng.integers(0, 50, (2, 3)).astype(np.int32)
+        kd_ids[1, 2] = -1
+        probs = rng.dirichlet(np.ones(4), 2)[:, :3].astype(np.float32)
+        probs[1, 2] = 0
+        exs.append(TextExample(rng.integers(0, 50, n).astype(np.int32), 2 * n, np.array([0, n - 2], np.int32),
+                               kd_ids, probs, (1 - probs.sum(-1)).astype(np.float32)))
+    assert bits_per_byte(model, exs, batch_size=2) == pytest.approx(bits_per_byte_reference(model, exs), rel=1e-5)
+    batch = make_batch(exs)
+    total, (ce, kd) = text_kd_loss(model, batch, ce_weight=0.5, kd_weight=2.0, temperature=1.5)
+    logits = np.array(model(batch.tokens))
+    want_ce = np.mean([-L._log_softmax_np(logits[b, j])[e.ids[j + 1]] for b, e in enumerate(exs)
+                       for j in range(len(e.ids) - 1)])
+    assert float(ce) == pytest.approx(want_ce, rel=1e-5)
+    rows = [(logits[b, p], e.kd_ids[i], e.kd_probs[i], e.kd_rest[i]) for b, e in enumerate(exs)
+            for i, p in enumerate(e.kd_pos)]
+    want_kd = np.mean([L.projected_kl_reference(s[None], i[None], p[None], np.array([r]), temperature=1.5)
+                       for s, i, p, r in rows])
+    assert float(kd) == pytest.approx(want_kd, rel=1e-4)
+    assert float(total) == pytest.approx(0.5 * want_ce + 2.0 * want_kd, rel=1e-4)

@@ -627,7 +627,8 @@ def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatu
     for qid, text in zip(ids, texts):
         t_ids, offs = tok.encode_with_offsets(text)
         t_ids, offs = bos + list(t_ids), [(0, 0)] * len(bos) + [tuple(o) for o in offs]
-        items.append(PromptItem(qid, "text", -1, t_ids, offs, list(range(len(t_ids))), qid, False))
+        # one prefix group for all: a shard's texts go through the teacher in as few calls as the budget allows
+        items.append(PromptItem(qid, "text", -1, t_ids, offs, list(range(len(t_ids))), "", False))
     by_id = {it.qid: it for it in items}
     writer = StoreWriter(st.out, identity, shard_size=st.shard_size)
     planned, todo = plan_shards(writer, ids, st)
