@@ -285,7 +285,7 @@ ISSUE_CASES = {
     "report_out_is_run": (lambda w, t: ["report", w.results, w.results, w.results, "--run", w.run, "--out", w.run,
                                         "--overwrite"], "is the input"),
     "report_out_over_run": (lambda w, t: ["report", w.results, w.results, w.results, "--out", w.run],
-                            "holds a training run"),
+                            "holds kd_mlx train output"),
 }
 
 
