@@ -37,11 +37,6 @@ def tensor_nbytes(st_dtype_name: str, shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * _DTYPES[st_dtype_name][2]
 
 
-def numpy_dtype(st_dtype_name: str) -> type:
-    """The numpy dtype holding a safetensors dtype's bytes (bfloat16 and fp8 as unsigned ints of their width)."""
-    return _DTYPES[st_dtype_name][0]
-
-
 def mlx_dtype(st_dtype_name: str):
     """The MLX dtype of a safetensors dtype (fp8 as uint8)."""
     return getattr(mx, _DTYPES[st_dtype_name][1])

@@ -23,8 +23,8 @@ from test_dump import write_cmmlu
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(tiny_family_configs())
-MOE = ["deepseek_v32", "glm4_moe", "gpt_oss", "kimi_k2", "kimi_k25", "minimax", "mixtral", "qwen3_5_moe", "qwen3_moe",
-       "qwen3_next"]
+MOE = ["deepseek_v32", "glm4_moe", "gpt_oss", "kimi_k2", "kimi_k25", "kimi_k3", "minimax", "mixtral", "qwen3_5_moe",
+       "qwen3_moe", "qwen3_next"]
 TOL = 1e-4
 
 

@@ -244,38 +244,47 @@ def _barrier(stage: tuple, kind: str, payload=None):
     return _current.task.wait(stage, kind, payload)
 
 
-class _LayerStandIn:
+class _StandIn:
+    """Takes a module's place in the forward; everything but the call is the real module's."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+class _LayerStandIn(_StandIn):
     def __init__(self, layer: nn.Module, index: int):
-        self.layer, self.index = layer, index
+        super().__init__(layer)
+        self.index = index
 
     def __call__(self, *args, **kwargs):
         task = _current.task
         _barrier((self.index, 0), "layer", self.index)
-        out = self.layer(*args, **kwargs)
+        out = self.module(*args, **kwargs)
         cache = task.caches[self.index]
         mx.eval(out, _cache_arrays(cache))
         if task.successors == 0:
             _drop_state(cache)
         return out
 
-    def __getattr__(self, name):
-        return getattr(self.layer, name)
 
-
-class _ExpertsStandIn:
+class _ExpertsStandIn(_StandIn):
     def __init__(self, module: nn.Module, layer: int, slot: int):
-        self.module, self.layer, self.slot = module, layer, slot
+        super().__init__(module)
+        self.layer, self.slot = layer, slot
 
     def __call__(self, x, indices):
         return _barrier((self.layer, 1 + self.slot), "experts", (self, x, indices))
 
-    def __getattr__(self, name):
-        return getattr(self.module, name)
 
+class _EmbedStandIn(_StandIn):
+    """An embedding: its rows are read for the tokens present; as a tied head (`as_linear`) it is the LM head."""
 
-class _EmbedStandIn:
     def __init__(self, module: nn.Module, path: str, n_layers: int):
-        self.module, self.path, self.n_layers = module, path, n_layers
+        super().__init__(module)
+        self.path, self.n_layers = path, n_layers
 
     def __call__(self, ids):
         return _barrier((-1, 0), "embed", (self, ids))
@@ -283,19 +292,14 @@ class _EmbedStandIn:
     def as_linear(self, x):
         return _barrier((self.n_layers, 0), "head", (self, x))
 
-    def __getattr__(self, name):
-        return getattr(self.module, name)
 
-
-class _HeadStandIn:
-    def __init__(self, module: nn.Module, path: str, n_layers: int):
-        self.module, self.path, self.n_layers = module, path, n_layers
+class _HeadStandIn(_StandIn):
+    def __init__(self, module: nn.Module, n_layers: int):
+        super().__init__(module)
+        self.n_layers = n_layers
 
     def __call__(self, x):
         return _barrier((self.n_layers, 0), "head", (self, x))
-
-    def __getattr__(self, name):
-        return getattr(self.module, name)
 
 
 def _cache_arrays(c) -> list:
@@ -680,7 +684,7 @@ class StreamingTeacher:
         for p in s.embeds:
             undo.append(_swap(self.model, p, _EmbedStandIn(_module_at(self.model, p), p, n)))
         if s.head:
-            undo.append(_swap(self.model, s.head, _HeadStandIn(_module_at(self.model, s.head), s.head, n)))
+            undo.append(_swap(self.model, s.head, _HeadStandIn(_module_at(self.model, s.head), n)))
         return undo
 
     def _run_chunk(self, chunk, seqs, positions, pre, prefetcher: _Prefetcher) -> dict:

@@ -206,6 +206,15 @@ def tiny_family_configs(hidden: int = 64) -> dict[str, dict]:
     return {
         "kimi_k2": kimi_k2_tiny_config(TINY_VOCAB, 3, hidden),
         "kimi_k25": {"model_type": "kimi_k25", "text_config": dict(_mla(hidden), model_type="kimi_k2")},
+        # Kimi-Linear style: KDA linear attention on layers 1 and 3 (1-based), MLA on the others, attention
+        # residuals over blocks of 2 layers
+        "kimi_k3": {"model_type": "kimi_k3", "text_config": {
+            "model_type": "kimi_linear", "vocab_size": TINY_VOCAB, "hidden_size": hidden, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 2 * hidden,
+            "linear_attn_config": {"kda_layers": [1, 3], "num_heads": 4, "head_dim": 16, "short_conv_kernel_size": 4},
+            "q_lora_rank": 48, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+            "num_experts": 8, "num_experts_per_token": 2, "num_shared_experts": 1, "moe_intermediate_size": hidden // 2,
+            "first_k_dense_replace": 1, "attn_res_block_size": 2, "rms_norm_eps": 1e-6}},
         "deepseek_v32": dict(_mla(hidden), model_type="deepseek_v32", index_head_dim=16, index_n_heads=2,
                              index_topk=4),
         "qwen3_moe": dict(qwen_moe, model_type="qwen3_moe"),
