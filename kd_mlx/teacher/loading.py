@@ -44,7 +44,7 @@ class LazyModel:
 def _load_normalised(model_dir: Path, lazy: bool, trust_remote_code: bool):
     """mlx-lm's `load_model` on the normalised config (its keys that differ from config.json passed as overrides)."""
     raw = read_config(model_dir)
-    cfg = normalise_config(raw, model_dir, check_required=False)
+    cfg = normalise_config(raw, model_dir)
     if cfg.get("model_file") is not None and not trust_remote_code:
         raise KDError(f"{model_dir} needs custom model code ({cfg['model_file']}); pass trust_remote_code to run it")
     overrides = {k: v for k, v in cfg.items() if raw.get(k) != v}
