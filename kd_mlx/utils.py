@@ -119,7 +119,8 @@ def describe_dir(path: str | os.PathLike) -> tuple[str | None, str]:
     names = sorted(x.name for x in p.iterdir() if x.name != OUTPUT_MARKER)
     listing = ", ".join(names[:4]) + (f", ... ({len(names)} entries)" if len(names) > 4 else "")
     if marker is not None:
-        return marker["kind"], f"kd_mlx {marker['kind']} output ({listing})"
+        words = next((w for k, _, w in _KNOWN_LAYOUTS if k == marker["kind"]), f"kd_mlx {marker['kind']} output")
+        return marker["kind"], f"{words} ({listing})"
     for kind, needs, words in _KNOWN_LAYOUTS:
         if all(any(p.glob(n)) for n in needs):
             return kind, f"{words} ({listing})"

@@ -249,11 +249,11 @@ ISSUE_CASES = {
     "export_out_inside_adapters": (lambda w, t: _export(w, w.run / "best" / "model"), "lies inside the input"),
     "export_out_over_symlinked_run": (lambda w, t: _export(w, _link(t, w.run), "--overwrite"), "contains the input"),
     "export_out_over_other_model": (lambda w, t: _export(w, w.other_student, "--overwrite"), "holds a model directory"),
-    "export_out_over_eval_results": (lambda w, t: _export(w, w.results, "--overwrite"), "holds kd_mlx eval output"),
+    "export_out_over_eval_results": (lambda w, t: _export(w, w.results, "--overwrite"), "holds evaluation results"),
     "export_out_over_export_same": (lambda w, t: _export(w, w.exported), "already holds this export output"),
     # 4: eval --out into a run directory / over other results
-    "eval_out_run": (lambda w, t: _eval(w, w.run), "holds kd_mlx train output"),
-    "eval_out_run_overwrite": (lambda w, t: _eval(w, w.run, "--overwrite"), "holds kd_mlx train output"),
+    "eval_out_run": (lambda w, t: _eval(w, w.run), "holds a training run"),
+    "eval_out_run_overwrite": (lambda w, t: _eval(w, w.run, "--overwrite"), "holds a training run"),
     "eval_out_older_results": (lambda w, t: _eval(w, w.results), "made with other settings (differs in: adapters"),
     "eval_out_is_data": (lambda w, t: _eval(w, w.data, "--overwrite"), "is the input"),
     "eval_out_inside_adapters": (lambda w, t: _eval(w, w.run / "best" / "res", "--adapters", w.run / "best"),
@@ -285,7 +285,7 @@ ISSUE_CASES = {
     "report_out_is_run": (lambda w, t: ["report", w.results, w.results, w.results, "--run", w.run, "--out", w.run,
                                         "--overwrite"], "is the input"),
     "report_out_over_run": (lambda w, t: ["report", w.results, w.results, w.results, "--out", w.run],
-                            "holds kd_mlx train output"),
+                            "holds a training run"),
 }
 
 

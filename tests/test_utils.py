@@ -86,7 +86,7 @@ def test_output_dir_refuses_other_kinds_and_files_even_with_overwrite(tmp_path):
         with pytest.raises(KDError, match=r"holds a training run \(checkpoints, metrics.jsonl\), not kd_mlx eval"):
             prepare_output_dir(run, "eval", {}, **kw)
     other = _marked(tmp_path / "exp", "export", {})
-    with pytest.raises(KDError, match="holds kd_mlx export output"):
+    with pytest.raises(KDError, match=r"holds an exported model \(result.txt\), not kd_mlx report output"):
         prepare_output_dir(other, "report", {}, overwrite=True)
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(KDError, match="is a file"):
