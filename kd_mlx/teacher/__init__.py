@@ -6,7 +6,7 @@
 - CLI: `python -m kd_mlx.teacher inspect|score|convert` (+ `dump`, from kd_mlx.teacher.dump)
 """
 
-from .loading import build_skeleton, load_in_memory, read_config  # noqa: F401
+from .loading import build_skeleton, load_in_memory  # noqa: F401
 from .reference import reference_logprobs_at  # noqa: F401
 from ..safetensors_io import WeightFiles, read_header  # noqa: F401
 from .streaming import StreamingTeacher  # noqa: F401

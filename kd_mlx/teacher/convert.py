@@ -23,10 +23,9 @@ import mlx.core as mx
 from mlx_lm.utils import _get_classes
 from tqdm import tqdm
 
-from ..model_dir import normalise_config
+from ..model_dir import normalise_config, read_raw_config
 from ..safetensors_io import StreamingShardWriter, WeightFiles, mlx_dtype, mx_to_bytes, st_dtype, tensor_nbytes
 from ..utils import KDError, format_bytes, write_json_atomic
-from .loading import read_config
 
 KEEP_DTYPE = 16  # `bits` value that converts to the MLX layout without quantizing
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
@@ -49,7 +48,7 @@ def dequant_fp8_blocks(w, scale_inv, block: tuple[int, int] = (128, 128), dtype=
 class _Converter:
     def __init__(self, src: Path, bits: int, group_size: int, dtype: str | None):
         self.src = src
-        raw = read_config(src)
+        raw = read_raw_config(src)
         self.config = normalise_config(raw, src, check_required=False)
         if self.config.get("quantization"):
             raise KDError(f"{src} is already an MLX quantized model")

@@ -7,7 +7,6 @@ shapes on disk are checked against the skeleton up front.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,19 +15,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
-from ..model_dir import normalise_config
+from ..model_dir import normalise_config, read_raw_config
 from ..safetensors_io import WeightFiles
 from ..utils import KDError
-
-
-def read_config(model_dir: str | Path) -> dict:
-    p = Path(model_dir) / "config.json"
-    if not p.exists():
-        raise KDError(f"no config.json in {model_dir}")
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise KDError(f"{p} is not valid JSON: {e}") from None
 
 
 @dataclass
@@ -43,7 +32,7 @@ class LazyModel:
 
 def _load_normalised(model_dir: Path, lazy: bool, trust_remote_code: bool):
     """mlx-lm's `load_model` on the normalised config (its keys that differ from config.json passed as overrides)."""
-    raw = read_config(model_dir)
+    raw = read_raw_config(model_dir)
     cfg = normalise_config(raw, model_dir)
     if cfg.get("model_file") is not None and not trust_remote_code:
         raise KDError(f"{model_dir} needs custom model code ({cfg['model_file']}); pass trust_remote_code to run it")
