@@ -43,8 +43,8 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import dequantize_model
 from tqdm import tqdm
 
-from .data import (LETTERS, answer_token_ids, load_cmmlu, load_splits, prompt_ids, read_add_bos, split_questions,
-                   subject_table)
+from .data import (CMMLU, LETTERS, answer_token_ids, load_cmmlu, load_splits, prompt_ids, read_add_bos,
+                   split_questions, subject_table)
 from .model_dir import load_model, read_adapter_config, read_raw_config
 from .teacher import StreamingTeacher
 from .tokenizer import load_tokenizer
@@ -431,9 +431,11 @@ def build_prompt_ids(questions: Sequence, dev: dict[str, list], tokenizer, shots
 
 def evaluate_model(em: EvalModel, questions: Sequence, dev: dict[str, list], *, shots: int = 5,
                    max_tokens: int = 2048, batch_size: int = 8, reuse_prefix: bool = True, reference: bool = False,
-                   progress: bool = True) -> EvalResult:
+                   progress: bool = True, table: dict | None = None) -> EvalResult:
     """Score `questions` (kd_mlx.data Questions) with `em` under the official protocol; return the summary and the
-    per-question results. `reference=True` runs the plain one-at-a-time loop (in-memory models only)."""
+    per-question results. Categories come from `table` (default: the packaged CMMLU table; a data directory with its
+    own subjects.json passes `cmmlu.subjects_table`). `reference=True` runs the plain one-at-a-time loop (in-memory
+    models only)."""
 
 
     if not questions:
@@ -469,7 +471,7 @@ def evaluate_model(em: EvalModel, questions: Sequence, dev: dict[str, list], *, 
         per_subject[q.subject].append(bool(preds[i] == answers[i]))
         results.append(QuestionResult(q.id, q.subject, int(q.index), q.answer, LETTERS[int(preds[i])],
                                       [float(x) for x in probs[i]], len(seqs[i]), kept[i]))
-    summary = summarize_scores(per_subject, subject_table())
+    summary = summarize_scores(per_subject, table if table is not None else subject_table())
     summary["n_questions"] = len(questions)
     summary["calibration"] = calibration(probs, answers)
     prompt_tokens = sum(len(s) for s in seqs)
@@ -540,13 +542,21 @@ def write_results(out: str | os.PathLike, result: EvalResult, config: dict | Non
 def select_questions(data: str, splits: str | None = None, split: str = "test", subjects: Iterable[str] | None = None,
                      limit: int | None = None) -> tuple[list, dict[str, list]]:
     """Questions to evaluate (the CMMLU test set, or one split of splits.json) and the dev shots per subject."""
+    cmmlu = load_eval_data(data)
+    return pick_questions(cmmlu, splits, split, subjects, limit), dict(cmmlu.dev)
 
+
+def load_eval_data(data: str) -> CMMLU:
     p = Path(data)
     if not p.exists() and not (data.count("/") == 1 and not data.startswith((".", "/", "~"))):
         raise KDError(f"CMMLU data directory not found: {data}")
-    cmmlu = load_cmmlu(data)
-    if splits:
+    return load_cmmlu(data)
 
+
+def pick_questions(cmmlu: CMMLU, splits: str | None = None, split: str = "test",
+                   subjects: Iterable[str] | None = None, limit: int | None = None) -> list:
+    """The questions of one split of splits.json (or the whole test set), optionally some subjects, `limit` each."""
+    if splits:
         qs = split_questions(cmmlu, load_splits(splits), [split])
     else:
         if split != "test":
@@ -569,7 +579,7 @@ def select_questions(data: str, splits: str | None = None, split: str = "test", 
         qs = kept
     if not qs:
         raise KDError("no questions selected (check --subjects / --split)")
-    return qs, dict(cmmlu.dev)
+    return qs
 
 
 DEFAULTS: dict[str, Any] = {
@@ -604,14 +614,16 @@ def run_eval(cfg: dict, progress: bool = True) -> EvalResult:
     if isinstance(subjects, str):
         subjects = [s.strip() for s in subjects.split(",")]
     prepare_eval_out(cfg)
-    questions, dev = select_questions(cfg["data"], cfg["splits"], cfg["split"], subjects, cfg["limit"])
+    cmmlu = load_eval_data(cfg["data"])
+    questions = pick_questions(cmmlu, cfg["splits"], cfg["split"], subjects, cfg["limit"])
     budget = parse_bytes(cfg["memory_budget"]) if cfg["memory_budget"] is not None else None
     if progress and (advice := linux_blas_advice()):
         click.echo(advice, err=True)
     em = load_eval_model(cfg["model"], cfg["adapters"], budget, cfg["dtype"], cfg["trust_remote_code"], cfg["bos"],
                          dequantize=cfg["dequantize"])
-    result = evaluate_model(em, questions, dev, shots=int(cfg["shots"]), max_tokens=int(cfg["max_tokens"]),
-                            batch_size=int(cfg["batch_size"]), reuse_prefix=bool(cfg["reuse_prefix"]),
+    result = evaluate_model(em, questions, dict(cmmlu.dev), table=cmmlu.subjects_table, shots=int(cfg["shots"]),
+                            max_tokens=int(cfg["max_tokens"]), batch_size=int(cfg["batch_size"]),
+                            reuse_prefix=bool(cfg["reuse_prefix"]),
                             reference=bool(cfg["reference"]), progress=progress)
     result.summary["shots"] = int(cfg["shots"])
     result.summary["adapters"] = cfg["adapters"]
