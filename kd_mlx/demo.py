@@ -247,8 +247,7 @@ def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor
     grown = load_cmmlu(out_dir / "task")
     old_ids = set(splits["train"]) | set(splits["val"]) | set(splits["test"])
     transfer = sorted(q.id for q in grown.test_questions() if q.id not in old_ids)
-    write_json_atomic(out_dir / "splits.json", {**splits, "train": sorted([*splits["train"], *transfer]),
-                                                "transfer": transfer})
+    write_json_atomic(out_dir / "splits.json", {**splits, "train": sorted([*splits["train"], *transfer])})
     return out_dir / "task", out_dir / "splits.json"
 
 

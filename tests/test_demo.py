@@ -12,8 +12,10 @@ from collections import Counter
 
 import pytest
 
-from kd_mlx.demo import (DEFAULT_KINDS, NUMBER_KINDS, TASK_KINDS, WORD_KINDS, chinese_numeral, generate_task,
-                         parse_chinese_numeral, write_task)
+from kd_mlx.data import load_cmmlu, load_splits, make_splits, split_questions
+from kd_mlx.demo import (DEFAULT_KINDS, NUMBER_KINDS, TASK_KINDS, TASKS, WORD_KINDS, chinese_numeral, generate_task,
+                         parse_chinese_numeral, write_task, write_transfer_task)
+from kd_mlx.utils import write_json_atomic
 from kd_mlx.utils import KDError
 
 
@@ -55,6 +57,35 @@ def test_answers_are_the_most_frequent_kind():
         assert set(letters) == set("ABCD") and min(letters.values()) >= 20  # every letter used, roughly balanced
 
 
+def test_missing_task_answers_are_the_absent_kind():
+    task = generate_task(seed=4, n_test=120, n_dev=5, kinds=TASKS["missing"])
+    kinds_of = {"missing_words": WORD_KINDS, "missing_numbers": NUMBER_KINDS}
+    for kind in TASKS["missing"]:
+        subject = TASK_KINDS[kind][0]
+        for it in task[subject]["dev"] + task[subject]["test"]:
+            items = it.question.split("：", 1)[1].split("、")
+            present = {_kind_of_item(x, kinds_of[kind]) for x in items}
+            assert len(items) == 6 and len(present) == 3
+            assert it.choices == tuple(kinds_of[kind])
+            assert set(it.choices) - present == {it.choices["ABCD".index(it.answer)]}
+        assert set(Counter(it.answer for it in task[subject]["test"])) == set("ABCD")
+
+
+def test_transfer_task_adds_new_train_questions_only(tmp_path):
+    write_task(tmp_path / "task", seed=0, n_test=60, n_dev=5)
+    cmmlu = load_cmmlu(tmp_path / "task")
+    write_json_atomic(tmp_path / "splits.json", make_splits(cmmlu, seed=0, val=0.1, test=0.3))
+    splits = load_splits(tmp_path / "splits.json")
+    data, grown_splits = write_transfer_task(tmp_path / "task", tmp_path / "splits.json", tmp_path / "t2", 2, seed=9)
+    grown = load_splits(grown_splits)
+    assert grown["val"] == splits["val"] and grown["test"] == splits["test"]
+    added = sorted(set(grown["train"]) - set(splits["train"]))
+    assert set(splits["train"]) < set(grown["train"]) and len(added) == 2 * len(splits["train"])
+    new = split_questions(load_cmmlu(data), {"added": added}, "added")
+    old = {(q.question, q.choices) for qs in cmmlu.test.values() for q in qs}
+    assert not old & {(q.question, q.choices) for q in new}  # every transfer question is new
+
+
 def test_generator_is_deterministic_distinct_and_kinds_independent():
     a, b = generate_task(seed=1, n_test=80), generate_task(seed=1, n_test=80)
     assert a == b
@@ -69,7 +100,7 @@ def test_generator_is_deterministic_distinct_and_kinds_independent():
 
 
 def test_written_task_loads_splits_without_overlap(tmp_path):
-    from kd_mlx.data import check_no_leak, load_cmmlu, make_splits, split_questions
+    from kd_mlx.data import check_no_leak
 
     write_task(tmp_path / "task", seed=0, n_test=120, n_dev=5)
     with open(tmp_path / "task" / "test" / "elementary_chinese.csv", encoding="utf-8") as f:
