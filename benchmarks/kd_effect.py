@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -207,7 +208,9 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
             if key not in preps:
                 preps[key] = prepare(dict(cfg), progress=False)
             prep = preps[key]
-            cfg = {**prep.cfg, **{k: v for k, v in cfg.items() if k != "shots"}}
+            cfg = {**prep.cfg.to_dict(), **{k: v for k, v in cfg.items() if k != "shots"}}
+            if Path(cfg["out"]).exists():  # an unfinished run of this benchmark (finished ones are in the log)
+                shutil.rmtree(cfg["out"])
             mx.reset_peak_memory()
             tic = time.perf_counter()
             train_prepared(prep, cfg, progress=False)
