@@ -60,9 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kd_mlx import losses, prune  # noqa: E402
-from kd_mlx.data import build_prompt, load_cmmlu, load_splits, make_splits, split_questions  # noqa: E402
+from kd_mlx.data import answer_token_ids, build_prompt, load_cmmlu, load_splits, make_splits, split_questions  # noqa: E402
 from kd_mlx.demo import TRAIN_CONFIG, letter_accuracy, task_prompts  # noqa: E402
-from kd_mlx.evaluate import answer_token_ids  # noqa: E402
 from kd_mlx.store import TopKStore  # noqa: E402
 from kd_mlx.teacher.dump import dump_store  # noqa: E402
 from kd_mlx.testing.models import smollm2_fp32_dir, tiny_phi_dir  # noqa: E402
@@ -138,12 +137,12 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
     prep = prepare(dict(base), progress=False)  # examples depend on the tokenizer only: built once for every model
     tok = load_tokenizer(base["student"])
     letter_ids = answer_token_ids(tok)
-    test_seqs, test_golds = task_prompts(task, splits, "test", tok, shots=int(prep.cfg["shots"]))
+    test_seqs, test_golds = task_prompts(task, splits, "test", tok, shots=int(prep.cfg.shots))
     calib = prune.calibration_batches(prep.train[:128], 8)
     rows = []
 
     def train(student_dir: Path, run: Path, steps: int, seed: int) -> Path:
-        cfg = {**prep.cfg, "student": str(student_dir), "out": str(run), "steps": steps, "seed": seed}
+        cfg = prep.cfg.replace(student=str(student_dir), out=str(run), steps=steps, seed=seed)
         train_prepared(dataclasses.replace(prep, student_path=student_dir, cfg=cfg), cfg, progress=False)
         return run / "best"
 
@@ -177,6 +176,7 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
             row = {"part": "demo", "what": what, "fraction": frac, "seed": seed, "kept_layers": plan.layers,
                    "accuracy_pruned": acc_pruned, "accuracy_recovered": acc_rec, **sp}
             rows.append(row)
+            save_rows(out, "demo", rows, {"partial": True})  # a cut run keeps what it measured
             log(f"  seed {seed} {name:9s} params {sp['parameters'] / 1e6:6.3f}M  acc pruned {acc_pruned:5.1f}  "
                 f"recovered {acc_rec:5.1f}  prompt {sp['prompt_tps']:8.0f} tok/s  gen {sp['generation_tps']:6.0f} "
                 f"tok/s  peak {sp['peak_memory_gb'] * 1e3:.0f} MB")
