@@ -27,7 +27,8 @@ channel / head) and tests that they agree.
 With `--adapters` the LoRA (or full) adapters are fused first with mlx-lm's own machinery (`load_adapters` + the
 tuner layers' `fuse`). The output directory holds the pruned weights and `config.json` (mlx-lm loads it), the
 student's tokenizer files, `prune_config.json` (the final configuration) and `importance.json` (every score and
-what was kept).
+what was kept). The output directory follows the project's rule (`kd_mlx.utils.prepare_output_dir`): new or
+empty, or an earlier pruned model replaced with `--overwrite`; never an input or a directory around one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from . import losses
 from .export import copy_tokenizer_files, fuse_adapters
 from .model_dir import load_model, read_adapter_config, read_model_config
 from .train.batches import Example, collate
+from .train.run import DEFAULTS as TRAIN_DEFAULTS, prepare
 from .utils import (KDError, cli_errors, load_yaml_config, merge_config, path_identity, prepare_output_dir,
                     resolve_model_path, staged_output_dir, write_json_atomic)
 
@@ -507,8 +509,6 @@ def calibration_batches(examples: Sequence[Example], batch_size: int) -> list[tu
 def run_prune(cfg: dict, progress: bool = True) -> PruneResult:
     """The CLI: checks, calibration examples from the train split (through `kd_mlx.train.run.prepare`, so the
     prompts and the store checks are the training run's), scores, surgery, the model directory."""
-    from .train.run import DEFAULTS as TRAIN_DEFAULTS, prepare
-
     for key in ("student", "store", "data", "splits", "out"):
         if not cfg.get(key):
             raise KDError(f"missing required setting --{key.replace('_', '-')}")
