@@ -16,7 +16,7 @@ student is the demo's tiny Phi shape made 8 layers deep (so that 25 % of the lay
 test split, then recovered with `kd_mlx.train --student PRUNED` from the same store (same settings,
 `--recover-steps`) and scored again. The 0 % row gets the same recovery steps (the control: is the gain from the
 extra training alone?). Seeds: every seed makes its own student (init, distillation and recovery order); the
-25 %-layers configuration runs on every seed, the others on the first.
+0 % and 25 %-layers configurations run on every seed first, then the others on the first seed.
 
 Part 2, real SmolLM2-135M (bits per byte). Its CMMLU accuracy is near chance, so the measure is language
 modelling: bits per byte of the question texts (question + options + answer cue) of the real CMMLU test split,
@@ -153,7 +153,26 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
         model.eval()
         return 100.0 * letter_accuracy(model, test_seqs, test_golds, letter_ids)
 
-    for si, seed in enumerate(seeds):
+    def measure(seed: int, d: Path, student: Path, model, config, what: str, frac: float, layer_scores,
+                mlp_scores) -> None:
+        name = f"{what}{int(frac * 100)}"
+        plan = prune.Plan(list(range(n_layers))) if what == "none" else plan_for(what, frac, n_layers, layer_scores,
+                                                                                  mlp_scores)
+        mdir = prune_to_dir(model, config, plan, d / name, student, {"layers": layer_scores.tolist()})
+        acc_pruned = accuracy(mdir)
+        rec = train(mdir, d / f"recover_{name}", recover_steps, seed)
+        acc_rec = accuracy(mdir, rec)
+        sp = speed(mdir, speed_prompt, speed_gen, repeats=5)  # tiny models: milliseconds per call
+        rows.append({"part": "demo", "what": what, "fraction": frac, "seed": seed, "kept_layers": plan.layers,
+                     "accuracy_pruned": acc_pruned, "accuracy_recovered": acc_rec, **sp})
+        save_rows(out, "demo", rows, {"partial": True})  # a cut run keeps what it measured
+        log(f"  seed {seed} {name:9s} params {sp['parameters'] / 1e6:6.3f}M  acc pruned {acc_pruned:5.1f}  "
+            f"recovered {acc_rec:5.1f}  prompt {sp['prompt_tps']:8.0f} tok/s  gen {sp['generation_tps']:6.0f} "
+            f"tok/s  peak {sp['peak_memory_gb'] * 1e3:.0f} MB")
+
+    # every seed: the unpruned control and 25 % of the layers first; then the other configurations on the first seed
+    first = None
+    for seed in seeds:
         d = out / "demo" / f"seed{seed}"
         student = tiny_phi_dir(out / "demo" / f"student_seed{seed}", seed=seed, n_layers=n_layers)
         tic = time.perf_counter()
@@ -163,24 +182,14 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
         fam = prune.family_of(config)
         layer_scores = prune.layer_importance(model, fam, calib, prune.answer_kl_loss(model, letter_ids))
         mlp_scores = prune.width_importance(model, fam, calib, "mlp")
-        configs = [("none", 0.0), ("layers", 0.25)] + ([("layers", 0.5), ("mlp", 0.25), ("mlp", 0.5)] if si == 0 else [])
-        for what, frac in configs:
-            name = f"{what}{int(frac * 100)}"
-            plan = prune.Plan(list(range(n_layers))) if what == "none" else plan_for(what, frac, n_layers,
-                                                                                      layer_scores, mlp_scores)
-            mdir = prune_to_dir(model, config, plan, d / name, student, {"layers": layer_scores.tolist()})
-            acc_pruned = accuracy(mdir)
-            rec = train(mdir, d / f"recover_{name}", recover_steps, seed)
-            acc_rec = accuracy(mdir, rec)
-            sp = speed(mdir, speed_prompt, speed_gen, repeats=5)  # tiny models: milliseconds per call
-            row = {"part": "demo", "what": what, "fraction": frac, "seed": seed, "kept_layers": plan.layers,
-                   "accuracy_pruned": acc_pruned, "accuracy_recovered": acc_rec, **sp}
-            rows.append(row)
-            save_rows(out, "demo", rows, {"partial": True})  # a cut run keeps what it measured
-            log(f"  seed {seed} {name:9s} params {sp['parameters'] / 1e6:6.3f}M  acc pruned {acc_pruned:5.1f}  "
-                f"recovered {acc_rec:5.1f}  prompt {sp['prompt_tps']:8.0f} tok/s  gen {sp['generation_tps']:6.0f} "
-                f"tok/s  peak {sp['peak_memory_gb'] * 1e3:.0f} MB")
+        log(f"  seed {seed}: layer scores {np.round(layer_scores, 4).tolist()}")
+        for what, frac in (("none", 0.0), ("layers", 0.25)):
+            measure(seed, d, student, model, config, what, frac, layer_scores, mlp_scores)
+        first = first or (seed, d, student, model, config, layer_scores, mlp_scores)
         log(f"  seed {seed}: {time.perf_counter() - tic:.0f} s")
+    seed, d, student, model, config, layer_scores, mlp_scores = first
+    for what, frac in (("layers", 0.5), ("mlp", 0.25), ("mlp", 0.5)):
+        measure(seed, d, student, model, config, what, frac, layer_scores, mlp_scores)
     return rows
 
 
