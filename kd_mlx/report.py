@@ -409,7 +409,8 @@ def _speed(g: dict, key: str) -> str:
     if g[key] is None:
         return "–"
     r = g[key + "_ratio"]
-    return f"{g[key]:.0f}" + (f" ({r:.2f}×)" if r is not None and g["what"] != "none" else "")
+    v = g[key]
+    return (f"{v:.0f}" if v >= 100 else f"{v:.1f}") + (f" ({r:.2f}×)" if r is not None and g["what"] != "none" else "")
 
 
 def plot_prune_tradeoff(rows: list[dict], path: Path) -> None:
