@@ -55,9 +55,8 @@ read the speed ratios as indicative only; parameters and bits per byte are exact
   UNPRUNED model: CE 2.905 -> 2.976, KD 2.905 -> 3.613 bits/byte. KD against the model's own top-32 starts at a
   loss of 0.0004 nats (checked: the store rows equal the model's log-probs, top-1 ids identical), so its gradient
   is encoding/top-k noise, and Adam turns that noise into lr-sized steps: at lr 2e-4 KD random-walks the weights.
-  The same happens on the pruned model at every position where it still matches the teacher, which is most of
-  them. So the KD arm here measures an optimiser setting that is too aggressive for KD, not the value of the
-  teacher signal; not tuned for lack of CPU time (lr, steps, KD + CE, a longer run are the next things to try).
+  Presumably the same noise acts on the pruned model wherever it still matches the teacher (not measured), so
+  the KD arm here likely measures an optimiser setting too aggressive for KD rather than the teacher signal; not tuned for lack of CPU time (lr, steps, KD + CE, a longer run are the next things to try).
   Width vs depth: removing 25 % of the MLP width (20M parameters) costs 0.49 bits/byte, 25 % of the layers (28M)
   1.03.
 
