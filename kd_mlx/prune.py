@@ -27,15 +27,12 @@ channel / head) and tests that they agree.
 With `--adapters` the LoRA (or full) adapters are fused first with mlx-lm's own machinery (`load_adapters` + the
 tuner layers' `fuse`). The output directory holds the pruned weights and `config.json` (mlx-lm loads it), the
 student's tokenizer files, `prune_config.json` (the final configuration) and `importance.json` (every score and
-what was kept).
+what was kept). The output directory follows the project's rule (`kd_mlx.utils.prepare_output_dir`): new or
+empty, or an earlier pruned model replaced with `--overwrite`; never an input or a directory around one.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,14 +43,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.tuner.utils import load_adapters
-from mlx_lm.utils import _get_classes, load_model, save_config, save_model
+from mlx_lm.utils import _get_classes, save_config, save_model
 
 from . import losses
 from .export import copy_tokenizer_files, fuse_adapters
-from .model_dir import read_adapter_config
+from .model_dir import load_model, read_adapter_config, read_model_config
 from .train.batches import Example, collate
-from .utils import KDError, cli_errors, load_yaml_config, merge_config, resolve_model_path, write_json_atomic
+from .train.run import DEFAULTS as TRAIN_DEFAULTS, prepare
+from .utils import (KDError, cli_errors, load_yaml_config, merge_config, path_identity, prepare_output_dir,
+                    resolve_model_path, staged_output_dir, write_json_atomic)
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,12 @@ DEFAULTS: dict[str, Any] = {
     "student": None, "adapters": None, "store": None, "data": None, "splits": None, "teacher_tokenizer": None,
     "out": None, "drop_layers": None, "mlp_keep": None, "heads_keep": None,
     "calib_split": "train", "calib_questions": 128, "batch_size": 8, "max_seq_len": 2048, "dtype": "float32",
+    "overwrite": False,
 }
+PRUNE_KIND = "prune"  # the output-directory kind (kd_mlx.utils.prepare_output_dir)
+# the settings that determine the pruned model (the output directory's identity)
+IDENTITY_KEYS = ("student", "adapters", "store", "data", "splits", "teacher_tokenizer", "drop_layers", "mlp_keep",
+                 "heads_keep", "calib_split", "calib_questions", "batch_size", "max_seq_len", "dtype")
 
 
 def family_of(config: dict) -> Family:
@@ -463,21 +466,12 @@ def check_prune_request(config: dict, drop_layers: int | None, mlp_keep: float |
 # Writing the model directory
 # --------------------------------------------------------------------------------------------------------------
 
-def check_out(out: str | os.PathLike) -> Path:
-    """An --out that exists is refused; that also covers one equal to or containing an input (inputs exist)."""
-    out = Path(out).expanduser()
-    if out.exists():
-        raise KDError(f"output {out} already exists: choose a new --out")
-    return out
-
-
 def write_model_dir(out: Path, model: nn.Module, config: dict, tokenizer_src: Path, final_config: dict,
-                    record: dict) -> Path:
+                    record: dict, identity: dict | None = None) -> Path:
     """Weights + config.json (mlx-lm's writers), tokenizer files, prune_config.json, importance.json; built under a
-    temporary name beside `out`, loaded back with mlx-lm, then renamed onto `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    temporary name beside `out`, loaded back with mlx-lm, then renamed onto `out` (`staged_output_dir`; the caller
+    checked `out` with `prepare_output_dir`)."""
+    with staged_output_dir(out, PRUNE_KIND, identity or {}) as tmp:
         save_model(tmp, model, donate_model=False)
         save_config(dict(config), tmp / "config.json")
         copied = copy_tokenizer_files(tokenizer_src, tmp)
@@ -486,28 +480,17 @@ def write_model_dir(out: Path, model: nn.Module, config: dict, tokenizer_src: Pa
         write_json_atomic(tmp / "prune_config.json", final_config)
         write_json_atomic(tmp / "importance.json", record)
         load_model(tmp, lazy=True)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def load_fused_student(student: Path, adapters: str | None, dtype: str) -> tuple[nn.Module, dict]:
-    """The student with its adapters fused (mlx-lm's `load_adapters` + the tuner layers' `fuse`), cast to `dtype`."""
-    try:
-        model, config = load_model(student)
-    except (ValueError, FileNotFoundError) as e:
-        raise KDError(f"cannot load student {student}: {str(e).splitlines()[0]}") from None
+    """The student with its adapters fused (`kd_mlx.model_dir.load_model` applies them with mlx-lm's
+    `load_adapters`, then the tuner layers' own `fuse`), cast to `dtype`."""
+    model, config = load_model(student, adapters=adapters)
     if adapters:
-        try:
-            load_adapters(model, str(adapters))
-        except (ValueError, KeyError) as e:
-            raise KDError(f"adapters {adapters} do not fit student {student}: {str(e).strip().splitlines()[0]}") from None
         model.eval()
         fuse_adapters(model)
-    want = getattr(mx, dtype)
-    model.update(tree_map_floats(model.parameters(), want))
+    model.update(tree_map_floats(model.parameters(), getattr(mx, dtype)))
     mx.eval(model.parameters())
     return model, config
 
@@ -526,15 +509,11 @@ def calibration_batches(examples: Sequence[Example], batch_size: int) -> list[tu
 def run_prune(cfg: dict, progress: bool = True) -> PruneResult:
     """The CLI: checks, calibration examples from the train split (through `kd_mlx.train.run.prepare`, so the
     prompts and the store checks are the training run's), scores, surgery, the model directory."""
-    from .train.run import DEFAULTS as TRAIN_DEFAULTS, prepare
-
     for key in ("student", "store", "data", "splits", "out"):
         if not cfg.get(key):
             raise KDError(f"missing required setting --{key.replace('_', '-')}")
     student = resolve_model_path(cfg["student"])
-    if not (student / "config.json").is_file():
-        raise KDError(f"student directory {student} has no config.json")
-    model_config = json.loads((student / "config.json").read_text(encoding="utf-8"))
+    model_config = read_model_config(student)
     check_prune_request(model_config, cfg["drop_layers"], cfg["mlp_keep"], cfg["heads_keep"])
     if cfg["dtype"] not in ("float32", "float16", "bfloat16"):
         raise KDError(f"--dtype must be float32, float16 or bfloat16, got {cfg['dtype']}")
@@ -542,7 +521,12 @@ def run_prune(cfg: dict, progress: bool = True) -> PruneResult:
         raise KDError("--calib-questions and --batch-size must be >= 1")
     if cfg["adapters"]:
         read_adapter_config(cfg["adapters"])
-    out = check_out(cfg["out"])
+    identity = {k: path_identity(cfg[k]) if k in ("student", "adapters", "store", "data", "splits",
+                                                 "teacher_tokenizer") else cfg[k] for k in IDENTITY_KEYS}
+    prepare_output_dir(cfg["out"], PRUNE_KIND, identity, [cfg["student"], cfg["adapters"], cfg["store"], cfg["data"],
+                                                          cfg["splits"], cfg["teacher_tokenizer"]],
+                       overwrite=bool(cfg["overwrite"]))
+    out = Path(cfg["out"])
     tcfg = {**TRAIN_DEFAULTS, "student": str(student), "store": cfg["store"], "data": cfg["data"],
             "splits": cfg["splits"], "out": str(out), "teacher_tokenizer": cfg["teacher_tokenizer"],
             "train_split": cfg["calib_split"], "val_split": None, "max_train_questions": int(cfg["calib_questions"]),
@@ -555,7 +539,7 @@ def run_prune(cfg: dict, progress: bool = True) -> PruneResult:
     res = prune_model(model, config, batches, answer_kl_loss(model, prep.letter_ids),
                       drop_layers=int(cfg["drop_layers"] or 0), mlp_keep=cfg["mlp_keep"], heads_keep=cfg["heads_keep"])
     res.record["calibration_questions"] = len(prep.train)
-    write_model_dir(out, res.model, res.config, student, cfg, res.record)
+    write_model_dir(out, res.model, res.config, student, cfg, res.record, identity)
     return res
 
 
@@ -580,7 +564,8 @@ def _explicit(ctx: click.Context, names: Sequence[str]) -> dict:
 @click.option("--batch-size", type=int, help="Calibration batch size.  [default: 8]")
 @click.option("--max-seq-len", type=int, help="Student prompt length limit.  [default: 2048]")
 @click.option("--dtype", help="Weights dtype of the pruned model.  [default: float32]")
-@click.option("--out", type=click.Path(), help="Output model directory (must not exist).")
+@click.option("--out", type=click.Path(), help="Output model directory (new, or --overwrite an earlier pruned model).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an earlier pruned model in --out.")
 @click.option("--config", "config_file", type=click.Path(), default=None, help="YAML config, merged under the flags.")
 @click.option("--progress/--no-progress", default=True)
 @click.pass_context

@@ -409,7 +409,8 @@ def _speed(g: dict, key: str) -> str:
     if g[key] is None:
         return "–"
     r = g[key + "_ratio"]
-    return f"{g[key]:.0f}" + (f" ({r:.2f}×)" if r is not None and g["what"] != "none" else "")
+    v = g[key]
+    return (f"{v:.0f}" if v >= 100 else f"{v:.1f}") + (f" ({r:.2f}×)" if r is not None and g["what"] != "none" else "")
 
 
 def plot_prune_tradeoff(rows: list[dict], path: Path) -> None:
@@ -423,8 +424,9 @@ def plot_prune_tradeoff(rows: list[dict], path: Path) -> None:
     for ax, part in zip(axes[0], parts):
         gs = [g for g in groups if g["part"] == part and g["prompt_tps"]]
         demo = part == "demo"
-        series = ([("accuracy_pruned", "pruned", "#c44e52"), ("accuracy_recovered", "after KD recovery", "#55a868")]
-                  if demo else [("bpb_pruned", "pruned", "#c44e52"), ("bpb_kd", "after KD recovery", "#55a868"),
+        series = ([("accuracy_pruned", "before recovery", "#c44e52"),
+                   ("accuracy_recovered", "after KD recovery", "#55a868")]
+                  if demo else [("bpb_pruned", "before recovery", "#c44e52"), ("bpb_kd", "after KD recovery", "#55a868"),
                                 ("bpb_ce", "after CE recovery", "#8172b2")])
         for key, label, color in series:
             pts = [(g["prompt_tps"], g[key], g) for g in gs if g[key] is not None]
@@ -435,6 +437,7 @@ def plot_prune_tradeoff(rows: list[dict], path: Path) -> None:
             if y is not None:
                 ax.annotate(_prune_label(g), (g["prompt_tps"], y), fontsize=7, xytext=(4, 4),
                             textcoords="offset points")
+        ax.margins(x=0.2, y=0.1)  # room for the labels
         ax.set_xlabel("prompt tokens/s")
         ax.set_ylabel("held-out accuracy (%)" if demo else "bits per byte (lower is better)")
         ax.set_title("demo task" if demo else f"{part}: language modelling")

@@ -215,8 +215,8 @@ def test_cli_prunes_fused_adapters_then_recovers(world, tmp_path):
     assert len(record["layers"]["dropped"]) == 1 and record["mlp"]["intermediate_size"] == 128
 
     # exactness with the adapters: fused with mlx-lm's machinery, then the removed parts skipped / zeroed
-    fused, _ = load(world["student"])
-    load_adapters(fused, str(run / "best"))
+    fused, _ = load_model(world["student"])
+    load_adapters(fused, str(run / "best"))  # mlx-lm's own loader, independent of kd_mlx's
     fused.eval()
     fuse_adapters(fused)
     fused_dir = tmp_path / "fused"
@@ -245,9 +245,13 @@ def test_cli_refuses_bad_requests_in_one_line(world, tmp_path, extra, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_refuses_an_existing_out(world, tmp_path):
-    for out in (tmp_path / "exists", world["store"]):  # any existing directory, an input included
-        out.mkdir(exist_ok=True)
+def test_cli_output_directory_rule(world, tmp_path):
+    """An --out holding anything else, or being / containing / inside an input, is refused before any work."""
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    for out, message in ((tmp_path / "busy", "choose another --out"), (world["store"], "the input"),
+                         (world["root"], "the input"), (world["store"] / "sub", "the input")):
         r = run_cli(prune.main_cmd, ["--student", str(world["student"]), *common(world), "--drop-layers", "1",
                                      "--out", str(out)])
-        assert r.exit_code == 1 and "already exists" in r.output, r.output
+        assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine" and not (world["store"] / "sub").exists()

@@ -206,7 +206,7 @@ def test_prune_tradeoff_table_and_plot(three, tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Pruning: accuracy vs speed" in md
     assert "| 25% layers removed | 2 | 6.00M (0.75×) | 1300 (1.30×) | 130 (1.30×) | 20 MB | 32.0 ± 2.8 | 41.0 ± 1.4 |" in md
-    assert ("| 25% layers removed (smollm2) | 100.00M (0.75×) | 250 (1.25×) | 25 (1.25×) | 0.50 GB | 3.000 | 2.400 | "
+    assert ("| 25% layers removed (smollm2) | 100.00M (0.75×) | 250 (1.25×) | 25.0 (1.25×) | 0.50 GB | 3.000 | 2.400 | "
             "2.800 | 60.0% / 20.0% |") in md
     png = (tmp_path / "rep" / "prune_tradeoff.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
