@@ -84,9 +84,10 @@ def peak_rss_gb() -> float:
 @click.option("--max-chars", default=96, show_default=True, help="texts cut to this many characters")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--diagnostics", is_flag=True, help="also: top-k sums only, no context check (cross-tokenizer)")
+@click.option("--only", default=None, help="comma-separated arm numbers to run (0-based, in the printed order)")
 @click.option("--out", default="/tmp/kd_token_effect", show_default=True, help="work dir (store, results.json)")
 def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, temperature, top_k, hidden, layers,
-         max_chars, seed, diagnostics, out):
+         max_chars, seed, diagnostics, only, out):
     out = Path(out)
     t0 = time.perf_counter()
     cm = load_cmmlu(cmmlu)
@@ -123,6 +124,8 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
     if diagnostics:
         arms += [("gpt2", "CE+KD bytes, top-k sums only", dict(exact=False)),
                  ("gpt2", "CE+KD bytes, no context check", dict(context=False))]
+    if only:
+        arms = [arms[int(i)] for i in only.split(",")]
     held = {"gpt2": examples(gpt2, with_kd=False, texts=eval_texts), "smol": examples(smol, with_kd=False,
                                                                                      texts=eval_texts)}
     rows = []
@@ -142,7 +145,10 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                      "final_kd": float(np.mean([h[1] for h in hist[-20:]])), "train_s": secs})
         print(f"{tok_name:5s} {arm:32s} held-out bpb {bpb:.4f}  KD rows/token {n_kd / n_tok:.2f}  "
               f"train {secs:.0f} s", flush=True)
+    (out / "rows.json").write_text(json.dumps(rows, indent=1))
     by = {(r["tokenizer"], r["arm"]): r["bpb"] for r in rows}
+    if not {("gpt2", "CE"), ("smol", "CE"), ("smol", "CE+KD")} <= set(by):
+        return  # a partial run (--only): rows.json holds its arms
     gain_cross = {a: by[("gpt2", "CE")] - by[("gpt2", a)] for t_, a in by if t_ == "gpt2" and a != "CE"}
     gain_same = by[("smol", "CE")] - by[("smol", "CE+KD")]
     print("\n| tokenizer | arm | held-out bits/byte | KD gain | gain / same-tokenizer gain |")
