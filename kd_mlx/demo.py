@@ -26,7 +26,10 @@ Measured 2026-11-30 (Linux x86_64, 2 cores shared with five other engineers' job
 default run (majority task, seed 0): 203 s wall (dump 55 s; train 70 s; three evals 25 s; report 1 s; split 0.1 s;
 the rest the demo set-up). Held-out test accuracy (180 questions): teacher 61.1% | student baseline 22.8% |
 distilled 46.7% = 76.4% of the teacher, 62% of the teacher-baseline gap closed; validation accuracy 38.3% (step
-50) -> 46.7% (step 100, the best checkpoint). Same settings, `--task missing` (under load 14: 2048 s): teacher
+50) -> 46.7% (step 100, the best checkpoint). Rerun on main of 14:07 (store format 2, typed train config; same
+seed and settings; load 6-8: 542 s): teacher 61.1% | baseline 22.8% | distilled 34.4% (56% of the teacher, 30% of
+the gap; validation 30.0% -> 40.0%): the result swings with any change of the numerics, as the student seeds do
+(benchmarks/kd_effect.py). Same settings, `--task missing` (under load 14: 2048 s): teacher
 60.0% | baseline 27.8% | distilled 21.1% (validation 23.3% at both evaluations): the recipe does NOT carry over to
 the second skill in 100 steps (see benchmarks/kd_effect.py). `--quick` (the CI test; 400 questions, teacher 300
 steps, student 100 steps, under load 11-14: 1764 s): teacher 52.5% | baseline 25.0% | distilled 46.7% (120 test
