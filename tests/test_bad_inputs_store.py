@@ -258,3 +258,13 @@ def test_teacher_tokenizer_override_must_match_the_store(world, tmp_path):
     line = one_line_error(CliRunner().invoke(train_main, args))
     assert "fingerprint" in line and "the store carries it" in line
     assert files_bytes(world["store"]) == before and not (tmp_path / "run").exists()
+
+
+def test_dump_refuses_shots_beyond_the_dev_rows_before_compute(world, tmp_path):
+    """Every subject's dev rows are counted before the teacher is run: the fixture has 1 dev row per subject."""
+    args = dump_args(world, tmp_path / "out")
+    args[args.index("--shots") + 1] = "2"
+    before = files_bytes(world["data"])
+    line = one_line_error(CliRunner().invoke(teacher_cli, args))
+    assert "has 1 dev row(s)" in line and "fewer than the 2 shots" in line, line
+    assert files_bytes(world["data"]) == before and not (tmp_path / "out").exists()

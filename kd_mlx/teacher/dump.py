@@ -332,9 +332,10 @@ def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequ
 
 
 def _add_stats(st: dict, it: PromptItem, s: dict) -> None:
-    sub = st["subjects"].setdefault(it.subject, [0, 0])
-    sub[0] += int(it.label >= 0 and int(np.argmax(s["answer"])) == it.label)
-    sub[1] += 1
+    if it.label >= 0:  # teacher accuracy over answered questions only (a transfer set has no gold)
+        sub = st["subjects"].setdefault(it.subject, [0, 0])
+        sub[0] += int(int(np.argmax(s["answer"])) == it.label)
+        sub[1] += 1
     st["rows"] += 1
     st["positions"] += len(it.positions)
     st["truncated"] += int(it.truncated)
@@ -472,6 +473,7 @@ def select_questions(cfg: dict):
         questions = questions[: int(cfg["max_questions"])]
     if not questions:
         raise KDError("no questions to dump")
+    cmmlu.check_shots({q.subject for q in questions}, int(cfg["shots"]))  # every subject, before any compute
     return cmmlu, questions
 
 
