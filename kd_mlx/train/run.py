@@ -263,8 +263,13 @@ def parse_grid(items: tuple[str, ...] | list[str]) -> dict[str, list]:
     return grid
 
 
+# settings the examples (prompts, KD targets) are built from
+EXAMPLE_SETTINGS = ("kd_temperature", "kd_align", "kd_max_positions", "max_seq_len", "train_split", "val_split",
+                    "transfer_split", "max_train_questions", "max_val_questions")
+
+
 def run_sweep(cfg: TrainConfig | dict, grid: dict[str, list], progress: bool = True) -> list[dict]:
-    """Short trials over the grid (examples built once), ranked by best validation accuracy; writes
+    """Short trials over the grid (examples built once per value of EXAMPLE_SETTINGS), ranked by best validation accuracy; writes
     OUT/sweep.json and each trial's run under OUT/trial_NNN/."""
     cfg = as_config(cfg)
     check_required(cfg)
@@ -277,12 +282,18 @@ def run_sweep(cfg: TrainConfig | dict, grid: dict[str, list], progress: bool = T
     keys = list(grid)
     trial_cfgs = [base.replace(**dict(zip(keys, values)), out=str(out / f"trial_{n:03d}"))  # validated up front
                   for n, values in enumerate(itertools.product(*(grid[k] for k in keys)))]
-    prep = prepare(base, progress)
-    if not prep.val:
-        raise KDError("a sweep ranks trials by validation accuracy: the val split is empty")
+    # examples are built once per distinct value of the settings they depend on (the KD targets are tempered and
+    # aligned when they are built), so a grid over e.g. kd_temperature never trains on stale targets
+    preps: dict[tuple, Prepared] = {}
     trials = []
     for n, tcfg in enumerate(trial_cfgs):
         params = {k: getattr(tcfg, k) for k in keys}
+        built_from = tuple((k, repr(getattr(tcfg, k))) for k in EXAMPLE_SETTINGS if k in keys)
+        if built_from not in preps:
+            preps[built_from] = prepare(base.replace(**{k: getattr(tcfg, k) for k, _ in built_from}), progress)
+            if not preps[built_from].val:
+                raise KDError("a sweep ranks trials by validation accuracy: the val split is empty")
+        prep = preps[built_from]
         summary = train_prepared(prep, tcfg.replace(shots=prep.cfg.shots), progress=progress)
         rows = [json.loads(ln) for ln in (Path(tcfg.out) / "metrics.jsonl").read_text().splitlines() if ln]
         vals = [r for r in rows if r["kind"] == "val"]
@@ -293,7 +304,7 @@ def run_sweep(cfg: TrainConfig | dict, grid: dict[str, list], progress: bool = T
     trials.sort(key=lambda t: (-(t["val_acc"] or 0.0), t["val_loss"] if t["val_loss"] is not None else 1e30))
     for rank, t in enumerate(trials, 1):
         t["rank"] = rank
-    write_json_atomic(out / "sweep.json", {"grid": grid, "steps": prep.cfg.steps, "trials": trials})
+    write_json_atomic(out / "sweep.json", {"grid": grid, "steps": base.steps, "trials": trials})
     return trials
 
 
