@@ -67,7 +67,8 @@ def plain_official_loop(em, questions, dev, shots: int, max_tokens: int) -> tupl
 def main(model, data, subjects, limit, shots, batch_size, max_tokens, reuse_prefix) -> None:
     import mlx.core as mx
 
-    from kd_mlx.eval import _peak_rss_bytes, evaluate_model, load_eval_model, select_questions, softmax4
+    from kd_mlx.eval import evaluate_model, load_eval_model, select_questions, softmax4
+    from kd_mlx.utils import peak_rss_bytes
     from kd_mlx.utils import format_bytes
 
     data = data or os.environ.get("KD_MLX_CMMLU") or str(REPO.parent / "shared" / "cmmlu")
@@ -116,7 +117,7 @@ def main(model, data, subjects, limit, shots, batch_size, max_tokens, reuse_pref
     print(f"  speed-up            : {plain_s / fast_s:.2f}x  (goal >= 1.5x)")
     print(f"  predictions agree   : {agree}/{n}; max |prob difference| {np.abs(fast_probs - plain_probs).max():.2e}")
     print(f"  accuracy            : kd_mlx.eval {fast.summary['overall']:.2f}% (subject mean)")
-    print(f"  process peak RSS    : {format_bytes(_peak_rss_bytes())}")
+    print(f"  process peak RSS    : {format_bytes(peak_rss_bytes())}")
 
 
 if __name__ == "__main__":

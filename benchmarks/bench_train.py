@@ -125,7 +125,7 @@ def run_lora(student: Path, seqs, steps: int, batch: int) -> dict:
 
 
 def _peak_rss_gb() -> float:
-    from kd_mlx.train.loop import peak_rss_bytes
+    from kd_mlx.utils import peak_rss_bytes
 
     return peak_rss_bytes() / 1e9
 

@@ -70,15 +70,10 @@ from typing import Sequence
 
 import numpy as np
 
+from . import utils
 from .utils import KDError, atomic_path
 
 VOCABMAP_FORMAT = 2
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("KD_MLX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                          or os.path.expanduser("~/.cache"), "kd_mlx")
-    return Path(base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,7 +227,7 @@ class VocabMap:
 
     @staticmethod
     def cache_path(teacher_tok, student_tok, cache_dir: str | os.PathLike | None = None) -> Path:
-        d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        d = Path(cache_dir) if cache_dir is not None else utils.cache_dir()
         return d / f"vocabmap-{teacher_tok.fingerprint()}-{student_tok.fingerprint()}-v{VOCABMAP_FORMAT}.npz"
 
     @classmethod

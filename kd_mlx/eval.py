@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import os
-import resource
 import sys
 import time
 from collections import defaultdict
@@ -48,8 +47,9 @@ from .data import (CMMLU, LETTERS, answer_token_ids, load_cmmlu, load_splits, pr
 from .model_dir import load_model, read_adapter_config, read_raw_config
 from .teacher import StreamingTeacher
 from .tokenizer import load_tokenizer
-from .utils import (KDError, cli_errors, config_int, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
-                    path_identity, prepare_output_dir, resolve_model_path, staged_output_dir, write_json_atomic)
+from .utils import (KDError, cli_errors, config_int, is_hub_id, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
+                    path_identity, peak_rss_bytes, prepare_output_dir, resolve_model_path, staged_output_dir,
+                    write_json_atomic)
 
 N_CALIBRATION_BINS = 10
 
@@ -314,9 +314,6 @@ def summarize_scores(subject_correct: dict[str, Sequence[bool]], table: dict[str
     }
 
 
-def _peak_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)  # macOS reports bytes, Linux KiB
 
 
 # --------------------------------------------------------------------------------------------------- models
@@ -487,7 +484,7 @@ def evaluate_model(em: EvalModel, questions: Sequence, dev: dict[str, list], *, 
         "mean_shots": float(np.mean(kept)),
         "truncated_prompts": n_truncated,
     }
-    summary["memory"] = {"mlx_peak_bytes": int(mx.get_peak_memory()), "peak_rss_bytes": _peak_rss_bytes()}
+    summary["memory"] = {"mlx_peak_bytes": int(mx.get_peak_memory()), "peak_rss_bytes": peak_rss_bytes()}
     summary["model"] = {"path": str(em.path), "kind": em.kind, "context": ctx, "max_tokens": limit,
                         "answer_token_ids": answer_ids, "add_bos": em.add_bos}
     return EvalResult(summary, results)
@@ -548,7 +545,7 @@ def select_questions(data: str, splits: str | None = None, split: str = "test", 
 
 def load_eval_data(data: str) -> CMMLU:
     p = Path(data)
-    if not p.exists() and not (data.count("/") == 1 and not data.startswith((".", "/", "~"))):
+    if not p.exists() and not is_hub_id(data):
         raise KDError(f"CMMLU data directory not found: {data}")
     return load_cmmlu(data)
 

@@ -35,7 +35,7 @@ from mlx_lm.utils import dequantize_model, get_total_parameters, quantize_model,
 from .data import Question, answer_token_ids, build_prompt, subject_table
 from .eval import letter_logits_reference, letter_logits_streaming, load_eval_model, softmax4
 from .model_dir import load_model, read_adapter_config, read_raw_config
-from .utils import (KDError, cli_errors, config_int, load_yaml_config, merge_config, path_identity,
+from .utils import (KDError, cli_errors, config_int, is_hub_id, load_yaml_config, merge_config, path_identity,
                     prepare_output_dir, resolve_model_path, sha256_file, staged_output_dir, write_json_atomic)
 
 LETTERS = ("A", "B", "C", "D")
@@ -144,10 +144,6 @@ def check_eval_summary(path: Path, adapters_dir: Path) -> dict:
         what = "the base model without adapters" if named is None else f"adapters {named}"
         raise KDError(f"{path} evaluates {what}, not {adapters_dir}: give the evaluation of the exported adapters")
     return s
-
-
-def _is_hub_id(student: str) -> bool:
-    return not Path(student).expanduser().exists() and student.count("/") == 1 and not student.startswith((".", "/", "~"))
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -259,7 +255,7 @@ def export_model(student: str, adapters: str | os.PathLike, out: str | os.PathLi
             "config": final_config or {"student": student, "adapters": str(adapters), "out": str(out),
                                        "quantize": quantize, "group_size": group_size, "dtype": dtype,
                                        "eval_summary": str(summary_path) if summary_path else None},
-            "student": student if _is_hub_id(student) else Path(student).name,
+            "student": student if is_hub_id(student) else Path(student).name,
             "adapters_sha256": sha256_file(adapters_dir / "adapters.safetensors"),
             "adapter_config": adapter_cfg,
             "training_config": train_cfg,

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -291,6 +292,25 @@ def config_int(cfg: dict, key: str, minimum: int | None = None) -> int | None:
     return n
 
 
+def is_hub_id(s: str) -> bool:
+    """`owner/name` and not a local path: a mistyped local path (its first part exists here) is no hub id."""
+    return (not Path(s).expanduser().exists() and not s.startswith((".", "/", "~")) and s.count("/") == 1
+            and all(s.split("/")) and not Path(s.split("/")[0]).exists())
+
+
+def cache_dir() -> Path:
+    """kd_mlx's cache: $KD_MLX_CACHE, else $XDG_CACHE_HOME/kd_mlx, else ~/.cache/kd_mlx."""
+    base = os.environ.get("KD_MLX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                                          or os.path.expanduser("~/.cache"), "kd_mlx")
+    return Path(base)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes (macOS reports bytes, Linux KiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
 def resolve_model_path(path_or_repo: str, allow_patterns: list[str] | None = None,
                        revision: str | None = None) -> Path:
     """A local directory is used as is; anything else is a hub repo id fetched with huggingface_hub."""
@@ -299,7 +319,7 @@ def resolve_model_path(path_or_repo: str, allow_patterns: list[str] | None = Non
         if not p.is_dir():
             raise KDError(f"model path {p} is not a directory")
         return p
-    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+    if not is_hub_id(path_or_repo):
         raise KDError(f"model directory not found: {path_or_repo}")
     from huggingface_hub import snapshot_download
 

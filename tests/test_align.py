@@ -222,7 +222,7 @@ def test_vocab_map_cache_round_trip_and_keys(kimi_tok, phi_tok, vmap, vmap_cache
 
 def test_default_cache_dir_and_unwritable_cache(monkeypatch, tmp_path, kimi_tok, phi_tok, vmap):
     monkeypatch.setenv("KD_MLX_CACHE", str(tmp_path / "c"))
-    assert A.default_cache_dir() == tmp_path / "c"
+    assert A.utils.cache_dir() == tmp_path / "c"
     assert A.VocabMap.cache_path(kimi_tok, phi_tok).parent == tmp_path / "c"
     # the default cache directory is unusable (a file): the map is built all the same, only not cached
     (tmp_path / "c").write_text("")

@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 from huggingface_hub import snapshot_download
 from tqdm import tqdm
 
-from ..utils import KDError
+from ..utils import KDError, is_hub_id
 
 SPLITS = ("dev", "test", "transfer")
 TRANSFER = "transfer"  # the folder of a transfer set, its questions' `split` and its name in splits.json
@@ -268,12 +268,6 @@ def _zip_files(zpath: Path) -> list[tuple[str, str, str, Callable[[], bytes]]]:
             for m, r in sorted(matches, key=lambda x: x[0])]
 
 
-def _is_repo_id(s: str) -> bool:
-    """`owner/name`, and not a local path: a mistyped local path (its first part exists here) is no hub id."""
-    return (not s.startswith((".", "/", "~")) and s.count("/") == 1 and all(s.split("/"))
-            and not Path(s.split("/")[0]).exists())
-
-
 def fetch_hub_dataset(repo_id: str, revision: str | None = None) -> Path:
     """snapshot_download of a dataset repo; errors (no network, no such repo) become one-line KDErrors."""
     try:
@@ -289,7 +283,7 @@ def find_files(path_or_repo: str | Path) -> tuple[str, list[tuple[str, str, str,
     p = Path(path_or_repo).expanduser()
     if not p.exists():
         s = str(path_or_repo)
-        if not _is_repo_id(s):
+        if not is_hub_id(s):
             raise KDError(f"CMMLU data not found: {s} (a directory with dev/ and test/, a zip, or a hub id)")
         p = fetch_hub_dataset(s)
     if p.is_file():

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -18,8 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from ..safetensors_io import StreamingShardWriter
-from ..utils import (KDError, cli_errors, format_bytes, linux_blas_advice, load_yaml_config, merge_config,
-                     parse_bytes, resolve_model_path, write_json_atomic)
+from ..utils import (KDError, cli_errors, format_bytes, linux_blas_advice, load_yaml_config, merge_config, parse_bytes,
+                     peak_rss_bytes, resolve_model_path, write_json_atomic)
 from .convert import KEEP_DTYPE, convert_checkpoint, describe_conversion
 from .streaming import StreamingTeacher
 
@@ -33,9 +32,6 @@ def _budget(v) -> int | None:
     return None if v in (None, "", "none", "None") else parse_bytes(v)
 
 
-def _peak_rss() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 INSPECT_DEFAULTS = {"memory_budget": None, "tokens": 800, "json_out": None}
@@ -115,7 +111,7 @@ def score_prompts(model: str | Path, prompts: list[str], memory_budget: int | No
         raise
     return {"prompts": len(prompts), "vocab": int(lp.shape[1]), "bytes_read": t.stats.bytes_read,
             "expert_bytes_read": t.stats.expert_bytes_read, "wall_s": round(t.stats.wall_s, 3),
-            "peak_mlx_bytes": int(mx.get_peak_memory()), "peak_rss_bytes": _peak_rss(),
+            "peak_mlx_bytes": int(mx.get_peak_memory()), "peak_rss_bytes": peak_rss_bytes(),
             "argmax_tokens": [t.tokenizer.decode([int(i)]) for i in lp.argmax(axis=1)]}
 
 
@@ -175,7 +171,7 @@ def convert(src, dst, bits, keep_dtype, group_size, shard_size, dtype, config_pa
                              group_size=int(cfg["group_size"]), shard_bytes=parse_bytes(cfg["shard_size"]),
                              dtype=cfg["dtype"])
     write_json_atomic(out / "kd_mlx_convert.json", {"src": str(src), "dst": str(dst), **cfg})
-    click.echo(f"converted {describe_conversion(out)}; peak RSS {format_bytes(_peak_rss())}")
+    click.echo(f"converted {describe_conversion(out)}; peak RSS {format_bytes(peak_rss_bytes())}")
 
 
 # --- further commands: the logits dump lives in kd_mlx/teacher/dump.py (store engineer); register it below ---

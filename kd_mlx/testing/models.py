@@ -27,7 +27,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from tqdm import tqdm
 
 from ..safetensors_io import StreamingShardWriter, mx_to_bytes, numpy_dtype, st_dtype, tensor_nbytes
-from ..utils import KDError, atomic_path, write_json_atomic
+from ..utils import KDError, atomic_path, cache_dir, write_json_atomic
 from .tokenizers import kimi_tokenizer_dir, phi_tokenizer_dir
 
 KIMI_TINY_VOCAB = 100_512  # cl100k ranks (100,256) + Kimi's 256 reserved specials
@@ -368,12 +368,6 @@ def _smollm2_tokenizer(meta: dict):
     return tok
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("KD_MLX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
-                                                          or os.path.expanduser("~/.cache"), "kd_mlx")
-    return Path(base)
-
-
 def _convert_smollm2(out: Path) -> None:
 
     gguf = smollm2_gguf()
@@ -424,7 +418,7 @@ def smollm2_dir(out_dir: str | Path | None = None) -> Path:
     `out_dir` (if given) receives a copy of that directory. Returns the directory."""
     gguf = smollm2_gguf()
     st = gguf.stat()
-    cache = _cache_root() / f"smollm2-{st.st_size}-{int(st.st_mtime)}"
+    cache = cache_dir() / f"smollm2-{st.st_size}-{int(st.st_mtime)}"
     if not _done(cache):
         tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -36,7 +35,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.tuner.trainer import grad_checkpoint
 from tqdm import tqdm
 
-from ..utils import KDError, write_json_atomic
+from ..utils import KDError, peak_rss_bytes, write_json_atomic
 from .batches import Batch, BatchArrays
 from .config import TrainConfig
 from .model import FINGERPRINT_KEY, check_adapter_base, load_adapter_weights, save_adapters
@@ -83,9 +82,6 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
                        weight_decay=cfg.weight_decay)
 
 
-def peak_rss_bytes() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
