@@ -17,8 +17,9 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.tuner.utils import load_adapters
@@ -257,3 +258,37 @@ def load_model(model_dir: str | os.PathLike, *, adapters: str | os.PathLike | No
             detail = lines[0] + (f" {lines[1].strip()}" if len(lines) > 1 else "")
             raise KDError(f"adapters {a} do not fit model {d}: {detail}") from None
     return model, dict(config)
+
+
+# ------------------------------------------------------------------------------------------------ model structure
+def head_split(model: nn.Module) -> tuple[Callable, Callable] | None:
+    """(backbone(tokens, cache=None) -> hidden, head(hidden) -> logits) for mlx-lm models shaped `model.model` + `lm_head`
+    (or tied embeddings); None when the model does not look like that or the split does not reproduce
+    `model(tokens)` (e.g. logit soft-capping), in which case the reference path is used."""
+    inner = getattr(model, "model", None)
+    if inner is None or not callable(inner):
+        return None
+    if "lm_head" in model:
+        head = model.lm_head
+    elif hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
+        head = inner.embed_tokens.as_linear
+    else:
+        return None
+
+    def backbone(tokens: mx.array, cache: list | None = None) -> mx.array:
+        return inner(tokens, cache)
+
+    # numerical check on a tiny input: the split must equal the model's own forward. In eval mode: with LoRA
+    # dropout active the two forwards would differ, and would draw from the RNG (a resumed run must not)
+    was_training = model.training
+    model.eval()
+    try:
+        x = mx.array([[1, 2, 3]], dtype=mx.int32)
+        ref, fast = model(x), head(backbone(x))
+        if ref.shape != fast.shape or not mx.allclose(ref, fast, rtol=1e-4, atol=1e-4).item():
+            return None
+    except Exception:  # any architecture whose backbone does not take (tokens, cache)
+        return None
+    finally:
+        model.train(was_training)
+    return backbone, head
