@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from ..tokenizer import load_tokenizer
-from ..utils import KDError, cli_errors, load_yaml_config, merge_config, write_json_atomic
+from ..utils import KDError, cli_errors, config_int, load_yaml_config, merge_config, write_json_atomic
 from .loader import CMMLU, SPLITS, TRANSFER, load_cmmlu
 from .prompt import Prompt, fit_prompt
 from .splits import SPLIT_NAMES, make_splits
@@ -87,10 +87,17 @@ def write_splits(cfg: dict) -> dict:
     if data.is_dir() and (any(out.resolve().parent == (data / s).resolve() for s in SPLITS)
                           or out.resolve() == (data / "subjects.json").resolve()):
         raise KDError(f"--out {out} is inside the data's own files: write splits.json elsewhere")
+    seed = config_int(cfg, "seed")
+    fractions = {}
+    for key in ("val", "test"):
+        try:
+            fractions[key] = float(cfg[key])
+        except (TypeError, ValueError):
+            raise KDError(f"{key} must be a fraction such as 0.1, got {cfg[key]!r}") from None
     previous = _read_previous(out)
     cmmlu = load_cmmlu(cfg["data"], skip_bad=cfg["skip_bad"], progress=sys.stderr.isatty())
     _report_skipped(cmmlu)
-    splits = make_splits(cmmlu, seed=int(cfg["seed"]), val=float(cfg["val"]), test=float(cfg["test"]))
+    splits = make_splits(cmmlu, seed=seed, val=fractions["val"], test=fractions["test"])
     splits["source"] = cmmlu.source
     if previous is not None and previous != splits and not cfg["overwrite"]:
         moved = _moved_to_evaluation(previous, splits)
