@@ -63,7 +63,8 @@ from .data import answer_token_ids, load_cmmlu, load_splits, split_questions
 from .eval import build_prompt_ids
 from .testing.models import tiny_kimi_k2_dir, tiny_phi_dir
 from .tokenizer import load_tokenizer
-from .utils import KDError, atomic_path, cli_errors, format_bytes, linux_blas_advice, write_json_atomic
+from .utils import (KDError, atomic_path, cli_errors, format_bytes, linux_blas_advice, prepare_output_dir,
+                    write_json_atomic, write_output_marker)
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -483,12 +484,21 @@ def model_bytes(path: Path) -> int:
 
 
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str = "majority",
-             preset: dict | None = None, log=print) -> dict:
+             preset: dict | None = None, log=print, overwrite: bool = False) -> dict:
     """The whole demo: task, set-up (teacher trained + quantized, student built), then the pipeline commands.
-    `preset` changes keys of PRESETS (benchmarks). Returns a summary (also written to OUT/demo.json)."""
+    `preset` changes keys of PRESETS (benchmarks). Returns a summary (also written to OUT/demo.json).
+
+    OUT follows the output-directory rule: new or empty, or (with `overwrite`) an earlier demo's output, which is
+    removed first so that no stage meets its own previous output."""
     p = {**PRESETS["quick" if quick else "full"], **(preset or {})}
+    if task_name not in TASKS:
+        raise KDError(f"unknown task {task_name!r}; known: {', '.join(TASKS)}")
     out = Path(out).resolve()
+    identity = {"quick": quick, "seed": seed, "task": task_name, "preset": p}
+    if prepare_output_dir(out, "demo", identity, overwrite=overwrite) == "replace":
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_output_marker(out, "demo", identity)
     task, models = out / "task", out / "models"
     teacher, student = models / "teacher_4bit", models / "student"
     splits, store, run, results, report = (out / "splits.json", out / "store", out / "run", out / "results",
@@ -497,8 +507,6 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
     tic0 = time.perf_counter()
 
     log(f"== 1. the controlled task -> {task}")
-    if task_name not in TASKS:
-        raise KDError(f"unknown task {task_name!r}; known: {', '.join(TASKS)}")
     kinds = TASKS[task_name]
     write_task(task, seed=seed, n_test=p["n_test"], n_dev=5, kinds=kinds)
     example = next(iter(generate_task(seed, 4, 0, kinds).values()))["test"][0]
@@ -569,12 +577,13 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--task", "task_name", type=click.Choice(list(TASKS)), default="majority", show_default=True,
               help="The controlled task: majority (which kind is most frequent) or missing (which kind is absent).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier demo's output in --out.")
 @cli_errors
-def demo_cmd(out: str, quick: bool, seed: int, task_name: str) -> None:
+def demo_cmd(out: str, quick: bool, seed: int, task_name: str, overwrite: bool) -> None:
     """Run the whole pipeline on a controlled task with a tiny Kimi-K2-shaped teacher (no downloads)."""
     if (advice := linux_blas_advice()):
         click.echo(advice, err=True)
-    run_demo(out, quick=quick, seed=seed, task_name=task_name, log=lambda s: click.echo(s))
+    run_demo(out, quick=quick, seed=seed, task_name=task_name, log=lambda s: click.echo(s), overwrite=overwrite)
 
 
 def main() -> None:
