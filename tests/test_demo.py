@@ -150,3 +150,25 @@ def test_demo_quick_end_to_end(tmp_path):
     vals = [r for r in rows if r["kind"] == "val"]
     # validation accuracy rises: the best checkpoint is not the first evaluation
     assert len(vals) >= 2 and max(vals, key=lambda r: r["val_acc"])["step"] != vals[0]["step"], vals
+
+
+def test_demo_refuses_an_out_it_did_not_write(tmp_path):
+    """The output-directory rule, before any compute: a directory of someone else's files is never touched, and a
+    rerun over an earlier demo needs --overwrite."""
+    from click.testing import CliRunner
+
+    from kd_mlx.demo import demo_cmd
+    from kd_mlx.utils import write_output_marker
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine", encoding="utf-8")
+    res = CliRunner().invoke(demo_cmd, ["--quick", "--out", str(other), "--overwrite"])
+    assert res.exit_code == 1 and "not kd_mlx demo output" in res.output and "Traceback" not in res.output
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    write_output_marker(earlier, "demo", {"quick": True})
+    (earlier / "demo.json").write_text("{}", encoding="utf-8")
+    res = CliRunner().invoke(demo_cmd, ["--quick", "--out", str(earlier)])
+    assert res.exit_code == 1 and "--overwrite" in res.output and (earlier / "demo.json").read_text() == "{}"
