@@ -333,3 +333,19 @@ def test_ranked_writers_give_the_single_writer_store(tmp_path):
     # a resumed writer sees every rank's shards
     w = StoreWriter(tmp_path / "two", identity(), shard_size=4, rank=1, world=2)
     assert w.shard_ids == {0: [r.id for r in recs[:4]], 1: [r.id for r in recs[4:8]], 2: [r.id for r in recs[8:]]}
+
+
+def test_weight_files_read_rows_equals_indexing_the_whole_tensor(tmp_path):
+    """The row reader (runs found in numpy) returns exactly `tensor[rows]` for ranges, gaps, repeats, any order."""
+    import mlx.core as mx
+
+    from kd_mlx.safetensors_io import WeightFiles
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((50, 3, 4)).astype(np.float32)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.array(w)})
+    files = WeightFiles(tmp_path)
+    for rows in ([], [7], list(range(50)), list(range(10, 30)), [3, 4, 5, 9, 10, 2, 2, 49], [49, 48, 47]):
+        got = files.read_rows_np("w", rows)
+        np.testing.assert_array_equal(got, w[np.asarray(rows, dtype=np.int64)].reshape(len(rows), 3, 4))
+    np.testing.assert_array_equal(files.read_rows_np("w", np.arange(5, 40)), w[5:40])
