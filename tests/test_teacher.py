@@ -7,6 +7,7 @@ import gc
 
 import json
 import os
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -148,6 +149,28 @@ def test_many_chunks_and_reduce(kimi32):
     assert mx.get_peak_memory() - base <= 1.1 * 1_500_000
     assert t.stats.chunks > 1
     assert top == [int(np.argmax(r[-1])) for r in ref]
+
+
+def test_task_threads_are_reused_across_calls(kimi32):
+    """Tasks run on threads the executor keeps: many calls add no threads after the first (MLX keeps state per
+    thread that is never released, and freeing its buffer cache walks all of it)."""
+    import threading
+
+    seqs = _seqs(6, (6, 7, 5))
+    t = StreamingTeacher(kimi32, memory_budget=1_500_000)
+    first = t.logprobs_at(seqs, [[len(s) - 1] for s in seqs])
+    after_first = sum(th.name == "kd-task" for th in threading.enumerate())
+    for _ in range(5):
+        again = t.logprobs_at(seqs, [[len(s) - 1] for s in seqs])
+    assert sum(th.name == "kd-task" for th in threading.enumerate()) == after_first
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    del t
+    gc.collect()
+    deadline = time.time() + 10
+    while sum(th.name == "kd-task" for th in threading.enumerate()) >= after_first and time.time() < deadline:
+        time.sleep(0.05)
+    assert sum(th.name == "kd-task" for th in threading.enumerate()) < after_first  # a collected executor's end
 
 
 def test_skeleton_allocates_nothing(kimi32):

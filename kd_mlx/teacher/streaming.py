@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +254,13 @@ class _TaskThreads:
         with self._lock:
             self._idle.append(worker)
 
+    def close(self) -> None:
+        """End the idle threads (called when the executor is collected)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.run(None, None)
+
 
 class _TaskThread:
     def __init__(self, pool: _TaskThreads):
@@ -269,6 +277,8 @@ class _TaskThread:
         while True:
             self._ready.acquire()
             (task, model), self.job = self.job, None
+            if task is None:
+                return
             task._main(model)
             _current.task = None  # the finished task's arrays are not kept alive by an idle thread
             del task, model
@@ -446,6 +456,7 @@ class StreamingTeacher:
         self.stats = StreamStats()
         self._installed_all = False
         self._threads = _TaskThreads()
+        weakref.finalize(self, self._threads.close)
 
     def _key_groups(self, keys: list[str]) -> None:
         s = self.structure
