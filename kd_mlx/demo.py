@@ -59,7 +59,7 @@ import numpy as np
 import yaml
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-from .data import answer_token_ids, load_cmmlu, load_splits, split_questions
+from .data import answer_token_ids, load_cmmlu, load_splits, make_splits, split_questions
 from .eval import build_prompt_ids
 from .testing.models import tiny_kimi_k2_dir, tiny_phi_dir
 from .tokenizer import load_tokenizer
@@ -208,11 +208,12 @@ DEFAULT_KINDS = TASKS["majority"]
 
 
 def generate_task(seed: int = 0, n_test: int = 200, n_dev: int = 5,
-                  kinds: tuple[str, ...] = DEFAULT_KINDS) -> dict[str, dict[str, list[TaskItem]]]:
+                  kinds: tuple[str, ...] = DEFAULT_KINDS, stream: str = "") -> dict[str, dict[str, list[TaskItem]]]:
     """Deterministic controlled task: {subject: {"dev": [...], "test": [...]}}, every question distinct.
 
     The benchmark questions (test/) are later split into train/val/test by `python -m kd_mlx.data split`, as for
-    CMMLU: a held-out question is a list never seen in training, so answering it needs the skill, not memory."""
+    CMMLU: a held-out question is a list never seen in training, so answering it needs the skill, not memory.
+    `stream` names an independent sequence of questions from the same seed (the transfer set's)."""
     unknown = [k for k in kinds if k not in TASK_KINDS]
     if unknown:
         raise KDError(f"unknown task kind(s) {unknown}; known: {sorted(TASK_KINDS)}")
@@ -221,7 +222,8 @@ def generate_task(seed: int = 0, n_test: int = 200, n_dev: int = 5,
     out: dict[str, dict[str, list[TaskItem]]] = {}
     for kind in kinds:
         subject, gen = TASK_KINDS[kind]
-        rng = random.Random(f"kd_mlx-demo/{seed}/{kind}")  # per kind: adding a kind leaves the others unchanged
+        # per kind: adding a kind leaves the others unchanged
+        rng = random.Random(f"kd_mlx-demo/{seed}/{kind}" + (f"/{stream}" if stream else ""))
         seen: set[tuple] = set()
         items: list[TaskItem] = []
         while len(items) < n_dev + n_test:
@@ -234,33 +236,49 @@ def generate_task(seed: int = 0, n_test: int = 200, n_dev: int = 5,
     return out
 
 
+def transfer_items(seed: int, per_subject: int, kinds: tuple[str, ...],
+                   exclude: set[tuple[str, tuple]]) -> dict[str, list[TaskItem]]:
+    """A transfer set: `per_subject` new questions per subject, Answer left empty (the teacher labels them), from
+    their own stream of the generator; a question equal to one in `exclude` (question, choices) is skipped."""
+    fresh = generate_task(seed, per_subject * 2 + 8, 0, kinds, stream="transfer")
+    out = {}
+    for subject, parts in fresh.items():
+        new = [TaskItem(it.subject, it.kind, it.question, it.choices, "") for it in parts["test"]
+               if (it.question, it.choices) not in exclude][:per_subject]
+        if len(new) < per_subject:
+            raise KDError(f"could not generate {per_subject} new {subject} questions")
+        out[subject] = new
+    return out
+
+
 def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor: int, seed: int) -> tuple[Path, Path]:
-    """A copy of a written task whose train split gains `factor` x as many NEW generated questions (a transfer set:
-    questions for the teacher to label; any question equal to one of the task's is skipped). Returns (task dir,
-    splits.json). Those questions carry the generator's Answer only because the CSV layout needs one: train on them
-    with the teacher's terms only (ce_weight 0)."""
+    """A copy of a written task (dev/, test/ as they are) with a transfer set of `factor` x the train split's size
+    per subject in `transfer/` (answers empty), and its splits.json: train/val/test exactly the original's, plus
+    the split "transfer". Returns (task dir, splits.json). `factor` 0: the copy has no transfer set."""
     cmmlu = load_cmmlu(data_dir)
     splits = load_splits(splits_path)
+    if cmmlu.transfer:
+        raise KDError(f"{data_dir} already has a transfer set")
     train = split_questions(cmmlu, splits, "train")
     kinds = tuple(k for k, (subject, _) in TASK_KINDS.items() if subject in cmmlu.subjects)
-    known = {(q.question, tuple(q.choices)) for qs in (*cmmlu.test.values(), *cmmlu.dev.values()) for q in qs}
-    per_subject = {s: factor * sum(q.subject == s for q in train) for s in cmmlu.subjects}
-    fresh = generate_task(seed, max(per_subject.values()) * 2 + 4, 0, kinds)
-    out_dir = Path(out_dir)
-    for subject in cmmlu.subjects:
-        new = [it for it in fresh[subject]["test"] if (it.question, it.choices) not in known][: per_subject[subject]]
-        if len(new) < per_subject[subject]:
-            raise KDError(f"could not generate {per_subject[subject]} new {subject} questions")
-        old = [TaskItem(q.subject, "", q.question, tuple(q.choices), q.answer) for q in cmmlu.test[subject]]
-        for split, items in (("test", old + new), ("dev", [TaskItem(q.subject, "", q.question, tuple(q.choices),
-                                                                    q.answer) for q in cmmlu.dev.get(subject, [])])):
-            with atomic_path(out_dir / "task" / split / f"{subject}.csv") as tmp:
+    out_task = Path(out_dir) / "task"
+    for split, part in (("dev", cmmlu.dev), ("test", cmmlu.test)):
+        for subject, qs in part.items():
+            with atomic_path(out_task / split / f"{subject}.csv") as tmp:
+                tmp.write_text(_csv_text([TaskItem(q.subject, "", q.question, tuple(q.choices), q.answer or "")
+                                          for q in qs]), encoding="utf-8")
+    if factor:
+        known = {(q.question, tuple(q.choices)) for qs in (*cmmlu.test.values(), *cmmlu.dev.values()) for q in qs}
+        per_subject = factor * max(sum(q.subject == s for q in train) for s in cmmlu.subjects)
+        for subject, items in transfer_items(seed, per_subject, kinds, known).items():
+            with atomic_path(out_task / "transfer" / f"{subject}.csv") as tmp:
                 tmp.write_text(_csv_text(items), encoding="utf-8")
-    grown = load_cmmlu(out_dir / "task")
-    old_ids = set(splits["train"]) | set(splits["val"]) | set(splits["test"])
-    transfer = sorted(q.id for q in grown.test_questions() if q.id not in old_ids)
-    write_json_atomic(out_dir / "splits.json", {**splits, "train": sorted([*splits["train"], *transfer])})
-    return out_dir / "task", out_dir / "splits.json"
+    f = splits["fractions"]
+    grown = make_splits(load_cmmlu(out_task), seed=int(splits["seed"]), val=f["val"], test=f["test"])
+    if any(grown[s] != splits[s] for s in ("train", "val", "test")):
+        raise KDError(f"{splits_path} was not made by `kd_mlx.data split` from {data_dir} (its splits differ)")
+    write_json_atomic(Path(out_dir) / "splits.json", grown)
+    return out_task, Path(out_dir) / "splits.json"
 
 
 def _csv_text(items: list[TaskItem]) -> str:
@@ -273,13 +291,19 @@ def _csv_text(items: list[TaskItem]) -> str:
 
 
 def write_task(out_dir: str | Path, seed: int = 0, n_test: int = 200, n_dev: int = 5,
-               kinds: tuple[str, ...] = DEFAULT_KINDS) -> Path:
-    """Write the controlled task as a CMMLU-layout directory: `dev/<subject>.csv`, `test/<subject>.csv`."""
+               kinds: tuple[str, ...] = DEFAULT_KINDS, n_transfer: int = 0) -> Path:
+    """Write the controlled task as a CMMLU-layout directory: `dev/<subject>.csv`, `test/<subject>.csv`, and with
+    `n_transfer` > 0 a transfer set `transfer/<subject>.csv` of that many unlabelled questions per subject."""
     out = Path(out_dir)
     task = generate_task(seed, n_test, n_dev, kinds)
     for subject, splits in task.items():
         for split, items in splits.items():
             with atomic_path(out / split / f"{subject}.csv") as tmp:
+                tmp.write_text(_csv_text(items), encoding="utf-8")
+    if n_transfer:
+        known = {(it.question, it.choices) for parts in task.values() for items in parts.values() for it in items}
+        for subject, items in transfer_items(seed, n_transfer, kinds, known).items():
+            with atomic_path(out / "transfer" / f"{subject}.csv") as tmp:
                 tmp.write_text(_csv_text(items), encoding="utf-8")
     return out
 

@@ -4,7 +4,6 @@ convert, CLI. Tiny Kimi-K2-shaped models (fp32 and 4-bit) and the real SmolLM2-1
 from __future__ import annotations
 
 import gc
-
 import json
 import os
 import time
