@@ -97,8 +97,10 @@ ARMS: dict[str, dict] = {
     "recipe+tok0.1": {"kd_weight": 0.1, "store": "question"},
     "recipe+tok0.5": {"kd_weight": 0.5, "store": "question"},
     "recipe+tok0.5_T2": {"kd_weight": 0.5, "kd_temperature": 2.0, "store": "question"},
-    "transfer1x": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0, "store": "transfer1x"},
-    "transfer4x": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0, "store": "transfer4x"},
+    # the recipe + a transfer set of 1x / 2x / 4x the train split (unlabelled: teacher terms only, CE on train)
+    "transfer1x": {"store": "transfer1x", "transfer_split": "transfer"},
+    "transfer2x": {"store": "transfer2x", "transfer_split": "transfer"},
+    "transfer4x": {"store": "transfer4x", "transfer_split": "transfer"},
 }
 DEFAULT_ARMS = ("recipe", "ce", "answer_kl", "answer_kl_T1", "answer_kl_T4", "recipe_ce1", "recipe_ce_vocab",
                 "recipe_lr1e-3", "recipe_lr1e-2", "recipe_cosine", "recipe_lora", "recipe_steps2x")
@@ -122,12 +124,13 @@ def test_accuracy(student: Path, adapters: Path | None, data: Path, splits: Path
     return float(evaluate_model(em, questions, dev, shots=shots, batch_size=16, progress=False).summary["overall"])
 
 
-def dump(teacher: Path, data: Path, splits: Path, split: str, shots: int, positions: str, out: Path) -> Path:
+def dump(teacher: Path, data: Path, splits: Path, split: str, shots: int, positions: str, student: Path,
+         out: Path) -> Path:
     if not (out / "manifest.json").is_file():
         run_command([*python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data", str(data),
                      "--splits", str(splits), "--split", split, "--shots", str(shots), "--top-k", "16",
                      "--positions", positions, "--memory-budget", str(4 * model_bytes(teacher)),  # resident: fast
-                     "--out", str(out)])
+                     "--student-tokenizer", str(student), "--out", str(out)])
     return out
 
 
@@ -162,18 +165,19 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
     teacher_acc = float(summary["overall"]["teacher"])
 
     stores: dict[str, tuple[Path, Path, Path]] = {"answer": (demo / "store", data, splits)}  # store, data, splits
+    student_dir = demo / "models" / "student"  # its tokenizer: the dumps keep exact class masses for it
 
     def store_for(kind: str) -> tuple[Path, Path, Path]:
         if kind not in stores:
             if kind == "question":  # token-level KD needs the question positions: dumped once
-                stores[kind] = (dump(teacher, data, splits, "train,val", shots, "question",
+                stores[kind] = (dump(teacher, data, splits, "train,val", shots, "question", student_dir,
                                      out_dir / "store_question"), data, splits)
             elif kind.startswith("transfer"):
                 factor = int(kind.removeprefix("transfer").removesuffix("x"))
                 t_data, t_splits = write_transfer_task(data, splits, out_dir / kind, factor,
                                                        seed=1000 + int(summary["seed"]))
-                stores[kind] = (dump(teacher, t_data, t_splits, "train,val", shots, "answer",
-                                     out_dir / kind / "store"), t_data, t_splits)
+                stores[kind] = (dump(teacher, t_data, t_splits, "train,val" + (",transfer" if factor else ""),
+                                     shots, "answer", student_dir, out_dir / kind / "store"), t_data, t_splits)
             else:
                 raise click.BadParameter(f"unknown store kind {kind!r}")
         return stores[kind]

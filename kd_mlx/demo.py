@@ -468,9 +468,9 @@ PRESETS: dict[str, dict] = {
     # the answer-position dump keeps the demo inside its time; benchmarks/kd_effect.py dumps question positions
     # too (token-level KD), which costs a full-vocabulary log-softmax per question token (~1 s per question here)
     "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 16,
-             "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0},
+             "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0},
     "quick": {"n_test": 200, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 8,
-              "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0},
+              "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0},
 }
 
 # The distillation settings the demo passes to `python -m kd_mlx.train --config` (written to OUT/train.yaml). A
@@ -532,11 +532,16 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
 
     log(f"== 1. the controlled task -> {task}")
     kinds = TASKS[task_name]
-    write_task(task, seed=seed, n_test=p["n_test"], n_dev=5, kinds=kinds)
+    # the transfer set: `transfer_factor` x the train split's questions per subject (train = 60% of n_test)
+    n_transfer = round(p["transfer_factor"] * p["n_test"] * 0.6)
+    write_task(task, seed=seed, n_test=p["n_test"], n_dev=5, kinds=kinds, n_transfer=n_transfer)
     example = next(iter(generate_task(seed, 4, 0, kinds).values()))["test"][0]
     log(f"  {len(kinds)} subjects x {p['n_test']} questions in CMMLU's layout (dev/ test/ CSVs), task {task_name}; "
         f"e.g.\n    {example.question}  "
         f"{' '.join(f'{l}. {c}' for l, c in zip(LETTERS, example.choices))}  -> {example.answer}")
+    if n_transfer:
+        log(f"  + a transfer set: {n_transfer} unlabelled questions per subject in transfer/ (Answer empty): the "
+            f"teacher labels them, the student learns them from the teacher only")
 
     log(f"== 2. pipeline: leak-free splits -> {splits}")
     times["split"] = run_command([*python_m(), "kd_mlx.data", "split", "--data", str(task), "--out", str(splits),
@@ -554,15 +559,18 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
 
     log(f"== 4. pipeline: teacher dump, streamed under {format_bytes(budget)} (teacher on disk: "
         f"{format_bytes(t_bytes)}) -> {store}")
+    dump_splits = "train,val" + (",transfer" if n_transfer else "")
     times["dump"] = run_command([*python_m(), "kd_mlx.teacher", "dump", "--teacher", str(teacher), "--data",
-                                 str(task), "--splits", str(splits), "--split", "train,val", "--shots",
+                                 str(task), "--splits", str(splits), "--split", dump_splits, "--shots",
                                  str(p["shots"]), "--top-k", str(p["top_k"]), "--positions", p["positions"],
-                                 "--memory-budget", str(budget), "--out", str(store)], log)
+                                 "--memory-budget", str(budget), "--student-tokenizer", str(student),
+                                 "--out", str(store)], log)
 
     log(f"== 5. pipeline: distil into the student -> {run}")
     cfg_path = out / "train.yaml"
-    cfg_path.write_text(yaml.safe_dump({**TRAIN_CONFIG, "steps": p["student_steps"],
-                                        "batch_size": p["student_batch"], "seed": seed}, sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump({**TRAIN_CONFIG, "steps": p["student_steps"], "batch_size": p["student_batch"],
+                                        "transfer_split": "transfer" if n_transfer else None, "seed": seed},
+                                       sort_keys=False))
     times["train"] = run_command([*python_m(), "kd_mlx.train", "--config", str(cfg_path), "--student",
                                   str(student), "--store", str(store), "--data", str(task), "--splits", str(splits),
                                   "--teacher-tokenizer", str(teacher), "--out", str(run), "--no-progress"], log)

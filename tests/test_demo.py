@@ -15,8 +15,7 @@ import pytest
 from kd_mlx.data import load_cmmlu, load_splits, make_splits, split_questions
 from kd_mlx.demo import (DEFAULT_KINDS, NUMBER_KINDS, TASK_KINDS, TASKS, WORD_KINDS, chinese_numeral, generate_task,
                          parse_chinese_numeral, write_task, write_transfer_task)
-from kd_mlx.utils import write_json_atomic
-from kd_mlx.utils import KDError
+from kd_mlx.utils import KDError, write_json_atomic
 
 
 def test_chinese_numerals_hand_checked_and_round_trip():
@@ -71,19 +70,37 @@ def test_missing_task_answers_are_the_absent_kind():
         assert set(Counter(it.answer for it in task[subject]["test"])) == set("ABCD")
 
 
-def test_transfer_task_adds_new_train_questions_only(tmp_path):
+def test_transfer_set_is_new_unlabelled_questions_in_their_own_split(tmp_path):
+    write_task(tmp_path / "task", seed=0, n_test=60, n_dev=5, n_transfer=30)
+    cmmlu = load_cmmlu(tmp_path / "task")
+    transfer = cmmlu.transfer_questions()
+    assert len(transfer) == 30 * len(DEFAULT_KINDS) and all(q.answer is None for q in transfer)
+    known = {(q.question, tuple(q.choices)) for part in (cmmlu.dev, cmmlu.test) for qs in part.values() for q in qs}
+    assert not known & {(q.question, tuple(q.choices)) for q in transfer}  # every transfer question is new
+    splits = make_splits(cmmlu, seed=0, val=0.1, test=0.3)
+    assert sorted(splits["transfer"]) == sorted(q.id for q in transfer)
+    without = make_splits(load_cmmlu(write_task(tmp_path / "plain", seed=0, n_test=60, n_dev=5)), seed=0, val=0.1,
+                          test=0.3)
+    assert all(splits[s] == without[s] for s in ("train", "val", "test"))  # the transfer set moves no question
+
+
+def test_transfer_task_copy_keeps_the_splits_and_adds_factor_x_train(tmp_path):
     write_task(tmp_path / "task", seed=0, n_test=60, n_dev=5)
     cmmlu = load_cmmlu(tmp_path / "task")
     write_json_atomic(tmp_path / "splits.json", make_splits(cmmlu, seed=0, val=0.1, test=0.3))
     splits = load_splits(tmp_path / "splits.json")
     data, grown_splits = write_transfer_task(tmp_path / "task", tmp_path / "splits.json", tmp_path / "t2", 2, seed=9)
     grown = load_splits(grown_splits)
-    assert grown["val"] == splits["val"] and grown["test"] == splits["test"]
-    added = sorted(set(grown["train"]) - set(splits["train"]))
-    assert set(splits["train"]) < set(grown["train"]) and len(added) == 2 * len(splits["train"])
-    new = split_questions(load_cmmlu(data), {"added": added}, "added")
-    old = {(q.question, q.choices) for qs in cmmlu.test.values() for q in qs}
-    assert not old & {(q.question, q.choices) for q in new}  # every transfer question is new
+    assert all(grown[s] == splits[s] for s in ("train", "val", "test"))
+    copy = load_cmmlu(data)
+    per_subject = max(sum(q.subject == s for q in split_questions(cmmlu, splits, "train")) for s in cmmlu.subjects)
+    assert len(grown["transfer"]) == 2 * per_subject * len(cmmlu.subjects)
+    new = split_questions(copy, grown, "transfer")
+    assert all(q.answer is None for q in new)
+    old = {(q.question, tuple(q.choices)) for qs in cmmlu.test.values() for q in qs}
+    assert not old & {(q.question, tuple(q.choices)) for q in new}
+    with pytest.raises(KDError, match="already has a transfer set"):
+        write_transfer_task(data, grown_splits, tmp_path / "t3", 1, seed=9)
 
 
 def test_generator_is_deterministic_distinct_and_kinds_independent():
