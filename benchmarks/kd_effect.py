@@ -152,7 +152,8 @@ def mean_std(v: list[float]) -> str:
 @click.option("--steps", type=int, default=None, help="Optimizer steps per arm (default: the demo's).")
 @click.option("--eval-every", type=int, default=25, show_default=True, help="Validation every N steps (curve).")
 @click.option("--out", default=None, help="Where runs and kd_effect.json go (default DEMO/kd_effect).")
-def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
+@click.option("--student-hidden", type=int, default=None, help="Student width (default: the demo's).")
+def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out, student_hidden):
     demo = Path(demo_dir).resolve()
     out_dir = Path(out).resolve() if out else demo / "kd_effect"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +191,9 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
             r = json.loads(ln)
             done[(r["seed"], r["arm"], json.dumps(r["overrides"], sort_keys=True))] = r
     print(f"demo {demo}: teacher test {teacher_acc:.2f}%; {steps} steps; arms {', '.join(arm_table)}", flush=True)
-    students = {seed: tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, n_layers=2, hidden=64, heads=4)
-                for seed in seed_list}
+    shape = {**summary["preset"].get("student_shape", {"n_layers": 2, "hidden": 64, "heads": 4}),
+             **({"hidden": student_hidden} if student_hidden else {})}
+    students = {seed: tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, **shape) for seed in seed_list}
     rows: dict[str, list[float]] = {"baseline": [test_accuracy(students[s], None, data, splits, shots)
                                                  for s in seed_list]}
     info: dict[str, dict] = {}
@@ -227,7 +229,7 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
             rows.setdefault(arm, []).append(acc)
             rec = {"seed": seed, "arm": arm, "test": acc, "seconds": dt, "n_train": len(prep.train),
                    "val_curve": val_curve(Path(cfg["out"])), "peak_mlx_mib": mx.get_peak_memory() / 2**20,
-                   "overrides": info[arm]}
+                   "overrides": info[arm], "student_shape": shape}
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             print(f"seed {seed} {arm:18s} test {acc:6.2f}%  val {rec['val_curve']}  ({dt:.0f} s, "
@@ -242,6 +244,7 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
     print(f"process peak RSS {rss / 2**30:.2f} GiB")
     result = {"command": " ".join(sys.argv), "machine": f"{platform.system()} {platform.machine()}",
               "teacher_test": teacher_acc, "seeds": seed_list, "steps": steps, "recipe": TRAIN_CONFIG,
+              "student_shape": shape,
               "arms": info, "accuracy": rows, "peak_rss_bytes": rss}
     (out_dir / "kd_effect.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out_dir / 'kd_effect.json'}")

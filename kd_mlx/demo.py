@@ -468,9 +468,11 @@ PRESETS: dict[str, dict] = {
     # the answer-position dump keeps the demo inside its time; benchmarks/kd_effect.py dumps question positions
     # too (token-level KD), which costs a full-vocabulary log-softmax per question token (~1 s per question here)
     "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 16,
-             "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0},
+             "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0,
+             "student_shape": {"n_layers": 2, "hidden": 64, "heads": 4}},
     "quick": {"n_test": 200, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 8,
-              "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0},
+              "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0,
+              "student_shape": {"n_layers": 2, "hidden": 64, "heads": 4}},
 }
 
 # The distillation settings the demo passes to `python -m kd_mlx.train --config` (written to OUT/train.yaml). A
@@ -551,7 +553,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
     tic = time.perf_counter()
     info = build_demo_teacher(teacher, task, splits, steps=p["teacher_steps"], shots=p["shots"], seed=seed,
                               lm_weight=p["teacher_lm_weight"], log=log)
-    tiny_phi_dir(student, seed=seed, n_layers=2, hidden=64, heads=4)
+    tiny_phi_dir(student, seed=seed, **p["student_shape"])
     t_bytes = model_bytes(teacher)
     budget = int(t_bytes * 0.6)  # streamed: the teacher never fits whole in the budget
     log(f"  student: tiny Phi-shaped model (random init, real GPT-2 BPE tokenizer) -> {student}")
