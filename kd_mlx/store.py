@@ -83,8 +83,10 @@ VERSION = 2
 ENCODINGS = ("fp32", "fp16", "q8", "q8rice")
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-# the files kd_mlx.tokenizer.load_tokenizer reads (whichever the teacher has)
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# the files kd_mlx.tokenizer.load_tokenizer reads (whichever the teacher has); config.json because its model_type
+# picks the tokenizer class transformers (hence mlx-lm) builds, which can replace tokenizer.json's pre-tokenizer
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "config.json")
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.safetensors$")
 _TMP_PREFIX = ".tmp-"
 # identity keys every store has; the dump adds teacher/tokenizer/template/shots/positions/...
@@ -539,7 +541,7 @@ def save_tokenizer_files(store: str | os.PathLike, src_dir: str | os.PathLike, f
             raise KDError(f"{dst} holds tokenizer {fp}, not the teacher's {fingerprint}: use another --out")
         return
     names = [n for n in TOKENIZER_FILES if (Path(src_dir) / n).is_file()]
-    if not names:
+    if names in ([], ["config.json"]):
         raise KDError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {src_dir}")
     tmp = Path(store) / f"{_TMP_PREFIX}{TOKENIZER_DIR}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

