@@ -1,13 +1,14 @@
 """Generic streaming over mlx-lm families: a tiny random model of each family, built with mlx-lm's own ModelArgs and
 saved as mlx-lm saves it (fp32, 4-bit, mixed precision, mxfp4), streamed under a budget at most half its size,
 equals mlx-lm's own in-memory forward of the same files; only the routed experts some token selected are read;
-`teacher dump` of a hybrid linear-attention MoE model writes a valid store."""
+`teacher dump` of a hybrid linear-attention MoE model writes a valid store; each family's directory tokenizes as
+mlx-lm's own loader does."""
 
 from __future__ import annotations
 
 import gc
-
 import re
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,15 +20,20 @@ from kd_mlx.teacher.dump import dump_store
 from kd_mlx.teacher.loading import load_in_memory
 from kd_mlx.teacher.streaming import Structure, _module_at, _swap
 from kd_mlx.testing.models import TINY_VOCAB, families_markdown, tiny_family_configs, tiny_family_dir
-from kd_mlx.utils import KDError
+from kd_mlx.tokenizer import HFTokenizer, load_tokenizer
+from kd_mlx.utils import KDError, write_json_atomic
 
 from test_dump import write_cmmlu
+from test_tokenizer import SAMPLES, chinese_prompts, mlx_lm_ids
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(tiny_family_configs())
 MOE = ["deepseek_v32", "glm4_moe", "gpt_oss", "kimi_k2", "kimi_k25", "kimi_k3", "minimax", "mixtral", "qwen3_5_moe",
        "qwen3_moe", "qwen3_next"]
 TOL = 1e-4
+# transformers builds its own tokenizer class for these model types, with its own pre-tokenizer
+TOKENIZER_CLASS_REPLACES_PRE_TOKENIZER = {"qwen3_5_moe"}
+MLX_LM_CANNOT_LOAD_TOKENIZER = {"kimi_k2"}
 
 
 def memory_before() -> int:
@@ -159,6 +165,30 @@ def test_dump_of_a_hybrid_linear_attention_moe_writes_a_valid_store(tmp_path):
     rec = st[st.ids[0]]
     ref = reference_logprobs_at(teacher, [rec.token_ids.tolist()], [[len(rec.token_ids) - 1]])[0][0]
     assert np.abs(rec.topk_logprobs[-1] - np.sort(ref)[::-1][:4]).max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenization_equals_mlx_lm_loader(tmp_path, phi_tok_dir, family):
+    """The tokenizer files `tiny_family_dir(..., tokenizer="phi")` writes, under each family's config.json: kd_mlx's
+    ids are those of mlx-lm's own loader. For qwen3_5_moe transformers builds Qwen3_5Tokenizer, whose pre-tokenizer
+    differs from the GPT-2 one of the tokenizer.json; where mlx-lm cannot load the tokenizer at all (kimi_k2's yarn
+    config, which transformers does not parse) kd_mlx reads tokenizer.json alone."""
+    d = tmp_path / family
+    shutil.copytree(phi_tok_dir, d)
+    write_json_atomic(d / "config.json", tiny_family_configs()[family])
+    texts = chinese_prompts() + SAMPLES
+    alone = HFTokenizer.from_file(d / "tokenizer.json")
+    if family in MLX_LM_CANNOT_LOAD_TOKENIZER:
+        with pytest.raises(AttributeError):
+            mlx_lm_ids(d, texts)
+        with pytest.warns(UserWarning, match="tokenizer.json alone"):
+            tok = load_tokenizer(d)
+        expected = [alone.encode(t) for t in texts]
+    else:
+        tok = load_tokenizer(d)
+        expected = mlx_lm_ids(d, texts)
+    assert [tok.encode(t) for t in texts] == expected
+    assert ([alone.encode(t) for t in texts] != expected) == (family in TOKENIZER_CLASS_REPLACES_PRE_TOKENIZER)
 
 
 def test_readme_lists_the_tested_families():

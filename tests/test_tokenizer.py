@@ -1,12 +1,21 @@
-"""The shared tokenizer interface on the real tokenizers (GPT-2 BPE as Phi-1.5's; cl100k in Kimi's format)."""
+"""The shared tokenizer interface on the real tokenizers (GPT-2 BPE as Phi-1.5's; cl100k in Kimi's format), and
+tokenization equal to mlx-lm's own loader (`mlx_lm.utils.load_tokenizer`) for a model directory."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
 
-from kd_mlx.tokenizer import load_tokenizer
+from kd_mlx.data.loader import Question, load_cmmlu
+from kd_mlx.data.prompt import build_prompt
+from kd_mlx.store import save_tokenizer_files, store_tokenizer
+from kd_mlx.testing.models import smollm2_dir, tiny_family_configs
+from kd_mlx.testing.tokenizers import build_phi_tokenizer, phi_tokenizer_dir, qwen_tokenizer_dir
+from kd_mlx.tokenizer import HFTokenizer, TiktokenTokenizer, load_tokenizer
 from kd_mlx.utils import KDError
 
 SAMPLES = [
@@ -82,3 +91,114 @@ def test_fingerprints_differ_and_are_stable(phi_tok, kimi_tok, phi_tok_dir):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(KDError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+# ------------------------------------------------------------------ equal to mlx-lm's loader for a model directory
+
+# words with combining marks that have whole-word tokens in `qwen_tokenizer_dir`'s vocabulary
+MARK_TEXTS = ["नमस्ते दुनिया, हिन्दी में", "ที่นี่ ที่นี่", "她说：नमस्ते！"]
+
+
+def _question(i: int, question: str, choices: tuple[str, str, str, str], answer: str) -> Question:
+    return Question(id=f"agronomy/dev/{i}", subject="agronomy", split="dev", index=i, question=question,
+                    choices=choices, answer=answer)
+
+
+def chinese_prompts() -> list[str]:
+    """CMMLU direct-answer prompts (0-shot and 2-shot) of hand-written agronomy questions."""
+    shots = [_question(0, "水稻的原产地是？", ("中国", "印度", "埃及", "巴西"), "A"),
+             _question(1, "下列作物中，属于豆科植物的是（  ）。", ("小麦", "大豆", "玉米", "高粱"), "B")]
+    q = _question(2, "土壤pH值为5.5时，土壤呈（ ）性。", ("强碱", "中性", "酸", "弱碱"), "C")
+    return [build_prompt(q).text, build_prompt(q, shots).text]
+
+
+def mlx_lm_ids(path, texts: list[str]) -> list[list[int]]:
+    """What mlx-lm's loader gives for `path`, without specials (kd_mlx adds BOS by its own rule)."""
+    tok = mlx_lm_load_tokenizer(path)
+    return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+def test_qwen3_5_tokenizes_as_mlx_lm_where_tokenizer_json_alone_differs(tmp_path):
+    # transformers builds Qwen3_5Tokenizer for a qwen3_5* model type (whatever tokenizer_config.json names) and
+    # keeps only the vocabulary and merges of tokenizer.json: here a GPT-2 byte-level one, as the tiny test models
+    # of the families carry
+    d = qwen_tokenizer_dir(tmp_path / "qwen3_5_moe", "qwen3_5_moe", tokenizer=build_phi_tokenizer())
+    texts = chinese_prompts() + SAMPLES
+    ours = load_tokenizer(d)
+    assert [ours.encode(t) for t in texts] == mlx_lm_ids(d, texts)
+    alone = HFTokenizer.from_file(d / "tokenizer.json")
+    for prompt in chinese_prompts():
+        assert alone.encode(prompt) != ours.encode(prompt)
+    assert alone.fingerprint() != ours.fingerprint()
+    ids, offsets = ours.encode_with_offsets(texts[1])
+    assert ours.decode(ids) == texts[1] and len(offsets) == len(ids)
+
+
+def test_qwen3_5_split_keeps_combining_marks_in_words_as_mlx_lm(tmp_path):
+    # Qwen2's split pattern in tokenizer.json cuts a word at its combining marks; Qwen3.5's class keeps them in the
+    # letter run, so the whole-word tokens of the vocabulary are reached
+    texts = chinese_prompts() + MARK_TEXTS
+    q35 = qwen_tokenizer_dir(tmp_path / "qwen3_5", "qwen3_5")
+    ours = load_tokenizer(q35)
+    assert [ours.encode(t) for t in texts] == mlx_lm_ids(q35, texts)
+    assert len(ours.encode("ที่นี่")) == 1
+    alone = HFTokenizer.from_file(q35 / "tokenizer.json")
+    for t in MARK_TEXTS:
+        assert len(alone.encode(t)) > len(ours.encode(t))
+        assert ours.decode(ours.encode(t)) == t
+    assert [alone.encode(t) for t in chinese_prompts()] == [ours.encode(t) for t in chinese_prompts()]
+    assert (ours.bos_id, ours.eos_id) == (None, ours._tok.token_to_id("<|im_end|>"))
+    # a qwen3 directory (Qwen2Tokenizer, the same split as its tokenizer.json) tokenizes as tokenizer.json alone
+    q3 = qwen_tokenizer_dir(tmp_path / "qwen3", "qwen3")
+    assert [load_tokenizer(q3).encode(t) for t in texts] == mlx_lm_ids(q3, texts) == [alone.encode(t) for t in texts]
+
+
+def test_real_cmmlu_prompts_tokenize_as_mlx_lm(real_cmmlu, tmp_path):
+    cm = load_cmmlu(real_cmmlu)
+    prompts = [build_prompt(cm.dev[s][-1], cm.dev[s][:4]).text for s in sorted(cm.dev)[:6]]
+    d = qwen_tokenizer_dir(tmp_path / "qwen3_5_moe", "qwen3_5_moe", tokenizer=build_phi_tokenizer())
+    ours = load_tokenizer(d)
+    assert [ours.encode(p) for p in prompts] == mlx_lm_ids(d, prompts)
+    alone = HFTokenizer.from_file(d / "tokenizer.json")
+    assert sum(alone.encode(p) != ours.encode(p) for p in prompts) == len(prompts)
+
+
+def test_the_store_keeps_the_model_type_tokenizer(tmp_path):
+    # STORE/tokenizer/ must load as the teacher directory does (config.json names the model type); another
+    # tokenizer, even with the same tokenizer.json, is refused
+    teacher = qwen_tokenizer_dir(tmp_path / "teacher", "qwen3_5_moe", tokenizer=build_phi_tokenizer())
+    tok = load_tokenizer(teacher)
+    store = tmp_path / "store"
+    store.mkdir()
+    save_tokenizer_files(store, teacher, tok.fingerprint())
+    copy = store_tokenizer(store, {"tokenizer": tok.fingerprint()})
+    assert copy.fingerprint() == tok.fingerprint()
+    assert copy.encode(chinese_prompts()[1]) == tok.encode(chinese_prompts()[1])
+    with pytest.raises(KDError, match="fingerprint"):
+        store_tokenizer(store, {"tokenizer": tok.fingerprint()}, override=teacher / "tokenizer.json")
+
+
+def test_existing_families_tokenize_as_before_and_as_mlx_lm(phi_tok_dir, kimi_tok_dir):
+    texts = chinese_prompts() + SAMPLES
+    for d in (phi_tok_dir, smollm2_dir()):
+        ours = load_tokenizer(d)
+        alone = HFTokenizer.from_file(d / "tokenizer.json")
+        assert [ours.encode(t) for t in texts] == [alone.encode(t) for t in texts] == mlx_lm_ids(d, texts)
+        assert (ours.bos_id, ours.eos_id) == (alone.bos_id, alone.eos_id)
+        assert ours.vocab_size == alone.vocab_size
+    # Kimi's tiktoken.model stays native (its own tokenizer class is remote code)
+    assert isinstance(load_tokenizer(kimi_tok_dir), TiktokenTokenizer)
+
+
+def test_a_directory_transformers_cannot_load_uses_tokenizer_json_with_a_warning(phi_tok_dir, tmp_path):
+    # a kimi_k2 config with yarn rope scaling: transformers does not know the model type and fails on the config, so
+    # mlx-lm cannot load the tokenizer; kd_mlx reads tokenizer.json alone
+    d = tmp_path / "kimi_k2"
+    phi_tokenizer_dir(d)
+    (d / "config.json").write_text(json.dumps(tiny_family_configs()["kimi_k2"]))
+    with pytest.raises(AttributeError):
+        mlx_lm_load_tokenizer(d)
+    with pytest.warns(UserWarning, match="tokenizer.json alone"):
+        tok = load_tokenizer(d)
+    assert tok.fingerprint() == HFTokenizer.from_file(d / "tokenizer.json").fingerprint()
+    assert tok.encode(chinese_prompts()[1]) == load_tokenizer(phi_tok_dir).encode(chinese_prompts()[1])
