@@ -147,22 +147,16 @@ class HFTokenizer(Tokenizer):
         """The backend of `AutoTokenizer.from_pretrained(path)`, as mlx-lm loads it; `tokenizer.json` alone (with a
         warning) when transformers cannot load the directory or gives no `tokenizers` backend."""
         path = Path(path)
-        backend, failure = None, ""
         # transformers costs ~1 s to import: only directories read through it pay (`data`/`store` CLIs stay fast)
         from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its notes about configs it half-understands are not ours to print
         try:
             # trust_remote_code=False (not None): transformers would otherwise prompt on stdin for remote code
             hf = AutoTokenizer.from_pretrained(str(path), trust_remote_code=bool(trust_remote_code))
             backend = getattr(hf, "backend_tokenizer", None)
             failure = "" if backend is not None else f"{type(hf).__name__} has no `tokenizers` backend"
-        except Exception as e:  # whatever transformers raises, mlx-lm would fail on this directory too
-            failure = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        except Exception as e:  # whatever transformers raises, mlx-lm's loader fails on this directory too
+            backend, failure = None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         if backend is None:
             if not (path / "tokenizer.json").is_file():
                 raise KDError(f"cannot load the tokenizer of {path} ({failure}): give a directory with tokenizer.json")

@@ -163,6 +163,19 @@ def test_real_cmmlu_prompts_tokenize_as_mlx_lm(real_cmmlu, tmp_path):
     assert sum(alone.encode(p) != ours.encode(p) for p in prompts) == len(prompts)
 
 
+def test_truncation_and_padding_in_tokenizer_json_do_not_cut_prompts(tmp_path):
+    # mlx-lm's encode turns off the truncation and padding a tokenizer.json may carry; so does kd_mlx, batched too
+    tok = build_phi_tokenizer()
+    tok.enable_truncation(max_length=16)
+    tok.enable_padding(length=400)
+    d = qwen_tokenizer_dir(tmp_path / "qwen3_5", "qwen3_5", tokenizer=tok)
+    texts = chinese_prompts()
+    ours = load_tokenizer(d)
+    expected = mlx_lm_ids(d, texts)
+    assert min(map(len, expected)) > 16 and max(map(len, expected)) < 400
+    assert [ours.encode(t) for t in texts] == ours.encode_batch(texts) == expected
+
+
 def test_the_store_keeps_the_model_type_tokenizer(tmp_path):
     # STORE/tokenizer/ must load as the teacher directory does (config.json names the model type); another
     # tokenizer, even with the same tokenizer.json, is refused
