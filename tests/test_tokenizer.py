@@ -4,6 +4,7 @@ tokenization equal to mlx-lm's own loader (`mlx_lm.utils.load_tokenizer`) for a 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +15,7 @@ from kd_mlx.data.loader import Question, load_cmmlu
 from kd_mlx.data.prompt import build_prompt
 from kd_mlx.store import save_tokenizer_files, store_tokenizer
 from kd_mlx.testing.models import smollm2_dir, tiny_family_configs
-from kd_mlx.testing.tokenizers import build_phi_tokenizer, phi_tokenizer_dir, qwen_tokenizer_dir
+from kd_mlx.testing.tokenizers import build_phi_tokenizer, gpt2_bpe_files, phi_tokenizer_dir, qwen_tokenizer_dir
 from kd_mlx.tokenizer import HFTokenizer, TiktokenTokenizer, load_tokenizer
 from kd_mlx.utils import KDError
 
@@ -201,6 +202,23 @@ def test_existing_families_tokenize_as_before_and_as_mlx_lm(phi_tok_dir, kimi_to
         assert ours.vocab_size == alone.vocab_size
     # Kimi's tiktoken.model stays native (its own tokenizer class is remote code)
     assert isinstance(load_tokenizer(kimi_tok_dir), TiktokenTokenizer)
+
+
+def test_a_directory_without_tokenizer_json_loads_as_mlx_lm(tmp_path):
+    # GPT-2's own vocab.json + merges.txt (no tokenizer.json): transformers builds the tokenizer, so does kd_mlx
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    enc, bpe = gpt2_bpe_files()
+    shutil.copyfile(enc, d / "vocab.json")
+    shutil.copyfile(bpe, d / "merges.txt")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    tok = load_tokenizer(d)
+    texts = chinese_prompts() + SAMPLES
+    assert [tok.encode(t) for t in texts] == mlx_lm_ids(d, texts)
+    assert tok.encode("Hello world") == [15496, 995] and tok.vocab_size == 50257 and tok.bos_id == 50256
+    assert all(tok.decode(tok.encode(t)) == t for t in texts)
 
 
 def test_a_directory_transformers_cannot_load_uses_tokenizer_json_with_a_warning(phi_tok_dir, tmp_path):
