@@ -148,7 +148,7 @@ def test_qwen3_5_split_keeps_combining_marks_in_words_as_mlx_lm(tmp_path):
         assert len(alone.encode(t)) > len(ours.encode(t))
         assert ours.decode(ours.encode(t)) == t
     assert [alone.encode(t) for t in chinese_prompts()] == [ours.encode(t) for t in chinese_prompts()]
-    assert (ours.bos_id, ours.eos_id) == (None, ours._tok.token_to_id("<|im_end|>"))
+    assert ours.bos_id is None and ours.token_bytes(ours.eos_id) == b"<|im_end|>"
     # a qwen3 directory (Qwen2Tokenizer, the same split as its tokenizer.json) tokenizes as tokenizer.json alone
     q3 = qwen_tokenizer_dir(tmp_path / "qwen3", "qwen3")
     assert [load_tokenizer(q3).encode(t) for t in texts] == mlx_lm_ids(q3, texts) == [alone.encode(t) for t in texts]
