@@ -351,7 +351,7 @@ def load_eval_model(model: str, adapters: str | None = None, memory_budget: int 
     if adapters:
         read_adapter_config(adapters)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    bos = read_add_bos(path) if add_bos is None else add_bos
+    bos = read_add_bos(path, tokenizer) if add_bos is None else add_bos
     if bos and tokenizer.bos_id is None:
         raise KDError(f"a BOS token was requested but the tokenizer of {path} has none")
     streaming = memory_budget is not None or _weights_bytes(path) > fit_fraction * _physical_memory()

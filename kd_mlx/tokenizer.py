@@ -107,6 +107,11 @@ class Tokenizer:
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
+    def adds_bos(self) -> bool | None:
+        """Whether encoding with the tokenizer's own special-token rules starts with BOS (what mlx-lm's generate
+        gets); None when the tokenizer has no such rules of its own (the model's tokenizer_config.json decides)."""
+        return None
+
     def __len__(self) -> int:
         return self.vocab_size
 
@@ -170,6 +175,11 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def adds_bos(self) -> bool:
+        # the post-processor decides (transformers builds it from add_bos_token; a Llama-3 tokenizer.json has it)
+        ids = self._tok.encode("a", add_special_tokens=True).ids
+        return self.bos_id is not None and bool(ids) and ids[0] == self.bos_id
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

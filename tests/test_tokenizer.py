@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+from tokenizers import processors
 
 from kd_mlx.data.loader import Question, load_cmmlu
-from kd_mlx.data.prompt import build_prompt
+from kd_mlx.data.prompt import build_prompt, read_add_bos
 from kd_mlx.store import save_tokenizer_files, store_tokenizer
 from kd_mlx.testing.models import smollm2_dir, tiny_family_configs
 from kd_mlx.testing.tokenizers import build_phi_tokenizer, gpt2_bpe_files, phi_tokenizer_dir, qwen_tokenizer_dir
@@ -233,3 +234,24 @@ def test_a_directory_transformers_cannot_load_uses_tokenizer_json_with_a_warning
         tok = load_tokenizer(d)
     assert tok.fingerprint() == HFTokenizer.from_file(d / "tokenizer.json").fingerprint()
     assert tok.encode(chinese_prompts()[1]) == load_tokenizer(phi_tok_dir).encode(chinese_prompts()[1])
+
+
+def test_bos_rule_follows_the_tokenizer_as_mlx_lm_encodes(phi_tok_dir, kimi_tok_dir, tmp_path):
+    """A Llama-3-style tokenizer.json adds BOS in its post-processor without `add_bos_token` in tokenizer_config:
+    mlx-lm's encode starts with BOS, so the prompt rule does too; GPT-2 (Phi) adds none; Kimi follows its config."""
+    tok = build_phi_tokenizer()
+    bos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                       special_tokens=[("<|endoftext|>", bos)])
+    d = tmp_path / "llama3_style"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                         "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+    mlx_ids = mlx_lm_load_tokenizer(d).encode("hi")
+    assert mlx_ids[0] == bos
+    kd_tok = load_tokenizer(d)
+    assert read_add_bos(d, kd_tok) is True
+    assert [bos] + kd_tok.encode("hi") == mlx_ids
+    assert read_add_bos(phi_tok_dir, load_tokenizer(phi_tok_dir)) is False
+    assert load_tokenizer(kimi_tok_dir).adds_bos() is None

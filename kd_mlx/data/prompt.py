@@ -153,9 +153,13 @@ def answer_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def read_add_bos(model_dir: str | Path) -> bool:
-    """The BOS rule: a prompt starts with BOS exactly when the model's tokenizer_config.json says
-    `add_bos_token: true` (what mlx-lm's and transformers' loaders do); absent or unreadable means no BOS."""
+def read_add_bos(model_dir: str | Path, tokenizer=None) -> bool:
+    """The BOS rule: a prompt starts with BOS exactly when the model's tokenizer adds one by its own rules
+    (`tokenizer.adds_bos()`: its post-processor, as mlx-lm encodes a prompt), or, for a tokenizer without such
+    rules (Kimi's tiktoken), when the model's tokenizer_config.json says `add_bos_token: true`; absent or
+    unreadable means no BOS."""
+    if tokenizer is not None and (adds := tokenizer.adds_bos()) is not None:
+        return adds
     cfg = Path(model_dir) / "tokenizer_config.json"
     if not cfg.exists():
         return False

@@ -549,7 +549,7 @@ def dump_store(cfg: dict, progress: bool = True, log: Callable[[str], Any] = pri
     if st.k > teacher.vocab_size:
         raise KDError(f"--top-k {st.k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     answer_ids = answer_token_ids(tok)
-    add_bos = read_add_bos(model_dir) if cfg["add_bos"] is None else bool(cfg["add_bos"])
+    add_bos = read_add_bos(model_dir, tok) if cfg["add_bos"] is None else bool(cfg["add_bos"])
     student_id, student_fp = student_class_map(tok, cfg["student_tokenizer"])
     cmmlu, questions = select_questions(cfg)
     identity = make_identity(st, teacher, model_dir, add_bos, answer_ids, bool(cfg["hidden"]), student_fp)
