@@ -77,9 +77,11 @@ from kd_mlx.train.run import DEFAULTS, prepare, train_prepared  # noqa: E402
 
 # arm -> keys changed from the demo recipe. "store": which store the arm reads (answer | question | transferNx).
 ARMS: dict[str, dict] = {
-    "recipe": {},
-    "ce": {"answer_weight": 0.0, "kd_weight": 0.0, "ce_weight": 1.0},
-    "ce_vocab": {"answer_weight": 0.0, "kd_weight": 0.0, "ce_weight": 1.0, "ce_over": "vocab"},
+    "recipe": {},  # as the demo trains: its transfer set included when the demo has one
+    "transfer0": {"transfer_split": None},  # the recipe without the transfer set
+    # gold labels only: the train split (a transfer set has none)
+    "ce": {"answer_weight": 0.0, "kd_weight": 0.0, "ce_weight": 1.0, "transfer_split": None},
+    "ce_vocab": {"answer_weight": 0.0, "kd_weight": 0.0, "ce_weight": 1.0, "ce_over": "vocab", "transfer_split": None},
     "answer_kl": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0},
     "answer_kl_cosine": {"answer_weight": 1.0, "kd_weight": 0.0, "ce_weight": 0.0, "min_lr_ratio": 0.1},
     "recipe_b32_cosine": {"batch_size": 32, "min_lr_ratio": 0.1},
@@ -164,6 +166,7 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out, student_hidd
     arm_table = {a: ARMS[a] for a in arms.split(",") if a}
     arm_table.update(dict(parse_arm(s) for s in extra_arms))
     teacher_acc = float(summary["overall"]["teacher"])
+    demo_transfer = "transfer" if "transfer" in json.loads(splits.read_text(encoding="utf-8")) else None
 
     stores: dict[str, tuple[Path, Path, Path]] = {"answer": (demo / "store", data, splits)}  # store, data, splits
     student_dir = demo / "models" / "student"  # its tokenizer: the dumps keep exact class masses for it
@@ -210,11 +213,13 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out, student_hidd
                 print(f"seed {seed} {arm:18s} test {prev['test']:6.2f}%  (from {log.name})", flush=True)
                 continue
             store, a_data, a_splits = store_for(kind)
-            cfg = {**DEFAULTS, **TRAIN_CONFIG, "data": str(a_data), "splits": str(a_splits), "store": str(store),
+            cfg = {**DEFAULTS, **TRAIN_CONFIG, "transfer_split": demo_transfer,
+                   "data": str(a_data), "splits": str(a_splits), "store": str(store),
                    "teacher_tokenizer": str(teacher), "student": str(students[seed]), "steps": arm_steps,
                    "batch_size": summary["preset"]["student_batch"], "eval_every": eval_every,
                    "save_every": arm_steps, "seed": seed, **over, "out": str(out_dir / f"seed{seed}_{arm}")}
-            key = (seed, kind, bool(cfg["kd_weight"]))  # examples depend on the store and on the KD targets
+            # examples depend on the store, the KD targets and whether the transfer split is in
+            key = (seed, kind, bool(cfg["kd_weight"]), cfg["transfer_split"])
             if key not in preps:
                 preps[key] = prepare(dict(cfg), progress=False)
             prep = preps[key]

@@ -252,13 +252,12 @@ def transfer_items(seed: int, per_subject: int, kinds: tuple[str, ...],
 
 
 def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor: int, seed: int) -> tuple[Path, Path]:
-    """A copy of a written task (dev/, test/ as they are) with a transfer set of `factor` x the train split's size
-    per subject in `transfer/` (answers empty), and its splits.json: train/val/test exactly the original's, plus
-    the split "transfer". Returns (task dir, splits.json). `factor` 0: the copy has no transfer set."""
+    """A copy of a written task (dev/, test/ as they are; a transfer set it has is not copied) with a transfer set
+    of `factor` x the train split's size per subject in `transfer/` (answers empty), and its splits.json:
+    train/val/test exactly the original's, plus the split "transfer". Returns (task dir, splits.json). `factor` 0:
+    the copy has no transfer set."""
     cmmlu = load_cmmlu(data_dir)
     splits = load_splits(splits_path)
-    if cmmlu.transfer:
-        raise KDError(f"{data_dir} already has a transfer set")
     train = split_questions(cmmlu, splits, "train")
     kinds = tuple(k for k, (subject, _) in TASK_KINDS.items() if subject in cmmlu.subjects)
     out_task = Path(out_dir) / "task"
@@ -466,19 +465,20 @@ def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, step
 # Embedded defaults. `quick` is for CI: fewer questions and steps, answer-position dump only.
 PRESETS: dict[str, dict] = {
     # the answer-position dump keeps the demo inside its time; benchmarks/kd_effect.py dumps question positions
-    # too (token-level KD), which costs a full-vocabulary log-softmax per question token (~1 s per question here)
-    "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 16,
-             "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0,
+    # too (token-level KD), which costs a full-vocabulary log-softmax per question token (~1 s per question here).
+    # transfer_factor: unlabelled questions per train question that the teacher labels (the transfer set)
+    "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 150, "top_k": 16,
+             "positions": "answer", "student_batch": 16, "teacher_lm_weight": 0.0, "transfer_factor": 4,
              "student_shape": {"n_layers": 2, "hidden": 64, "heads": 4}},
-    "quick": {"n_test": 200, "shots": 0, "teacher_steps": 300, "student_steps": 100, "top_k": 8,
-              "positions": "answer", "student_batch": 8, "teacher_lm_weight": 0.0, "transfer_factor": 0,
+    "quick": {"n_test": 200, "shots": 0, "teacher_steps": 300, "student_steps": 150, "top_k": 8,
+              "positions": "answer", "student_batch": 16, "teacher_lm_weight": 0.0, "transfer_factor": 4,
               "student_shape": {"n_layers": 2, "hidden": 64, "heads": 4}},
 }
 
 # The distillation settings the demo passes to `python -m kd_mlx.train --config` (written to OUT/train.yaml). A
 # random-init student has no pretrained weights to protect: full fine-tuning instead of LoRA.
 TRAIN_CONFIG = {
-    "fine_tune_type": "full", "learning_rate": 3e-3, "warmup_steps": 10, "min_lr_ratio": 1.0, "weight_decay": 0.0,
+    "fine_tune_type": "full", "learning_rate": 1e-3, "warmup_steps": 10, "min_lr_ratio": 1.0, "weight_decay": 0.0,
     "answer_weight": 1.0, "kd_weight": 0.1, "ce_weight": 0.5, "temperature": 2.0, "ce_over": "choices",
     "eval_every": 50, "save_every": 100, "patience": 0, "best_metric": "val_acc", "compile": False,
     "max_grad_norm": 1.0,
