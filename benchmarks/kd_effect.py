@@ -50,8 +50,8 @@ skill from 360 gold labels better than from a teacher that is right 61% of the t
 teacher costs accuracy here, and the 4x transfer set (more questions labelled by that teacher) does not help either
 (60.6 vs 63.5 without it, at 4.4x the dump), so the demo runs without one. The "recipe >= gold CE + 10 points"
 target needs a teacher that knows more than the labelled data teaches (in the real job, Kimi-K2 vs ~7k CMMLU
-labels); the demo's teacher is trained on the same 360 questions. Next: train the demo teacher on a larger private set (its own
-generated questions, never in the student's data) and re-run recipe vs CE vs transfer sizes.
+labels); the demo's teacher is trained on the same 360 questions. Next: train the demo teacher on a larger private
+set (its own generated questions, never in the student's data) and re-run recipe vs CE vs transfer sizes.
 """
 
 from __future__ import annotations
