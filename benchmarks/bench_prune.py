@@ -106,7 +106,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.generate import stream_generate
+from mlx_lm.generate import batch_generate, stream_generate
+from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load_model
 
@@ -117,7 +118,8 @@ from kd_mlx import losses, prune  # noqa: E402
 from kd_mlx.data import answer_token_ids, build_prompt, load_cmmlu, load_splits, make_splits, split_questions  # noqa: E402
 from kd_mlx.demo import TRAIN_CONFIG, letter_accuracy, task_prompts  # noqa: E402
 from kd_mlx.store import TopKStore  # noqa: E402
-from kd_mlx.teacher.dump import dump_store  # noqa: E402
+from kd_mlx.teacher.dump import dump_store, dump_texts  # noqa: E402
+from kd_mlx.teacher.streaming import StreamingTeacher  # noqa: E402
 from kd_mlx.testing.models import smollm2_fp32_dir, tiny_phi_dir  # noqa: E402
 from kd_mlx.tokenizer import load_tokenizer  # noqa: E402
 from kd_mlx.train.run import DEFAULTS as TRAIN_DEFAULTS, prepare, train_prepared  # noqa: E402
@@ -256,18 +258,24 @@ class TextRecord:
     tokens: np.ndarray  # (n,) teacher prompt ids (= student ids: same tokenizer)
     topk_ids: np.ndarray  # (n-1, k): the teacher's top-k of token i+1 at position i
     topk_logprobs: np.ndarray  # (n-1, k)
+    first: int = 1  # the first token trained on (after a prompt that is given, not learnt)
 
 
-def text_records(store_dir: Path, max_len: int) -> list[TextRecord]:
+def text_records(store_dir: Path, max_len: int, k: int | None = None, first: int = 1) -> list[TextRecord]:
+    """The store's texts cut to `max_len` tokens, trained on from token `first`; with `k`, each row's first k
+    columns (the store keeps a row's top-k sorted by probability, so these are the teacher's top-k: the tail
+    bucket then holds the rest exactly)."""
     out = []
     with TopKStore(store_dir) as store:
         for qid in store.ids:
             r = store[qid]
             n = min(len(r.token_ids), max_len)
+            if n <= first:  # a sample that stopped inside its prompt: nothing to learn
+                continue
             pos = np.asarray(r.positions)
             assert (pos == np.arange(len(pos))).all(), "a --positions prompt store has a row at every position"
-            out.append(TextRecord(np.asarray(r.token_ids[:n], np.int32), np.asarray(r.topk_ids[:n - 1]),
-                                  np.asarray(r.topk_logprobs[:n - 1], np.float32)))
+            out.append(TextRecord(np.asarray(r.token_ids[:n], np.int32), np.asarray(r.topk_ids[:n - 1, :k]),
+                                  np.asarray(r.topk_logprobs[:n - 1, :k], np.float32), first))
     return out
 
 
@@ -282,7 +290,7 @@ def text_batch(recs: list[TextRecord]) -> tuple:
     for b, r in enumerate(recs):
         n = len(r.tokens)
         toks[b, :n] = r.tokens
-        ids[b, :n - 1], lps[b, :n - 1], mask[b, :n - 1] = r.topk_ids, r.topk_logprobs, 1
+        ids[b, :n - 1], lps[b, :n - 1], mask[b, r.first - 1:n - 1] = r.topk_ids, r.topk_logprobs, 1
     return (mx.array(toks), mx.array([len(r.tokens) for r in recs]), mx.array(mask), mx.array(ids), mx.array(lps))
 
 
@@ -297,9 +305,27 @@ def token_kd_loss_fn(model) -> prune.LossFn:
     return fn
 
 
+OBJECTIVES = ("kd", "ce", "kd+ce")
+
+
+def recovery_loss(logits: mx.array, toks: mx.array, mask: mx.array, ids: mx.array, lps: mx.array,
+                  objective: str) -> mx.array:
+    """Mean over the text positions of: token-level KD (sparse top-k KL with the tail bucket), next-token CE, or
+    their sum ("kd+ce", equal weights)."""
+    kd = (losses.sparse_topk_kl(logits, ids, lps, mask=mask, reduction="mean")
+          if objective in ("kd", "kd+ce") else 0.0)
+    ce = (losses.cross_entropy(logits, toks[:, 1:], mask=mask, reduction="mean")
+          if objective in ("ce", "kd+ce") else 0.0)
+    return kd + ce
+
+
 def recover_lm(model_dir: Path, recs: list[TextRecord], objective: str, steps: int, batch_size: int, lr: float,
-               seed: int) -> nn.Module:
-    """Full fine-tuning (embedding frozen) on token-level KD or next-token CE, same positions and batch order."""
+               seed: int, evaluate=None, eval_every: int = 0) -> tuple[nn.Module, list[dict]]:
+    """Full fine-tuning (embedding frozen) on `objective` (OBJECTIVES), same positions and batch order for every
+    objective and lr. With `evaluate(model) -> dict` and `eval_every`, the history of its values every
+    `eval_every` steps and at the end (each entry: step, seconds of training so far, the values)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     model, _ = load_model(model_dir)
     model.freeze()
     for layer in model.model.layers:
@@ -308,16 +334,16 @@ def recover_lm(model_dir: Path, recs: list[TextRecord], objective: str, steps: i
     model.train()
 
     def loss_fn(m, toks, lengths, mask, ids, lps):
-        logits = m(toks)[:, :-1]
-        if objective == "kd":
-            return losses.sparse_topk_kl(logits, ids, lps, mask=mask, reduction="mean")
-        return losses.cross_entropy(logits, toks[:, 1:], mask=mask, reduction="mean")
+        return recovery_loss(m(toks)[:, :-1], toks, mask, ids, lps, objective)
 
     opt = optim.AdamW(learning_rate=lr, weight_decay=0.0)
     step_fn = nn.value_and_grad(model, loss_fn)
     rng = random.Random(seed)
     order: list[int] = []
-    for _ in range(steps):
+    history: list[dict] = []
+    train_s = 0.0
+    for step in range(1, steps + 1):
+        tic = time.perf_counter()
         if len(order) < batch_size:
             extra = list(range(len(recs)))
             rng.shuffle(extra)
@@ -326,39 +352,76 @@ def recover_lm(model_dir: Path, recs: list[TextRecord], objective: str, steps: i
         loss, grads = step_fn(model, *text_batch([recs[i] for i in idx]))
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
+        train_s += time.perf_counter() - tic
+        if evaluate is not None and ((eval_every and step % eval_every == 0) or step == steps):
+            model.eval()
+            history.append({"step": step, "train_s": train_s, **evaluate(model)})
+            model.train()
     model.eval()
-    return model
+    return model, history
 
 
-def bits_per_byte(model, seqs: list[list[int]], byte_counts: list[int], batch_size: int = 8) -> float:
-    """Σ next-token NLL (nats) / ln 2 / Σ UTF-8 bytes of the predicted tokens."""
+def bits_per_byte(model, seqs: list[list[int]], byte_counts: list[int], firsts: list[int] | None = None,
+                  batch_size: int = 8) -> float:
+    """Σ next-token NLL (nats) / ln 2 / Σ UTF-8 bytes of the predicted tokens (each text's from `firsts`, default
+    its second token)."""
+    firsts = firsts or [1] * len(seqs)
     nll = 0.0
     for s in range(0, len(seqs), batch_size):
         chunk = seqs[s:s + batch_size]
         T = max(map(len, chunk))
         toks = np.zeros((len(chunk), T), np.int32)
         mask = np.zeros((len(chunk), T - 1), np.float32)
-        for b, x in enumerate(chunk):
-            toks[b, :len(x)], mask[b, :len(x) - 1] = x, 1
+        for b, (x, f) in enumerate(zip(chunk, firsts[s:s + batch_size])):
+            toks[b, :len(x)], mask[b, f - 1:len(x) - 1] = x, 1
         t = mx.array(toks)
         nll += losses.cross_entropy(model(t)[:, :-1], t[:, 1:], mask=mx.array(mask), reduction="sum").item()
     return nll / math.log(2) / sum(byte_counts)
 
 
-def eval_texts(cmmlu, splits: dict, tok, n: int, max_len: int, add_bos: bool) -> tuple[list[list[int]], list[int]]:
+def eval_texts(cmmlu, splits: dict, tok, n: int, max_len: int, add_bos: bool) -> tuple[list, list, list]:
     """Question blocks (题目：… options … 答案是：) of the first `n` test-split questions, cut to `max_len` tokens."""
-    seqs, nbytes = [], []
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
-    for q in split_questions(cmmlu, splits, "test")[:n]:
-        ids = (bos + tok.encode(build_prompt(q, []).suffix))[:max_len]
+    return token_texts([build_prompt(q, []).suffix for q in split_questions(cmmlu, splits, "test")[:n]], tok,
+                       max_len, bos)
+
+
+def token_texts(texts: list[str], tok, max_len: int, bos: list[int], first: int = 1) -> tuple[list, list, list]:
+    """Token ids of each text (after `bos`) cut to `max_len`, the UTF-8 bytes of its predicted tokens (from token
+    `first` on), and `first` per text."""
+    seqs, nbytes = [], []
+    for text in texts:
+        ids = (bos + tok.encode(text))[:max_len]
         seqs.append(ids)
-        nbytes.append(sum(len(tok.token_bytes(t)) for t in ids[1:]))
-    return seqs, nbytes
+        nbytes.append(sum(len(tok.token_bytes(t)) for t in ids[first:]))
+    return seqs, nbytes, [first] * len(seqs)
+
+
+def teacher_samples(model_dir: Path, prefixes: list[str], max_len: int, prefix_tokens: int, seed: int) -> list[str]:
+    """Passages the teacher writes itself: each prefix's first `prefix_tokens` tokens, continued by sampling at
+    temperature 1 (mlx-lm's batch generator) to `max_len` tokens in all (shorter where it stops)."""
+    model, tok = mlx_lm_load(str(model_dir))
+    prompts = [tok.encode(p, add_special_tokens=False)[:prefix_tokens] for p in prefixes]
+    mx.random.seed(seed)
+    res = batch_generate(model, tok, prompts, max_tokens=max_len - prefix_tokens, sampler=make_sampler(temp=1.0),
+                         return_token_ids=True)
+    return [tok.decode(p + list(g)) for p, g in zip(prompts, res.token_ids)]
+
+
+def cached_samples(path: Path, teacher: Path, questions: list, max_len: int, prefix_tokens: int, seed: int) -> list[str]:
+    """`teacher_samples` from the questions' blocks, kept in `path` so that a rerun trains on the same texts."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    texts = teacher_samples(teacher, [build_prompt(q, []).suffix for q in questions], max_len, prefix_tokens, seed)
+    write_json_atomic(path, texts)
+    return texts
 
 
 def smollm2_part(out: Path, cmmlu_dir: Path, n_train: int, n_eval: int, n_calib: int, max_len: int,
-                 recover: list[tuple[str, float]], recover_steps: int, lr: float, speed_prompt: int,
-                 speed_gen: int) -> list[dict]:
+                 configs: list[tuple[str, float]], recover: list[tuple[str, float]], recover_steps: int,
+                 lrs: list[float], objectives: list[str], recover_text: str, top_k: int, kd_top_k: int | None,
+                 eval_every: int, eval_samples: int, sample_prefix: int, correct_steps: int, correct_lr: float,
+                 measure_speed: bool, speed_prompt: int, speed_gen: int) -> list[dict]:
     d = out / "smollm2"
     d.mkdir(parents=True, exist_ok=True)
     teacher = smollm2_fp32_dir()
@@ -366,66 +429,151 @@ def smollm2_part(out: Path, cmmlu_dir: Path, n_train: int, n_eval: int, n_calib:
     if not (d / "splits.json").is_file():
         write_json_atomic(d / "splits.json", make_splits(cmmlu, seed=0, val=0.1, test=0.2))
     splits = load_splits(d / "splits.json")
+    store_dir = d / f"store_cmmlu_k{top_k}_n{n_train}_len{max_len}"
     tic = time.perf_counter()
     dump_store({"teacher": str(teacher), "data": str(cmmlu_dir), "splits": str(d / "splits.json"), "split": "train",
-                "shots": 0, "top_k": 32, "positions": "prompt", "max_questions": n_train, "max_tokens": max_len,
-                "out": str(d / "store")}, progress=False, log=lambda s: None)
+                "shots": 0, "top_k": top_k, "positions": "prompt", "max_questions": n_train, "max_tokens": max_len,
+                "out": str(store_dir)}, progress=False, log=lambda s: None)
     t_dump = time.perf_counter() - tic
-    recs = text_records(d / "store", max_len)
-    add_bos = bool(TopKStore(d / "store").identity.get("add_bos"))
+    cmmlu_recs = text_records(store_dir, max_len, kd_top_k)
+    add_bos = bool(TopKStore(store_dir).identity.get("add_bos"))
     tok = load_tokenizer(teacher)
-    seqs, nbytes = eval_texts(cmmlu, splits, tok, n_eval, max_len, add_bos)
-    log(f"  store: {len(recs)} train prompts, {sum(len(r.tokens) for r in recs)} tokens ({t_dump:.0f} s); "
-        f"eval: {len(seqs)} test texts, {sum(map(len, seqs))} tokens, {sum(nbytes)} bytes")
+    seqs, nbytes, _ = eval_texts(cmmlu, splits, tok, n_eval, max_len, add_bos)
+    log(f"  store: {len(cmmlu_recs)} train prompts, {sum(len(r.tokens) for r in cmmlu_recs)} tokens ({t_dump:.0f} s)"
+        f"; eval: {len(seqs)} test texts, {sum(map(len, seqs))} tokens, {sum(nbytes)} bytes")
+    eval_sets = {"bpb": (seqs, nbytes, None)}
+    test_qs = split_questions(cmmlu, splits, "test")
+    if eval_samples:
+        tic = time.perf_counter()
+        held_out = cached_samples(d / f"samples_test_n{eval_samples}_len{max_len}_prefix{sample_prefix}.json",
+                                  teacher, test_qs[n_eval:n_eval + eval_samples], max_len, sample_prefix, seed=1)
+        # scored from the first sampled token: the prefix is the question's, not the teacher's
+        eval_sets["bpb_samples"] = token_texts(held_out, tok, max_len, [], first=sample_prefix)
+        log(f"  held-out teacher samples: {len(held_out)} texts, {sum(map(len, eval_sets['bpb_samples'][0]))} "
+            f"tokens ({time.perf_counter() - tic:.0f} s)")
+    recs = cmmlu_recs
+    if recover_text == "samples":
+        # recovery text the teacher writes itself from the first tokens of train-split questions, as many texts as
+        # the recovery reads (no text repeats): neither objective sees the evaluation texts' layout
+        tic = time.perf_counter()
+        n_texts = recover_steps * 2
+        train_qs = split_questions(cmmlu, splits, "train")[:n_texts]
+        samples = cached_samples(d / f"samples_train_n{n_texts}_len{max_len}_prefix{sample_prefix}.json", teacher,
+                                 train_qs, max_len, sample_prefix, seed=0)
+        sdir = d / f"store_samples_k{top_k}_n{n_texts}_len{max_len}_prefix{sample_prefix}"
+        dump_texts(StreamingTeacher(teacher, None), samples, sdir, top_k, encoding="q8rice")
+        recs = text_records(sdir, max_len, kd_top_k, first=sample_prefix)
+
+    def redump(teacher_dir: Path, name: str) -> list[TextRecord]:
+        """The recovery text's top-k store from another teacher (same texts, same settings)."""
+        if recover_text == "samples":
+            dump_texts(StreamingTeacher(teacher_dir, None), samples, d / f"{sdir.name}_{name}", top_k,
+                       encoding="q8rice")
+            return text_records(d / f"{sdir.name}_{name}", max_len, kd_top_k, first=sample_prefix)
+        dump_store({"teacher": str(teacher_dir), "data": str(cmmlu_dir), "splits": str(d / "splits.json"),
+                    "split": "train", "shots": 0, "top_k": top_k, "positions": "prompt", "max_questions": n_train,
+                    "max_tokens": max_len, "out": str(d / f"{store_dir.name}_{name}")}, progress=False,
+                   log=lambda s: None)
+        return text_records(d / f"{store_dir.name}_{name}", max_len, kd_top_k)
+        log(f"  recovery text: {len(recs)} teacher samples, {sum(len(r.tokens) for r in recs)} tokens "
+            f"({time.perf_counter() - tic:.0f} s); e.g. {samples[0][:80]!r}")
+
+    def evaluate(m) -> dict:
+        return {name: bits_per_byte(m, *texts) for name, texts in eval_sets.items()}
 
     model, config = load_model(teacher)
     model.eval()
     fam = prune.family_of(config)
     n_layers = config["num_hidden_layers"]
-    bpb0 = bits_per_byte(model, seqs, nbytes)
+    base = evaluate(model)
+    bpb0 = base["bpb"]
     tic = time.perf_counter()
-    calib = [text_batch(recs[i:i + 2]) for i in range(0, n_calib, 2)]
+    calib = [text_batch(cmmlu_recs[i:i + 2]) for i in range(0, n_calib, 2)]
     layer_scores = prune.layer_importance(model, fam, calib, token_kd_loss_fn(model))
     mlp_scores = prune.width_importance(model, fam, calib, "mlp")
     log(f"  importance: {time.perf_counter() - tic:.0f} s; layer scores {np.round(layer_scores, 3).tolist()}")
-    sp0 = speed(teacher, speed_prompt, speed_gen)
-    rows = [{"part": "smollm2", "what": "none", "fraction": 0.0, "seed": 0, "bpb_pruned": bpb0, **sp0}]
-    log(f"  unpruned: bpb {bpb0:.4f}  params {sp0['parameters'] / 1e6:.1f}M  prompt {sp0['prompt_tps']:.0f} tok/s "
-        f"gen {sp0['generation_tps']:.1f} tok/s  peak {sp0['peak_memory_gb']:.2f} GB")
-    for what, frac in [("layers", 0.25), ("layers", 0.5), ("mlp", 0.25), ("mlp", 0.5)]:
+    sp0 = speed(teacher, speed_prompt, speed_gen) if measure_speed else {}
+    rows = [{"part": "smollm2", "what": "none", "fraction": 0.0, "seed": 0, "parameters": prune.count_parameters(model),
+             "bpb_pruned": bpb0, "bpb_samples_pruned": base.get("bpb_samples"), **sp0}]
+    log(f"  unpruned: {_fmt_bpb(base)}  " + _fmt_speed(sp0))
+    kd_recs = recs
+    if correct_steps:
+        # teacher correction (Minitron): the unpruned teacher first fine-tuned with CE on the recovery text, so that
+        # KD pulls towards a teacher of that text's distribution; the KD arms then use its store of the same text
+        tic = time.perf_counter()
+        corrected, history = recover_lm(teacher, recs, "ce", correct_steps, 2, correct_lr, seed=1,
+                                        evaluate=evaluate, eval_every=0)
+        cdir = d / f"teacher_corrected_{recover_text}_{correct_steps}_{correct_lr:g}"
+        if not (cdir / "config.json").is_file():
+            prune.write_model_dir(cdir, corrected, config, teacher, {"teacher_correction": correct_steps}, {})
+        del corrected
+        kd_recs = redump(cdir, "corrected")
+        rows[0]["teacher_correction"] = {"steps": correct_steps, "lr": correct_lr, **history[-1],
+                                         "seconds": time.perf_counter() - tic}
+        log(f"  corrected teacher ({correct_steps} CE steps, lr {correct_lr:g}): {_fmt_bpb(history[-1])} "
+            f"({time.perf_counter() - tic:.0f} s with its store)")
+    for what, frac in configs:
         name = f"{what}{int(frac * 100)}"
-        plan = plan_for(what, frac, n_layers, layer_scores, mlp_scores)
-        mdir = d / name
-        if not (mdir / "config.json").is_file():
-            prune_to_dir(model, config, plan, mdir, teacher, {"layers": layer_scores.tolist()})
-        pruned, _ = load_model(mdir)
-        pruned.eval()
-        row = {"part": "smollm2", "what": what, "fraction": frac, "seed": 0, "kept_layers": plan.layers,
-               "bpb_pruned": bits_per_byte(pruned, seqs, nbytes), **speed(mdir, speed_prompt, speed_gen)}
-        del pruned
+        if what == "none":  # recovery of the unpruned model: what the same training gives without pruning
+            mdir, row = teacher, rows[0]
+        else:
+            plan = plan_for(what, frac, n_layers, layer_scores, mlp_scores)
+            mdir = d / name
+            if not (mdir / "config.json").is_file():
+                prune_to_dir(model, config, plan, mdir, teacher, {"layers": layer_scores.tolist()})
+            pruned, _ = load_model(mdir)
+            pruned.eval()
+            before = evaluate(pruned)
+            row = {"part": "smollm2", "what": what, "fraction": frac, "seed": 0, "kept_layers": plan.layers,
+                   "parameters": prune.count_parameters(pruned), "bpb_pruned": before["bpb"],
+                   "bpb_samples_pruned": before.get("bpb_samples"),
+                   **(speed(mdir, speed_prompt, speed_gen) if measure_speed else {})}
+            del pruned
+            rows.append(row)
+            log(f"  {name:9s} params {row['parameters'] / 1e6:6.1f}M  {_fmt_bpb(before)}  " + _fmt_speed(row))
         if (what, frac) in recover:
-            for objective in ("kd", "ce"):
-                tic = time.perf_counter()
-                rec_model = recover_lm(mdir, recs, objective, recover_steps, 2, lr, seed=0)
-                row[f"bpb_{objective}"] = bits_per_byte(rec_model, seqs, nbytes)
-                row[f"recover_{objective}_s"] = time.perf_counter() - tic
-                del rec_model
+            row["recovery"] = []
+            for objective in objectives:
+                for lr in lrs:
+                    tic = time.perf_counter()
+                    rec_model, history = recover_lm(mdir, recs if objective == "ce" else kd_recs, objective,
+                                                    recover_steps, 2, lr, seed=0, evaluate=evaluate,
+                                                    eval_every=eval_every)
+                    del rec_model
+                    arm = {"objective": objective, "lr": lr, "steps": recover_steps, "history": history,
+                           "seconds": time.perf_counter() - tic, **{k: v for k, v in history[-1].items()
+                                                                     if k.startswith("bpb")}}
+                    row["recovery"].append(arm)
+                    curve = "  ".join(f"{h['step']}: {h['bpb']:.3f}" for h in history)
+                    log(f"    {objective:5s} lr {lr:.0e}  {_fmt_bpb(arm)}  [bpb by step {curve}]  "
+                        f"{arm['seconds']:.0f} s")
+                    save_rows(out, "smollm2", rows, {"partial": True})  # a cut run keeps what it measured
             gap = row["bpb_pruned"] - bpb0
-            row["kd_closes"] = (row["bpb_pruned"] - row["bpb_kd"]) / gap if gap > 0 else None
-            row["ce_closes"] = (row["bpb_pruned"] - row["bpb_ce"]) / gap if gap > 0 else None
-        rows.append(row)
-        rec_txt = (f"  KD {row['bpb_kd']:.4f} (closes {row['kd_closes']:.0%})  CE {row['bpb_ce']:.4f} "
-                   f"(closes {row['ce_closes']:.0%})" if "bpb_kd" in row else "")
-        log(f"  {name:9s} params {row['parameters'] / 1e6:6.1f}M  bpb pruned {row['bpb_pruned']:.4f}{rec_txt}  "
-            f"prompt {row['prompt_tps']:.0f} tok/s  gen {row['generation_tps']:.1f} tok/s  "
-            f"peak {row['peak_memory_gb']:.2f} GB")
+            for objective in objectives:  # each objective at its best lr (final bpb on the evaluation texts)
+                best = min((a for a in row["recovery"] if a["objective"] == objective), key=lambda a: a["bpb"])
+                key = objective.replace("+", "")
+                row[f"bpb_{key}"], row[f"lr_{key}"] = best["bpb"], best["lr"]
+                row[f"{key}_closes"] = (row["bpb_pruned"] - best["bpb"]) / gap if gap > 0 else None
     return rows
+
+
+def _fmt_bpb(values: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k.startswith("bpb") and v is not None)
+
+
+def _fmt_speed(sp: dict) -> str:
+    if "prompt_tps" not in sp:
+        return ""
+    return (f"prompt {sp['prompt_tps']:.0f} tok/s  gen {sp['generation_tps']:.1f} tok/s  "
+            f"peak {sp['peak_memory_gb']:.2f} GB")
 
 
 def _parse_recover(text: str) -> list[tuple[str, float]]:
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        what, frac = item.split(":")
+        what, _, frac = item.partition(":")
+        if what not in ("none", "layers", "mlp") or not frac:
+            raise click.UsageError(f"configuration {item!r}: write none:0, layers:FRACTION or mlp:FRACTION")
         out.append((what, float(frac)))
     return out
 
@@ -443,12 +591,30 @@ def _parse_recover(text: str) -> list[tuple[str, float]]:
 @click.option("--eval-texts", type=int, default=32, show_default=True)
 @click.option("--calib", type=int, default=6, show_default=True)
 @click.option("--max-len", type=int, default=128, show_default=True)
+@click.option("--configs", default="layers:0.25,layers:0.5,mlp:0.25,mlp:0.5", show_default=True,
+              help="SmolLM2 pruned configurations measured.")
 @click.option("--recover", default="layers:0.25", show_default=True, help="SmolLM2 configurations recovered.")
-@click.option("--lr", type=float, default=5e-5, show_default=True, help="SmolLM2 recovery learning rate.")
+@click.option("--lr", default="5e-5", show_default=True, help="SmolLM2 recovery learning rate(s), comma-separated: "
+              "every objective runs at each.")
+@click.option("--objectives", default="kd,ce", show_default=True, help=f"SmolLM2 recovery objectives {OBJECTIVES}.")
+@click.option("--recover-text", type=click.Choice(["cmmlu", "samples"]), default="cmmlu", show_default=True,
+              help="SmolLM2 recovery text: the train-split prompts of the store, or passages the teacher samples "
+              "from the first --sample-prefix tokens of train-split questions (their own top-k store).")
+@click.option("--top-k", type=int, default=32, show_default=True, help="SmolLM2 store top-k.")
+@click.option("--kd-top-k", type=int, default=None, help="KD on the first k of the store's top-k [default: all].")
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Recovery bits/byte every N steps.")
+@click.option("--eval-samples", type=int, default=0, show_default=True,
+              help="Also bits/byte on N held-out teacher samples (from test-split question starts).")
+@click.option("--sample-prefix", type=int, default=8, show_default=True)
+@click.option("--teacher-correction", "correct_steps", type=int, default=0, show_default=True,
+              help="KD from the teacher first fine-tuned N CE steps on the recovery text (Minitron's teacher correction).")
+@click.option("--correction-lr", type=float, default=3e-5, show_default=True)
+@click.option("--speed/--no-speed", "measure_speed", default=True, show_default=True, help="SmolLM2 tokens/s.")
 @click.option("--speed-prompt", type=int, default=256, show_default=True)
 @click.option("--speed-gen", type=int, default=32, show_default=True)
 def main(part, out, demo_dir, seeds, n_layers, distil_steps, recover_steps, data, train_questions, eval_texts, calib,
-         max_len, recover, lr, speed_prompt, speed_gen) -> None:
+         max_len, configs, recover, lr, objectives, recover_text, top_k, kd_top_k, eval_every, eval_samples,
+         sample_prefix, correct_steps, correction_lr, measure_speed, speed_prompt, speed_gen) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
@@ -462,10 +628,23 @@ def main(part, out, demo_dir, seeds, n_layers, distil_steps, recover_steps, data
                 "recover_steps": recover_steps or 50}
     else:
         cmmlu = Path(data or os.environ.get("KD_MLX_CMMLU", REPO.parent / "shared" / "cmmlu"))
-        rows = smollm2_part(out, cmmlu, train_questions, eval_texts, calib, max_len, _parse_recover(recover),
-                            recover_steps or 10, lr, speed_prompt, speed_gen)
+        config_list, recover_list = _parse_recover(configs), _parse_recover(recover)
+        objective_list = [o.strip() for o in objectives.split(",") if o.strip()]
+        lrs = [float(x) for x in lr.split(",") if x.strip()]
+        if not set(recover_list) <= set(config_list):
+            raise click.UsageError(f"--recover {recover} names configurations --configs {configs} does not measure")
+        if not objective_list or not set(objective_list) <= set(OBJECTIVES):
+            raise click.UsageError(f"--objectives {objectives}: choose from {', '.join(OBJECTIVES)}")
+        if kd_top_k is not None and not 1 <= kd_top_k <= top_k:
+            raise click.UsageError(f"--kd-top-k {kd_top_k} must be between 1 and --top-k {top_k}")
+        steps = recover_steps or 10
+        rows = smollm2_part(out, cmmlu, train_questions, eval_texts, calib, max_len, config_list, recover_list,
+                            steps, lrs, objective_list, recover_text, top_k, kd_top_k, eval_every, eval_samples,
+                            sample_prefix, correct_steps, correction_lr, measure_speed, speed_prompt, speed_gen)
         meta = {"train_questions": train_questions, "eval_texts": eval_texts, "calib": calib, "max_len": max_len,
-                "recover_steps": recover_steps or 10, "lr": lr}
+                "recover_steps": steps, "lrs": lrs, "objectives": objective_list, "recover_text": recover_text,
+                "top_k": top_k, "kd_top_k": kd_top_k, "eval_samples": eval_samples, "sample_prefix": sample_prefix,
+                "teacher_correction": correct_steps, "correction_lr": correction_lr}
     meta.update(seconds=time.perf_counter() - tic, peak_rss_mib=peak_rss_mib(), speed_prompt=speed_prompt,
                 speed_gen=speed_gen)
     save_rows(out, part, rows, meta)
