@@ -20,14 +20,21 @@ extra training alone?). Seeds: every seed makes its own student (init, distillat
 
 Part 2, real SmolLM2-135M (bits per byte). Its CMMLU accuracy is near chance, so the measure is language
 modelling: bits per byte of the question texts (question + options + answer cue) of the real CMMLU test split,
-first `--eval-texts` questions, each cut to `--max-len` tokens. The unpruned model is the teacher: its top-32
-store over every prompt position of `--train-questions` train-split questions (0-shot prompts) comes from the real
-dump path (`kd_mlx.teacher.dump.dump_store`, `--positions prompt`). Layer importance = increase of the token-level
-KD loss on `--calib` of those prompts; MLP importance = channel contribution norms. Recovery: `--recover-steps`
-AdamW steps (`--lr`, default 5e-5: better than 2e-4 for both objectives, see below; batch 2, embedding frozen)
-of token-level KD (sparse top-k KL with the tail bucket, `kd_mlx.losses.sparse_topk_kl`) vs next-token CE
-(`kd_mlx.losses.cross_entropy`) on the same tokens, positions and batch order. The recovered configurations are
-`--recover` (default: 25 % of the layers).
+first `--eval-texts` questions, each cut to `--max-len` tokens (with `--eval-samples N`, also of N held-out
+passages the unpruned model samples itself, scored from the first sampled token). The unpruned model is the
+teacher: its top-`--top-k` store over every prompt position of `--train-questions` train-split questions (0-shot
+prompts) comes from the real dump path (`kd_mlx.teacher.dump.dump_store`, `--positions prompt`). Layer importance
+= increase of the token-level KD loss on `--calib` of those prompts; MLP importance = channel contribution norms.
+`--configs` are pruned and measured, `--recover` of them (`none:0` = the unpruned model) recovered: `--recover-steps`
+AdamW steps (batch 2, constant lr, embedding frozen) for every lr of `--lr` and objective of `--objectives`:
+token-level KD (sparse top-k KL with the tail bucket, `kd_mlx.losses.sparse_topk_kl`, on the first `--kd-top-k`
+of the store's columns), next-token CE (`kd_mlx.losses.cross_entropy`) or their sum (kd+ce), all on the same
+tokens, positions and batch order, bits per byte every `--eval-every` steps. Recovery text (`--recover-text`):
+the store's train-split prompts (cmmlu, the evaluation texts' format and subject), or `samples`: passages the
+teacher writes at temperature 1 from the first `--sample-prefix` tokens of train-split questions (one text per
+recovery example, none repeated; the prefix is not trained on), with their own top-k store (`dump_texts`).
+`--teacher-correction N`: KD (and the KD part of kd+ce) from the teacher first fine-tuned N CE steps on the
+recovery text (Minitron's teacher correction), re-dumped on the same text.
 
 Speed: `mlx_lm.stream_generate` on a fixed prompt (`--speed-prompt` tokens, then `--speed-gen` generated tokens,
 EOS masked), best of 5 (demo) or 2 (SmolLM2); peak memory = `mx.get_peak_memory()` during that call.
@@ -489,8 +496,16 @@ def smollm2_part(out: Path, cmmlu_dir: Path, n_train: int, n_eval: int, n_calib:
     bpb0 = base["bpb"]
     tic = time.perf_counter()
     calib = [text_batch(cmmlu_recs[i:i + 2]) for i in range(0, n_calib, 2)]
-    layer_scores = prune.layer_importance(model, fam, calib, token_kd_loss_fn(model))
-    mlp_scores = prune.width_importance(model, fam, calib, "mlp")
+    scores_file = d / f"importance_{store_dir.name}_calib{n_calib}.npz"  # a rerun with other recovery settings
+    if scores_file.is_file():
+        with np.load(scores_file) as z:
+            layer_scores, mlp_scores = z["layers"], z["mlp"]
+    else:
+        layer_scores = prune.layer_importance(model, fam, calib, token_kd_loss_fn(model))
+        mlp_scores = prune.width_importance(model, fam, calib, "mlp")
+        with open(scores_file.with_suffix(".tmp"), "wb") as f:
+            np.savez(f, layers=layer_scores, mlp=mlp_scores)
+        os.replace(scores_file.with_suffix(".tmp"), scores_file)
     log(f"  importance: {time.perf_counter() - tic:.0f} s; layer scores {np.round(layer_scores, 3).tolist()}")
     sp0 = speed(teacher, speed_prompt, speed_gen) if measure_speed else {}
     rows = [{"part": "smollm2", "what": "none", "fraction": 0.0, "seed": 0, "parameters": prune.count_parameters(model),
@@ -533,8 +548,8 @@ def smollm2_part(out: Path, cmmlu_dir: Path, n_train: int, n_eval: int, n_calib:
             log(f"  {name:9s} params {row['parameters'] / 1e6:6.1f}M  {_fmt_bpb(before)}  " + _fmt_speed(row))
         if (what, frac) in recover:
             row["recovery"] = []
-            for objective in objectives:
-                for lr in lrs:
+            for lr in lrs:  # every objective at one lr before the next lr: a cut run still compares them
+                for objective in objectives:
                     tic = time.perf_counter()
                     rec_model, history = recover_lm(mdir, recs if objective == "ce" else kd_recs, objective,
                                                     recover_steps, 2, lr, seed=0, evaluate=evaluate,
