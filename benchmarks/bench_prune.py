@@ -80,7 +80,7 @@ read the speed ratios as indicative only; parameters and bits per byte are exact
     (b) teacher       CE                      5e-5   3.585     3.403      50 %    2.645
         samples       KD                      5e-5   3.362     3.302      59 %    2.590
                       CE                      1e-4   3.835     3.576      33 %    2.783
-                      KD                      1e-4   KD1E4_20  KD1E4_40   KD1E4_C  KD1E4_S
+                      KD                      1e-4   3.557     3.431      47 %    2.731
   The corrected teacher (40 CE steps at 3e-5 on the same CMMLU train prompts): 1.986 / 2.594 bits/byte.
 
   Reading. (1) On recovery text of the evaluation texts' own format and subject (a), CE wins at equal steps and
