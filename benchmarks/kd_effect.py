@@ -45,12 +45,12 @@ Student baselines: majority 22.8 / 19.4 / 25.0, missing 27.8 / 21.1 / 24.4. One 
 
 Reading: the learning rate was the failure. At 3e-3 one student seed per task never leaves a constant answer
 (validation accuracy flat at 20-31.7% from step 25-50); at 1e-3 the same seeds learn (majority seed 2: 19.4 -> 50.6)
-and the default (no transfer set) carries over to the second skill on 3 of 3 seeds (0.92 x its teacher). But
-gold-label CE alone at the same settings reaches 74-83% on the majority task, far above the 61% teacher: this
-student learns the skill from 360 gold labels better than from a teacher that is right 61% of the time, so
-answer-KL toward that teacher costs accuracy here, and the 4x transfer set (more questions labelled by that teacher) does not help either
-(60.6 vs 63.5 without it, at 4.4x the dump), so the demo runs without one. The "recipe >= gold CE + 10 points"
-target needs a teacher that knows more than the labelled data teaches (in the real job, Kimi-K2 vs ~7k CMMLU
+and the default (no transfer set) carries over to the second skill on 3 of 3 seeds (0.92 x its teacher). But gold-
+label CE alone at the same settings reaches 74-83% on the majority task, far above the 61% teacher: this student
+learns the skill from 360 gold labels better than from a teacher that is right 61% of the time, so answer-KL toward
+that teacher costs accuracy here, and the 4x transfer set (more questions labelled by that teacher) does not help
+either (60.6 vs 63.5 without it, at 4.4x the dump), so the demo runs without one. The "recipe >= gold CE + 10
+points" target needs a teacher that knows more than the labelled data teaches (in the real job, Kimi-K2 vs ~7k CMMLU
 labels); the demo's teacher is trained on the same 360 questions. Next: train the demo teacher on a larger private
 set (its own generated questions, never in the student's data) and re-run recipe vs CE vs transfer sizes.
 """
