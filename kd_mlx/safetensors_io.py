@@ -150,11 +150,12 @@ class WeightFiles:
         fd = self._fd(info.file)
         got = 0
         while got < n:
-            chunk = os.pread(fd, min(n - got, 1 << 30), start + got)
-            if not chunk:
+            # straight into `out` (os.pread would return a new bytes object, then copy it: a second pass over every
+            # weight byte, ~15% of a streamed forward)
+            k = os.preadv(fd, [out[got:min(n, got + (1 << 30))]], start + got)
+            if not k:
                 raise KDError(f"corrupt shard {info.file}: unexpected end of file reading {info.key!r}")
-            out[got:got + len(chunk)] = chunk
-            got += len(chunk)
+            got += k
         with self._lock:
             self.bytes_read += n
 
