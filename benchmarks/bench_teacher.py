@@ -42,6 +42,10 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     0.0 vs resident. qwen3_moe: streamed 6.72 s vs resident 2.02 s = 3.32x (io wait 2.13 s, 1.47 GB read), peak
     RSS 1.07 GiB (budget 0.88 GiB). At 810 tokens the compute per layer is shorter than reading the layer from a
     cold cache, so streaming is read-bound here; the <= 1.1x goal needs compute that can hide the reads.
+    Again at 17:50 after reading weight bytes straight into the buffer (os.preadv): deepseek_v3 streamed 7.51 s
+    (io wait 0.98 s), baseline executor 4.41 s (1.70x), resident 2.21 s (3.39x), peak RSS 1.05 GiB; qwen3_moe
+    streamed 5.01 s (io wait 0.66 s) vs resident 2.01 s = 2.49x, peak RSS 0.92 GiB. Run-to-run spread on this
+    machine is ~20%; the generic executor stays slower than the per-family one it replaced.
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
