@@ -239,7 +239,7 @@ _current = threading.local()
 class _TaskThreads:
     """The threads tasks run on, kept and reused for the executor's lifetime. MLX keeps per-thread state that is
     never released, and freeing its buffer cache (`mx.clear_cache`, `mx.set_cache_limit`) walks all of it: with a
-    new thread per task, each call of a long dump got slower (~20 ms per clear after 1,000 threads)."""
+    new thread per task, each call of a long dump got slower (~100 ms per clear after 1,000 threads)."""
 
     def __init__(self):
         self._idle: list[_TaskThread] = []
