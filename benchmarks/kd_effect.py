@@ -73,7 +73,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kd_mlx.demo import TRAIN_CONFIG, model_bytes, python_m, run_command, write_transfer_task  # noqa: E402
+from kd_mlx.demo import PRESETS, TRAIN_CONFIG, model_bytes, python_m, run_command, write_transfer_task  # noqa: E402
 from kd_mlx.eval import evaluate_model, load_eval_model, select_questions  # noqa: E402
 from kd_mlx.store import TopKStore  # noqa: E402
 from kd_mlx.testing.models import tiny_phi_dir  # noqa: E402
@@ -157,8 +157,7 @@ def mean_std(v: list[float]) -> str:
 @click.option("--steps", type=int, default=None, help="Optimizer steps per arm (default: the demo's).")
 @click.option("--eval-every", type=int, default=25, show_default=True, help="Validation every N steps (curve).")
 @click.option("--out", default=None, help="Where runs and kd_effect.json go (default DEMO/kd_effect).")
-@click.option("--student-hidden", type=int, default=None, help="Student width (default: the demo's).")
-def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out, student_hidden):
+def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
     demo = Path(demo_dir).resolve()
     out_dir = Path(out).resolve() if out else demo / "kd_effect"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,8 +196,7 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out, student_hidd
             r = json.loads(ln)
             done[(r["seed"], r["arm"], json.dumps(r["overrides"], sort_keys=True))] = r
     print(f"demo {demo}: teacher test {teacher_acc:.2f}%; {steps} steps; arms {', '.join(arm_table)}", flush=True)
-    shape = {**summary["preset"].get("student_shape", {"n_layers": 2, "hidden": 64, "heads": 4}),
-             **({"hidden": student_hidden} if student_hidden else {})}
+    shape = summary["preset"].get("student_shape", PRESETS["full"]["student_shape"])  # the demo's student
     students = {seed: tiny_phi_dir(out_dir / f"student_seed{seed}", seed=seed, **shape) for seed in seed_list}
     rows: dict[str, list[float]] = {"baseline": [test_accuracy(students[s], None, data, splits, shots)
                                                  for s in seed_list]}

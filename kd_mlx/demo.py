@@ -479,6 +479,8 @@ PRESETS: dict[str, dict] = {
               "student_shape": {"n_layers": 2, "hidden": 64, "heads": 4}},
 }
 
+VAL_FRACTION, TEST_FRACTION = 0.1, 0.3  # of the task's questions, per subject (`kd_mlx.data split`)
+
 # The distillation settings the demo passes to `python -m kd_mlx.train --config` (written to OUT/train.yaml). A
 # random-init student has no pretrained weights to protect: full fine-tuning instead of LoRA.
 TRAIN_CONFIG = {
@@ -538,8 +540,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
 
     log(f"== 1. the controlled task -> {task}")
     kinds = TASKS[task_name]
-    # the transfer set: `transfer_factor` x the train split's questions per subject (train = 60% of n_test)
-    n_transfer = round(p["transfer_factor"] * p["n_test"] * 0.6)
+    # the transfer set: `transfer_factor` x the train split's questions per subject
+    n_transfer = round(p["transfer_factor"] * p["n_test"] * (1 - VAL_FRACTION - TEST_FRACTION))
     write_task(task, seed=seed, n_test=p["n_test"], n_dev=5, kinds=kinds, n_transfer=n_transfer)
     example = next(iter(generate_task(seed, 4, 0, kinds).values()))["test"][0]
     log(f"  {len(kinds)} subjects x {p['n_test']} questions in CMMLU's layout (dev/ test/ CSVs), task {task_name}; "
@@ -551,7 +553,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
 
     log(f"== 2. pipeline: leak-free splits -> {splits}")
     times["split"] = run_command([*python_m(), "kd_mlx.data", "split", "--data", str(task), "--out", str(splits),
-                                  "--seed", str(seed), "--val", "0.1", "--test", "0.3"], log)
+                                  "--seed", str(seed), "--val", str(VAL_FRACTION), "--test", str(TEST_FRACTION)], log)
 
     log("== 3. demo set-up (not part of the pipeline): a teacher that knows the task, a student that does not")
     tic = time.perf_counter()
