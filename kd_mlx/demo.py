@@ -258,11 +258,14 @@ def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor
     of `factor` x the train split's size per subject in `transfer/` (answers empty), and its splits.json:
     train/val/test exactly the original's, plus the split "transfer". Returns (task dir, splits.json). `factor` 0:
     the copy has no transfer set."""
+    out_task = Path(out_dir) / "task"
+    if out_task.resolve() == Path(data_dir).resolve() or \
+            (Path(out_dir) / "splits.json").resolve() == Path(splits_path).resolve():
+        raise KDError(f"write_transfer_task: {out_dir} would overwrite its input {data_dir} or {splits_path}")
     cmmlu = load_cmmlu(data_dir)
     splits = load_splits(splits_path)
     train = split_questions(cmmlu, splits, "train")
     kinds = tuple(k for k, (subject, _) in TASK_KINDS.items() if subject in cmmlu.subjects)
-    out_task = Path(out_dir) / "task"
     for split, part in (("dev", cmmlu.dev), ("test", cmmlu.test)):
         for subject, qs in part.items():
             with atomic_path(out_task / split / f"{subject}.csv") as tmp:

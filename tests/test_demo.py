@@ -99,6 +99,8 @@ def test_transfer_task_copy_keeps_the_splits_and_adds_factor_x_train(tmp_path):
     assert all(q.answer is None for q in new)
     old = {(q.question, tuple(q.choices)) for qs in cmmlu.test.values() for q in qs}
     assert not old & {(q.question, tuple(q.choices)) for q in new}
+    with pytest.raises(KDError, match="would overwrite its input"):
+        write_transfer_task(data, grown_splits, tmp_path / "t2", 1, seed=9)
     # a task that has a transfer set of its own: the copy gets only the new one
     data3, splits3 = write_transfer_task(data, grown_splits, tmp_path / "t3", 1, seed=9)
     assert len(load_splits(splits3)["transfer"]) == per_subject * len(cmmlu.subjects)
