@@ -21,7 +21,7 @@ new transfer set of that size (`kd_mlx.demo.write_transfer_task`: another stream
 equal to a dev/test one dropped, train/val/test unchanged) and dump it once under OUT/.
 
 Measured 2026-11-30 (Linux x86_64, 2 cores, MLX CPU + OpenBLAS, OPENBLAS_NUM_THREADS=1; the machine was shared
-with other jobs at load 8-14, so one 150-step run took 150-1,300 s instead of ~160 s alone). Demo directories of
+with other jobs at load 8-14, so one 150-step run took 156-1,311 s). Demo directories of
 the previous recipe (seed 0; 2 subjects x 300 questions: train 360 / val 60 / test 180): majority task, teacher
 61.1% test; missing task (`--task missing`), teacher 58.9% test. Every arm: 150 steps of 16 questions, answer-KL
 T=2 + 0.5 x gold CE over A-D + 0.1 x token KD at the answer position, full fine-tuning, AdamW constant after 10
