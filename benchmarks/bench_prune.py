@@ -157,7 +157,7 @@ sys.path.insert(0, str(REPO))
 
 from kd_mlx import losses, prune  # noqa: E402
 from kd_mlx.data import answer_token_ids, build_prompt, load_cmmlu, load_splits, make_splits, split_questions  # noqa: E402
-from kd_mlx.demo import TRAIN_CONFIG, letter_accuracy, task_prompts  # noqa: E402
+from kd_mlx.demo import PRESETS, TRAIN_CONFIG, letter_accuracy, task_prompts  # noqa: E402
 from kd_mlx.store import TopKStore  # noqa: E402
 from kd_mlx.teacher.dump import dump_store, dump_texts  # noqa: E402
 from kd_mlx.teacher.streaming import StreamingTeacher  # noqa: E402
@@ -229,7 +229,8 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
               speed_prompt: int, speed_gen: int) -> list[dict]:
     task, splits, store, teacher = demo / "task", demo / "splits.json", demo / "store", demo / "models" / "teacher_4bit"
     base = {**TRAIN_DEFAULTS, **TRAIN_CONFIG, "store": str(store), "data": str(task), "splits": str(splits),
-            "teacher_tokenizer": str(teacher), "steps": distil_steps, "batch_size": 8, "out": str(out / "unused"),
+            "teacher_tokenizer": str(teacher), "steps": distil_steps, "batch_size": PRESETS["full"]["student_batch"],
+            "out": str(out / "unused"),
             "student": str(tiny_phi_dir(out / "demo" / "student_seed0", seed=0, n_layers=n_layers))}
     prep = prepare(dict(base), progress=False)  # examples depend on the tokenizer only: built once for every model
     tok = load_tokenizer(base["student"])
@@ -633,7 +634,7 @@ def _parse_recover(text: str) -> list[tuple[str, float]]:
 @click.option("--demo", "demo_dir", type=click.Path(), help="A `python -m kd_mlx demo --out DIR` directory (part demo).")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--layers", "n_layers", type=int, default=8, show_default=True, help="Demo student depth.")
-@click.option("--distil-steps", type=int, default=100, show_default=True)
+@click.option("--distil-steps", type=int, default=PRESETS["full"]["student_steps"], show_default=True)
 @click.option("--recover-steps", type=int, default=None, help="[default: demo 50, smollm2 40]")
 @click.option("--data", default=None, help="Real CMMLU [default: $KD_MLX_CMMLU or ../shared/cmmlu]")
 @click.option("--train-questions", type=int, default=128, show_default=True)

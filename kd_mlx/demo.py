@@ -49,7 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,7 +61,7 @@ import numpy as np
 import yaml
 from mlx_lm.utils import load_model, quantize_model, save_config, save_model
 
-from .data import answer_token_ids, load_cmmlu, load_splits, make_splits, split_questions
+from .data import Question, answer_token_ids, content_hash, load_cmmlu, load_splits, make_splits, split_questions
 from .eval import build_prompt_ids
 from .testing.models import tiny_kimi_k2_dir, tiny_phi_dir
 from .tokenizer import load_tokenizer
@@ -238,19 +238,26 @@ def generate_task(seed: int = 0, n_test: int = 200, n_dev: int = 5,
     return out
 
 
-def transfer_items(seed: int, per_subject: int, kinds: tuple[str, ...],
-                   exclude: set[tuple[str, tuple]]) -> dict[str, list[TaskItem]]:
-    """A transfer set: `per_subject` new questions per subject, Answer left empty (the teacher labels them), from
-    their own stream of the generator; a question equal to one in `exclude` (question, choices) is skipped."""
-    fresh = generate_task(seed, per_subject * 2 + 8, 0, kinds, stream="transfer")
+def fresh_items(seed: int, per_subject: int, kinds: tuple[str, ...], exclude: set[tuple[str, tuple]],
+                stream: str) -> dict[str, list[TaskItem]]:
+    """`per_subject` new answered questions per subject from the generator's independent sequence `stream`; a
+    question equal to one in `exclude` (question, choices) is skipped."""
+    fresh = generate_task(seed, per_subject * 2 + 8, 0, kinds, stream=stream)
     out = {}
     for subject, parts in fresh.items():
-        new = [TaskItem(it.subject, it.kind, it.question, it.choices, "") for it in parts["test"]
-               if (it.question, it.choices) not in exclude][:per_subject]
+        new = [it for it in parts["test"] if (it.question, it.choices) not in exclude][:per_subject]
         if len(new) < per_subject:
             raise KDError(f"could not generate {per_subject} new {subject} questions")
         out[subject] = new
     return out
+
+
+def transfer_items(seed: int, per_subject: int, kinds: tuple[str, ...],
+                   exclude: set[tuple[str, tuple]]) -> dict[str, list[TaskItem]]:
+    """A transfer set: `per_subject` new questions per subject, Answer left empty (the teacher labels them), none
+    equal to one in `exclude`."""
+    return {subject: [replace(it, answer="") for it in items]
+            for subject, items in fresh_items(seed, per_subject, kinds, exclude, "transfer").items()}
 
 
 def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor: int, seed: int) -> tuple[Path, Path]:
@@ -435,30 +442,50 @@ def save_quantized(model, config: dict, src_dir: Path, out_dir: Path, bits: int 
     return out_dir
 
 
-def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, steps: int, shots: int, seed: int,
-                       lm_weight: float = 0.0, bits: int = 4, log=print) -> dict:
-    """Demo set-up: a tiny Kimi-K2-shaped model (deepseek_v3 architecture, Kimi-format tokenizer) trained on the
-    task's *train* split with plain MLX full fine-tuning (the answer letter, plus the prompt's next tokens with
-    `lm_weight`), then written as 4-bit safetensors. Returns what it measured."""
+def teacher_questions(data_dir: Path, per_subject: int, seed: int) -> list[Question]:
+    """The demo teacher's own training questions: `per_subject` answered questions per subject of the task at
+    `data_dir`, from their own stream of the generator, none equal to a question of the task (dev, test and
+    transfer files), so nothing the student is evaluated on, or labelled with, is among them."""
+    cmmlu = load_cmmlu(data_dir)
+    known = {(q.question, tuple(q.choices))
+             for part in (cmmlu.dev, cmmlu.test, cmmlu.transfer) for qs in part.values() for q in qs}
+    kinds = tuple(k for k, (subject, _) in TASK_KINDS.items() if subject in cmmlu.subjects)
+    return [Question(id=content_hash(it.question, it.choices), subject=subject, split="teacher", index=i,
+                     question=it.question, choices=it.choices, answer=it.answer)
+            for subject, items in fresh_items(seed, per_subject, kinds, known, "teacher").items()
+            for i, it in enumerate(items)]
+
+
+def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, steps: int, questions: int,
+                       learning_rate: float, shots: int, seed: int, lm_weight: float = 0.0, bits: int = 4,
+                       log=print) -> dict:
+    """Demo set-up: a tiny Kimi-K2-shaped model (deepseek_v3 architecture, Kimi-format tokenizer) trained with
+    plain MLX full fine-tuning (the answer letter, plus the prompt's next tokens with `lm_weight`) on its own
+    `questions` per subject (`teacher_questions`: a teacher knows more than the user's labelled data), then
+    written as 4-bit safetensors. Returns what it measured (accuracy on the task's train and val splits)."""
     tic = time.perf_counter()
     init_dir = tiny_kimi_k2_dir(out_dir.parent / "teacher_init", seed=seed, n_layers=2, hidden=64,
                                 n_routed_experts=4, experts_per_tok=2)
     model, config = load_model(init_dir)
     tok = load_tokenizer(init_dir)
     letters = answer_token_ids(tok)
+    own = teacher_questions(data_dir, questions, seed)
+    own_seqs, _, _, _ = build_prompt_ids(own, dict(load_cmmlu(data_dir).dev), tok, shots, 2048)
     train_seqs, train_gold = task_prompts(data_dir, splits_path, "train", tok, shots)
     val_seqs, val_gold = task_prompts(data_dir, splits_path, "val", tok, shots)
     what = "answer letter + next tokens of the prompt" if lm_weight else "answer letter"
-    log(f"  training the teacher on {len(train_seqs)} train questions for {steps} steps (plain MLX, full fine-tuning "
-        f"of the {what})")
-    losses = train_letter_model(model, train_seqs, train_gold, letters, steps=steps, seed=seed, lm_weight=lm_weight,
+    log(f"  training the teacher on {len(own)} questions of its own (none in the task) for {steps} steps (plain "
+        f"MLX, full fine-tuning of the {what})")
+    losses = train_letter_model(model, own_seqs, [q.answer_index for q in own], letters, steps=steps,
+                                learning_rate=learning_rate, seed=seed, lm_weight=lm_weight,
                                 log_every=max(1, steps // 5), log=log)
     acc = {"train": letter_accuracy(model, train_seqs, train_gold, letters),
            "val": letter_accuracy(model, val_seqs, val_gold, letters)}
     save_quantized(model, config, init_dir, out_dir, bits=bits)
-    info = {"steps": steps, "lm_weight": lm_weight, "final_loss": sum(losses[-10:]) / len(losses[-10:]), "accuracy_fp32": acc,
-            "bits": bits, "seconds": time.perf_counter() - tic}
-    log(f"  teacher (fp32, before quantizing): train acc {acc['train']:.1%}, val acc {acc['val']:.1%}; "
+    info = {"steps": steps, "questions": len(own), "learning_rate": learning_rate, "lm_weight": lm_weight,
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]), "accuracy_fp32": acc, "bits": bits,
+            "seconds": time.perf_counter() - tic}
+    log(f"  teacher (fp32, before quantizing): task train split {acc['train']:.1%}, val split {acc['val']:.1%}; "
         f"{bits}-bit shards in {out_dir}")
     return info
 
@@ -471,14 +498,19 @@ def build_demo_teacher(out_dir: Path, data_dir: Path, splits_path: Path, *, step
 PRESETS: dict[str, dict] = {
     # the answer-position dump keeps the demo inside its time; benchmarks/kd_effect.py dumps question positions
     # too (token-level KD), which costs a full-vocabulary log-softmax per question token (~1 s per question here).
+    # The teacher learns from its own questions (teacher_questions per subject, none in the task) at teacher_lr:
+    # measured (majority task, 2,000 own questions): lr 3e-3 diverges (test 58% -> 23% by step 450), 1e-3 stays
+    # near 60%, 3e-4 reaches 87% at 600 steps and holds (85% at 900).
     # transfer_factor: unlabelled questions per train question that the teacher labels (the transfer set).
     # The student recipe (here and in TRAIN_CONFIG) is benchmarks/kd_effect.py's measured best: lr 3e-3 left one
     # student seed per task at a constant answer, 1e-3 did not; batch 16 x 150 steps learns on every seed tried
-    "full": {"n_test": 300, "shots": 0, "teacher_steps": 300, "student_steps": 150, "top_k": 16,
-             "positions": "answer", "student_batch": 16, "teacher_lm_weight": 0.0, "transfer_factor": 0,
+    "full": {"n_test": 300, "shots": 0, "teacher_steps": 600, "teacher_questions": 2000, "teacher_lr": 3e-4,
+             "student_steps": 150, "top_k": 16, "positions": "answer", "student_batch": 16,
+             "teacher_lm_weight": 0.0, "transfer_factor": 0,
              "student_shape": {"n_layers": 2, "hidden": 64, "heads": 4}},
-    "quick": {"n_test": 200, "shots": 0, "teacher_steps": 300, "student_steps": 150, "top_k": 8,
-              "positions": "answer", "student_batch": 16, "teacher_lm_weight": 0.0, "transfer_factor": 0,
+    "quick": {"n_test": 200, "shots": 0, "teacher_steps": 600, "teacher_questions": 2000, "teacher_lr": 3e-4,
+              "student_steps": 150, "top_k": 8, "positions": "answer", "student_batch": 16,
+              "teacher_lm_weight": 0.0, "transfer_factor": 0,
               "student_shape": {"n_layers": 2, "hidden": 64, "heads": 4}},
 }
 
@@ -560,7 +592,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, task_name: str
 
     log("== 3. demo set-up (not part of the pipeline): a teacher that knows the task, a student that does not")
     tic = time.perf_counter()
-    info = build_demo_teacher(teacher, task, splits, steps=p["teacher_steps"], shots=p["shots"], seed=seed,
+    info = build_demo_teacher(teacher, task, splits, steps=p["teacher_steps"], questions=p["teacher_questions"],
+                              learning_rate=p["teacher_lr"], shots=p["shots"], seed=seed,
                               lm_weight=p["teacher_lm_weight"], log=log)
     tiny_phi_dir(student, seed=seed, **p["student_shape"])
     t_bytes = model_bytes(teacher)

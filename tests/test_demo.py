@@ -14,7 +14,7 @@ import pytest
 
 from kd_mlx.data import load_cmmlu, load_splits, make_splits, split_questions
 from kd_mlx.demo import (DEFAULT_KINDS, NUMBER_KINDS, TASK_KINDS, TASKS, WORD_KINDS, chinese_numeral, generate_task,
-                         parse_chinese_numeral, write_task, write_transfer_task)
+                         parse_chinese_numeral, teacher_questions, write_task, write_transfer_task)
 from kd_mlx.utils import KDError, write_json_atomic
 
 
@@ -82,6 +82,18 @@ def test_transfer_set_is_new_unlabelled_questions_in_their_own_split(tmp_path):
     without = make_splits(load_cmmlu(write_task(tmp_path / "plain", seed=0, n_test=60, n_dev=5)), seed=0, val=0.1,
                           test=0.3)
     assert all(splits[s] == without[s] for s in ("train", "val", "test"))  # the transfer set moves no question
+
+
+def test_teacher_questions_are_answered_and_none_is_in_the_task(tmp_path):
+    write_task(tmp_path / "task", seed=0, n_test=60, n_dev=5, n_transfer=30)
+    cmmlu = load_cmmlu(tmp_path / "task")
+    own = teacher_questions(tmp_path / "task", 200, seed=0)
+    assert len(own) == 200 * len(DEFAULT_KINDS) and {q.subject for q in own} == set(cmmlu.subjects)
+    assert all(q.answer in "ABCD" for q in own) and len({(q.question, q.choices) for q in own}) == len(own)
+    task = {(q.question, tuple(q.choices))
+            for part in (cmmlu.dev, cmmlu.test, cmmlu.transfer) for qs in part.values() for q in qs}
+    assert not task & {(q.question, tuple(q.choices)) for q in own}  # nothing evaluated or labelled by the student
+    assert [q.id for q in teacher_questions(tmp_path / "task", 200, seed=0)] == [q.id for q in own]  # seeded
 
 
 def test_transfer_task_copy_keeps_the_splits_and_adds_factor_x_train(tmp_path):
