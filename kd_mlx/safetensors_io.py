@@ -2,8 +2,8 @@
 
 The header (8-byte little-endian length + JSON) gives each tensor's dtype, shape and byte offsets, so one row of a
 tensor whose first axis is "experts" (stacked MoE weights), "vocab" (embedding, LM head) or anything else can be
-read with one `pread` without touching the rest of the file. Reads return numpy buffers (safe on a background
-thread); `to_mx` turns them into MLX arrays on the calling thread.
+read with one `pread` without touching the rest of the file. `read_mx` reads straight into an MLX buffer; the
+plain path reads into numpy (`read_np`, `read_rows_np`) and `to_mx` copies that into an MLX array.
 """
 
 from __future__ import annotations
@@ -171,14 +171,38 @@ class WeightFiles:
         rb = info.row_bytes
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         buf = np.empty(len(rows) * rb, dtype=np.uint8)
-        mv = memoryview(buf)
+        self._read_runs(info, rows, memoryview(buf))
+        return buf.view(_DTYPES[info.dtype][0]).reshape((len(rows),) + info.shape[1:])
+
+    def _read_runs(self, info: TensorInfo, rows: np.ndarray, out: memoryview | None) -> None:
+        """Rows `rows` of a tensor into `out` in the given order: each run of consecutive rows is one read."""
+        rb = info.row_bytes
         # run boundaries found in numpy: the LM head is read as ranges of ~10^5 rows, a Python scan cost more
         # than the read itself
         cuts = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
         for i, j in zip([0, *cuts], [*cuts, len(rows)]):
-            if j > i:
-                self._pread(info, info.start + int(rows[i]) * rb, (j - i) * rb, mv[i * rb:j * rb])
-        return buf.view(_DTYPES[info.dtype][0]).reshape((len(rows),) + info.shape[1:])
+            if j > i and rb:
+                self._pread(info, info.start + int(rows[i]) * rb, (j - i) * rb, out[i * rb:j * rb])
+
+    def read_mx(self, key: str, rows: Sequence[int] | None = None):
+        """`read_np(key)` (rows None) or `read_rows_np(key, rows)` read straight into a new MLX buffer: one pass over
+        the bytes, where reading into numpy and `to_mx` copy them twice (and hold both copies meanwhile). Allocates
+        and evaluates on the calling thread."""
+        info = self.tensors[key]
+        storage, name, _ = _DTYPES[info.dtype]
+        shape = info.shape if rows is None else (len(rows),) + info.shape[1:]
+        a = mx.zeros(shape, dtype=getattr(mx, np.dtype(storage).name if name == "bfloat16" else name))
+        mx.eval(a)
+        mv = memoryview(a).cast("B") if a.size else None
+        if rows is None:
+            if mv is not None:
+                self._pread(info, info.start, info.nbytes, mv)
+        else:
+            self._read_runs(info, np.asarray(rows, dtype=np.int64).reshape(-1), mv)
+        if name == "bfloat16":
+            a = a.view(mx.bfloat16)
+            mx.eval(a)  # shares the buffer; evaluated here, where it was made (MLX streams are per thread)
+        return a
 
     def to_mx(self, key: str, arr: np.ndarray):
         a = mx.array(arr)

@@ -349,3 +349,27 @@ def test_weight_files_read_rows_equals_indexing_the_whole_tensor(tmp_path):
         got = files.read_rows_np("w", rows)
         np.testing.assert_array_equal(got, w[np.asarray(rows, dtype=np.int64)].reshape(len(rows), 3, 4))
     np.testing.assert_array_equal(files.read_rows_np("w", np.arange(5, 40)), w[5:40])
+
+
+def test_weight_files_read_mx_equals_the_numpy_path(tmp_path):
+    """Reads straight into MLX buffers == numpy reads copied by `to_mx`, for each storage dtype, whole or by rows."""
+    import mlx.core as mx
+
+    from kd_mlx.safetensors_io import WeightFiles
+
+    rng = np.random.default_rng(1)
+    tensors = {"f32": mx.array(rng.standard_normal((50, 3, 4)).astype(np.float32)),
+               "f16": mx.array(rng.standard_normal((7, 5)).astype(np.float16)),
+               "bf16": mx.array(rng.standard_normal((9, 6)).astype(np.float32)).astype(mx.bfloat16),
+               "u32": mx.array(rng.integers(0, 2**31, (8, 3)).astype(np.uint32)),
+               "scalar": mx.array(np.float32(2.5)), "empty": mx.zeros((0, 4))}
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), tensors)
+    files = WeightFiles(tmp_path)
+    for k, v in tensors.items():
+        got = files.read_mx(k)
+        assert got.dtype == v.dtype and got.shape == v.shape
+        assert mx.array_equal(got, files.read(k)).item() and mx.array_equal(got, v).item()
+        if v.ndim and v.shape[0] > 3:
+            for rows in ([3, 1, 2, 2], [], list(range(v.shape[0]))):
+                want = files.to_mx(k, files.read_rows_np(k, rows))
+                assert mx.array_equal(files.read_mx(k, rows), want).item()

@@ -91,6 +91,16 @@ def test_expert_kernels_agree_with_mlx_lm(kimi4, kernel, dequant_min):
         _check_equal(t.logprobs_at(seqs, pos), ref)
 
 
+def test_direct_reads_equal_plain_reads(kimi4):
+    """Weights read straight into MLX buffers give exactly the log-probs of the plain path (numpy read, then copy)."""
+    seqs = _seqs(9, (12, 7))
+    pos = [[3, len(s) - 1] for s in seqs]
+    fast = StreamingTeacher(kimi4, 4_000_000).logprobs_at(seqs, pos)
+    plain = StreamingTeacher(kimi4, 4_000_000, direct_reads=False).logprobs_at(seqs, pos)
+    for a, b in zip(fast, plain):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_moe_reads_only_routed_experts(kimi32):
     """Bytes read from stacked expert tensors == (experts some token chose) x (bytes per expert), per layer."""
     seq = _seqs(2, (3,))

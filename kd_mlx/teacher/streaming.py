@@ -418,7 +418,7 @@ class StreamingTeacher:
     def __init__(self, model_dir: str | Path, memory_budget: int | None = None, *, trust_remote_code: bool = False,
                  prefetch: bool = True, max_block: int = 512, progress: bool = False,
                  expert_kernel: str | None = None, dequant_min_tokens: int = 16,
-                 dequantize_layers: bool | None = None):
+                 dequantize_layers: bool | None = None, direct_reads: bool = True):
         self.model_dir = resolve_model_path(str(model_dir))
         self.trust_remote_code = trust_remote_code
         lm: LazyModel = build_skeleton(self.model_dir, trust_remote_code)
@@ -439,6 +439,8 @@ class StreamingTeacher:
         # CPU: run each layer's quantized linears dequantized (fp32 BLAS ~30x faster than CPU quantized_matmul)
         # when the plan has room for the copy; Metal/CUDA keep mlx-lm's quantized kernels
         self._want_dequant = (mx.default_device() == mx.cpu) if dequantize_layers is None else dequantize_layers
+        # weights read straight into MLX buffers; False: into numpy, then copied (the plain reference path)
+        self.direct_reads = direct_reads
         self.progress = progress
         self._tokenizer = None
         self._key_groups(lm.param_keys)
@@ -743,8 +745,8 @@ class StreamingTeacher:
             self._threads.start(t, self.model)
         try:
             if not self.plan.resident:
-                self._install(self._to_mx(self._read_np(self.other_keys)))
-                state["fut"] = prefetcher.submit(self._read_np, self.layer_keys[0])
+                self._install(self._to_mx(self._read(self.other_keys)))
+                state["fut"] = prefetcher.submit(self._read, self.layer_keys[0])
             for t in tasks:
                 t.resume()
                 self._raise_if_failed(t)
@@ -806,7 +808,7 @@ class StreamingTeacher:
         w = self._to_mx(self._wait(state["fut"]))
         state["fut"] = None
         if self.plan.prefetch_layers and i + 1 < len(self.layer_keys):
-            state["fut"] = prefetcher.submit(self._read_np, self.layer_keys[i + 1])
+            state["fut"] = prefetcher.submit(self._read, self.layer_keys[i + 1])
         self._install(w)
         del w
         if self.plan.dequant_layers[i]:
@@ -829,7 +831,7 @@ class StreamingTeacher:
         mx.clear_cache()
         # the next layer's read starts now when the budget had no room to overlap it with this layer
         if state["fut"] is None and i + 1 < len(self.layer_keys):
-            state["fut"] = state["prefetcher"].submit(self._read_np, self.layer_keys[i + 1])
+            state["fut"] = state["prefetcher"].submit(self._read, self.layer_keys[i + 1])
 
     def _embed_stage(self, group: list[_Task]) -> None:
         """Each embedding reads only the rows of the tokens present (all tasks at once)."""
@@ -846,7 +848,7 @@ class StreamingTeacher:
                 continue
             keys = self.embed_keys[path]
             rows = np.unique(np.concatenate([a.reshape(-1) for a in ids]))
-            self._install(self._to_mx(self._read_rows_np(keys, rows)))
+            self._install(self._to_mx(self._read_rows(keys, rows)))
             for t, a in zip(ts, ids):
                 t.reply = stand_in.module(mx.array(np.searchsorted(rows, a).astype(np.int32)))
                 mx.eval(t.reply)
@@ -886,7 +888,7 @@ class StreamingTeacher:
         V = self.vocab_size
         parts = []
         for a in range(0, V, self.plan.head_rows):
-            self._install(self._to_mx(self._read_rows_np(self.head_keys, np.arange(a, min(V, a + self.plan.head_rows)))))
+            self._install(self._to_mx(self._read_rows(self.head_keys, np.arange(a, min(V, a + self.plan.head_rows)))))
             part = apply(x)
             mx.eval(part)
             parts.append(part)
@@ -915,7 +917,7 @@ class StreamingTeacher:
             g = self.plan.experts_per_group
             groups = [used[s:s + g] for s in range(0, len(used), g)]
         read0 = self.files.bytes_read
-        fut = None if self.plan.resident else prefetcher.submit(self._read_rows_np, keys, groups[0])
+        fut = None if self.plan.resident else prefetcher.submit(self._read_rows, keys, groups[0])
         for gi, grp in enumerate(groups):
             if self.plan.resident:
                 local = np.arange(int(used.max()) + 1, dtype=np.int32)
@@ -923,7 +925,7 @@ class StreamingTeacher:
                 w = self._to_mx(self._wait(fut))
                 fut = None
                 if gi + 1 < len(groups) and self.plan.prefetch_experts:
-                    fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
+                    fut = prefetcher.submit(self._read_rows, keys, groups[gi + 1])
                 self._install(w)
                 del w
                 local = np.full(int(used.max()) + 1, -1, dtype=np.int32)
@@ -933,7 +935,7 @@ class StreamingTeacher:
             if not self.plan.resident:
                 self._restore(keys)
                 if fut is None and gi + 1 < len(groups):
-                    fut = prefetcher.submit(self._read_rows_np, keys, groups[gi + 1])
+                    fut = prefetcher.submit(self._read_rows, keys, groups[gi + 1])
             self.stats.experts_loaded += len(grp)
         self.stats.expert_bytes_read += self.files.bytes_read - read0
         for t, ps in zip(group, parts):
@@ -975,7 +977,7 @@ class StreamingTeacher:
         """The whole model read once and kept (the plan found it fits), quantized layers dequantized where planned."""
         keys = list(self._lazy)
         for s in range(0, len(keys), 64):
-            self._install(self._to_mx(self._read_np(keys[s:s + 64])))
+            self._install(self._to_mx(self._read(keys[s:s + 64])))
         for i, layer in enumerate(self.structure.layers):
             if self.plan.dequant_layers[i]:
                 self._dequantize_layer(layer)
@@ -1006,16 +1008,23 @@ class StreamingTeacher:
     def _restore(self, keys: list[str]) -> None:
         self._install({k: self._lazy[k] for k in keys})
 
-    def _read_np(self, keys: list[str]) -> dict:
+    def _read(self, keys: list[str]) -> dict:
+        """Whole tensors: MLX arrays read in place (direct reads) or numpy buffers for `_to_mx` (the plain path)."""
+        if self.direct_reads:
+            return {k: self.files.read_mx(k) for k in keys}
         return {k: self.files.read_np(k) for k in keys}
 
-    def _read_rows_np(self, keys: list[str], rows) -> dict:
+    def _read_rows(self, keys: list[str], rows) -> dict:
+        if self.direct_reads:
+            return {k: self.files.read_mx(k, rows) for k in keys}
         return {k: self.files.read_rows_np(k, rows) for k in keys}
 
-    def _to_mx(self, arrays_np: dict) -> dict:
+    def _to_mx(self, arrays: dict) -> dict:
+        """MLX arrays of what `_read`/`_read_rows` returned (numpy buffers copied, MLX arrays as they are)."""
         out = {}
-        for k in list(arrays_np):
-            out[k] = self.files.to_mx(k, arrays_np.pop(k))  # mx.array copies: each numpy buffer is dropped at once
+        for k in list(arrays):
+            a = arrays.pop(k)  # mx.array copies: each numpy buffer is dropped at once
+            out[k] = a if isinstance(a, mx.array) else self.files.to_mx(k, a)
         mx.eval(list(out.values()))  # one evaluation for all (a tiny model pays ~0.1 ms per call)
         return out
 
