@@ -101,6 +101,26 @@ def test_direct_reads_equal_plain_reads(kimi4):
         np.testing.assert_array_equal(a, b)
 
 
+def test_head_read_during_last_layer_equals_reading_it_after(kimi32):
+    """The LM head's first rows read on a second thread while the last layer runs (its expert groups then held
+    smaller): same log-probs, same bytes read (the head once), MLX peak within the budget."""
+    seqs = _seqs(10, (9, 6, 4))
+    pos = [[0, len(s) - 1] for s in seqs]
+    budget = 3_000_000
+    after = StreamingTeacher(kimi32, budget, prefetch=False)
+    ref = after.logprobs_at(seqs, pos)
+    base = memory_before()
+    t = StreamingTeacher(kimi32, budget, process_bytes=0)  # no interpreter memory counted: the head has room
+    assert 0 < t.plan.head_prefetch_rows < t.vocab_size and 0 < t.plan.last_experts_per_group
+    mx.reset_peak_memory()
+    out = t.logprobs_at(seqs, pos)
+    assert mx.get_peak_memory() - base <= 1.1 * budget
+    for a, b in zip(out, ref):
+        np.testing.assert_array_equal(a, b)
+    assert t.stats.bytes_read == after.stats.bytes_read
+    _check_equal(out, reference_logprobs_at(kimi32, seqs, pos))
+
+
 def test_moe_reads_only_routed_experts(kimi32):
     """Bytes read from stacked expert tensors == (experts some token chose) x (bytes per expert), per layer."""
     seq = _seqs(2, (3,))

@@ -129,6 +129,8 @@ class Plan:
     total_bytes: int
     resident: bool  # the whole model fits: read once, kept installed
     dequant_layers: list = field(default_factory=list)  # per layer: quantized linears run dequantized (fp32)
+    head_prefetch_rows: int = 0  # vocabulary rows of the LM head read while the last layer runs
+    last_experts_per_group: int = 0  # the last layer's expert groups, smaller to leave room for that read
 
     def describe(self) -> dict:
         return {
@@ -137,7 +139,7 @@ class Plan:
             "max_layer_resident_bytes": max(self.layer_bytes), "max_expert_bytes": max(self.expert_bytes),
             "activation_budget": self.act_budget, "prefetch_layers": self.prefetch_layers,
             "experts_per_group": self.experts_per_group, "prefetch_experts": self.prefetch_experts,
-            "lm_head_rows_per_read": self.head_rows,
+            "lm_head_rows_per_read": self.head_rows, "lm_head_rows_read_during_last_layer": self.head_prefetch_rows,
             "dequantized_layers": [i for i, d in enumerate(self.dequant_layers) if d],
         }
 
@@ -387,6 +389,17 @@ def _continue_from(dst, src, batch: int) -> None:
     mx.eval(_cache_arrays(dst))  # MLX streams are per thread: the task's thread must get evaluated arrays
 
 
+def _rss_outside_mlx() -> int:
+    """Resident bytes of this process not held by MLX arrays or MLX's buffer cache (Linux; 0 where /proc is absent,
+    e.g. macOS, whose unified memory MLX reports itself)."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+    return max(0, rss - mx.get_active_memory() - mx.get_cache_memory())
+
+
 def _set_offset(c, offset: int) -> None:
     """Start a task's caches at its first token's position, so the masks mlx-lm builds at the top of the forward
     (from `cache.offset`) are those of the full sequence."""
@@ -418,7 +431,8 @@ class StreamingTeacher:
     def __init__(self, model_dir: str | Path, memory_budget: int | None = None, *, trust_remote_code: bool = False,
                  prefetch: bool = True, max_block: int = 512, progress: bool = False,
                  expert_kernel: str | None = None, dequant_min_tokens: int = 16,
-                 dequantize_layers: bool | None = None, direct_reads: bool = True):
+                 dequantize_layers: bool | None = None, direct_reads: bool = True,
+                 min_expert_groups: int = 4, process_bytes: int | None = None):
         self.model_dir = resolve_model_path(str(model_dir))
         self.trust_remote_code = trust_remote_code
         lm: LazyModel = build_skeleton(self.model_dir, trust_remote_code)
@@ -441,6 +455,9 @@ class StreamingTeacher:
         self._want_dequant = (mx.default_device() == mx.cpu) if dequantize_layers is None else dequantize_layers
         # weights read straight into MLX buffers; False: into numpy, then copied (the plain reference path)
         self.direct_reads = direct_reads
+        self.min_expert_groups = min_expert_groups
+        # this process's memory outside MLX (interpreter, libraries, tokenizer) shares the budget with the LM head
+        # read-ahead (the peak RSS is what the budget bounds); None: measured once the skeleton is built
         self.progress = progress
         self._tokenizer = None
         self._key_groups(lm.param_keys)
@@ -454,6 +471,7 @@ class StreamingTeacher:
         # frequencies...) are computed here, once
         mx.eval([v for _, m in self.model.named_modules() for k, v in m.items()
                  if k.startswith("_") and isinstance(v, mx.array)])
+        self.process_bytes = _rss_outside_mlx() if process_bytes is None else process_bytes
         self.plan = self._make_plan(prefetch)
         self.stats = StreamStats()
         self._installed_all = False
@@ -517,6 +535,7 @@ class StreamingTeacher:
         cap = (self.memory_budget // 8) if self.memory_budget else 1 << 30
         old_cache_limit = mx.set_cache_limit(cap)
         prefetcher = _Prefetcher(not self.plan.resident and (self.plan.prefetch_layers or self.plan.prefetch_experts))
+        head_reader = _Prefetcher(not self.plan.resident and self.plan.head_prefetch_rows > 0)
         undo = self._swap_in()
         # functions mlx-lm compiles (mx.compile) keep the MLX stream of the thread that traced them, and the
         # forward runs on task threads: compiled code is used uncompiled while streaming
@@ -526,7 +545,7 @@ class StreamingTeacher:
             if self.plan.resident and not self._installed_all:
                 self._install_all()
             for chunk in self._chunks(seqs, pre):
-                out = self._run_chunk(chunk, seqs, positions, pre, prefetcher)
+                out = self._run_chunk(chunk, seqs, positions, pre, prefetcher, head_reader)
                 for i, lp in out.items():
                     results[i] = reduce(lp) if reduce is not None else lp
                 self.stats.chunks += 1
@@ -536,6 +555,7 @@ class StreamingTeacher:
             if compile_on:
                 mx.enable_compile()
             prefetcher.close()
+            head_reader.close()
             if not self.plan.resident:
                 self._restore(list(self._lazy))
             mx.set_cache_limit(old_cache_limit)
@@ -604,8 +624,16 @@ class StreamingTeacher:
             experts_per_group, pre_exp = 1, False
         # LM head slices: rows and their logits (bounded by what activations leave)
         head_rows = max(1, min(self.vocab_size, (B - act - other) // max(1, 2 * head_row)))
+        # the head's first rows are read on a second thread while the last layer runs (its read otherwise waits
+        # for the last layer), in the room that layer leaves: no next layer is prefetched there, and its expert
+        # groups are held to ~1/min_expert_groups of its experts
+        last_group = min(experts_per_group, -(-n_experts[-1] // self.min_expert_groups)) if expert_bytes[-1] else 0
+        held_last = layer_bytes[-1] + other + act + last_group * expert_bytes[-1] * (2 if pre_exp else 1)
+        copies = 1 if self.direct_reads else 2  # the plain path holds the numpy read and its MLX copy
+        room = B - held_last - self.process_bytes
+        head_prefetch = min(self.vocab_size, max(0, room) // max(1, copies * head_row)) if prefetch else 0
         return Plan(B, layer_bytes, expert_bytes, n_experts, largest, act, pre_layers, experts_per_group,
-                    pre_exp, head_rows, total, False, use_deq)
+                    pre_exp, head_rows, total, False, use_deq, head_prefetch, last_group)
 
     def _dequant_bytes(self, i: int) -> int:
         """Bytes of the fp32 copies of layer i's quantized linears (0 unless the model computes in fp32)."""
@@ -736,11 +764,12 @@ class StreamingTeacher:
             undo.append(_swap(self.model, s.head, _HeadStandIn(_module_at(self.model, s.head), n)))
         return undo
 
-    def _run_chunk(self, chunk, seqs, positions, pre, prefetcher: _Prefetcher) -> dict:
+    def _run_chunk(self, chunk, seqs, positions, pre, prefetcher: _Prefetcher, head_reader: _Prefetcher) -> dict:
         tasks, owners = self._tasks(chunk, seqs, positions, pre)
         n = len(self.structure.layers)
         bar = tqdm(total=n, desc="layers", unit="layer", leave=False) if self.progress else None
-        state = {"layer": None, "swapped": None, "fut": None, "bar": bar, "prefetcher": prefetcher}
+        state = {"layer": None, "swapped": None, "fut": None, "bar": bar, "prefetcher": prefetcher,
+                 "head_reader": head_reader, "head_fut": None}
         for t in tasks:
             self._threads.start(t, self.model)
         try:
@@ -769,7 +798,7 @@ class StreamingTeacher:
                     self._experts_stage(stage[0], group, prefetcher)
                 elif kind == "head":
                     self._leave_layer(state)
-                    self._head_stage(group, owners)
+                    self._head_stage(group, owners, state)
                 for t in group:
                     t.resume()
                     self._raise_if_failed(t)
@@ -781,8 +810,9 @@ class StreamingTeacher:
                     t.resume()
             if bar is not None:
                 bar.close()
-            if state["fut"] is not None:
-                state["fut"].result()
+            for f in (state["fut"], state["head_fut"]):
+                if f is not None:
+                    f.result()
         out = {}
         for i, where in owners:
             rows = [np.asarray(t.result[0, j].astype(mx.float32)) for t, j in where]
@@ -811,6 +841,9 @@ class StreamingTeacher:
             state["fut"] = prefetcher.submit(self._read, self.layer_keys[i + 1])
         self._install(w)
         del w
+        if i == len(self.layer_keys) - 1 and self.plan.head_prefetch_rows:
+            state["head_fut"] = state["head_reader"].submit(self._read_rows, self.head_keys,
+                                                            np.arange(self.plan.head_prefetch_rows))
         if self.plan.dequant_layers[i]:
             state["swapped"] = self._dequantize_layer(self.structure.layers[i])
 
@@ -854,7 +887,7 @@ class StreamingTeacher:
                 mx.eval(t.reply)
             self._restore(keys)
 
-    def _head_stage(self, group: list[_Task], owners) -> None:
+    def _head_stage(self, group: list[_Task], owners, state: dict) -> None:
         """The LM head at the asked positions only, every task's rows in one matrix (in the order results are
         returned), the head read `head_rows` vocabulary rows at a time."""
         picked = {}
@@ -869,7 +902,7 @@ class StreamingTeacher:
                 t.reply = mx.zeros((1, 0, V))
             return
         X = mx.concatenate([picked[id(t)][j:j + 1] for t, j in order], axis=0)
-        logits = self._head(X)
+        logits = self._head(X, state)
         at = {}
         for k, (t, j) in enumerate(order):
             at[(id(t), j)] = k
@@ -877,18 +910,24 @@ class StreamingTeacher:
             idx = [at[(id(t), j)] for j in range(len(t.asked))]
             t.reply = logits[mx.array(idx, dtype=mx.int32)][None] if idx else mx.zeros((1, 0, V), dtype=logits.dtype)
 
-    def _head(self, x):
-        """The LM head applied to `x` (n, D): logits (n, V), the head read `head_rows` vocabulary rows at a time."""
+    def _head(self, x, state: dict):
+        """The LM head applied to `x` (n, D): logits (n, V), its first rows those read during the last layer (if
+        any), the rest read `head_rows` vocabulary rows at a time."""
         s = self.structure
         apply = _module_at(self.model, s.head) if s.head else _module_at(self.model, s.embeds[0]).as_linear
         if self.plan.resident:
             out = apply(x)
             mx.eval(out)
             return out
-        V = self.vocab_size
+        V, step = self.vocab_size, self.plan.head_rows
+        fut, state["head_fut"] = state["head_fut"], None
+        start = self.plan.head_prefetch_rows if fut is not None else 0
         parts = []
-        for a in range(0, V, self.plan.head_rows):
-            self._install(self._to_mx(self._read_rows(self.head_keys, np.arange(a, min(V, a + self.plan.head_rows)))))
+        for a in ([None] if fut is not None else []) + list(range(start, V, step)):
+            w = self._to_mx(self._wait(fut) if a is None else
+                            self._read_rows(self.head_keys, np.arange(a, min(V, a + step))))
+            self._install(w)
+            del w
             part = apply(x)
             mx.eval(part)
             parts.append(part)
@@ -914,8 +953,11 @@ class StreamingTeacher:
         if self.plan.resident:
             groups = [used]
         else:
-            g = self.plan.experts_per_group
-            groups = [used[s:s + g] for s in range(0, len(used), g)]
+            # at least `min_expert_groups` reads, so that reading a group overlaps computing the previous one
+            last = li == len(self.structure.layers) - 1 and self.plan.last_experts_per_group
+            cap = self.plan.last_experts_per_group if last else self.plan.experts_per_group
+            n = max(-(-len(used) // cap), min(self.min_expert_groups, len(used)))
+            groups = [g for g in np.array_split(used, n)]
         read0 = self.files.bytes_read
         fut = None if self.plan.resident else prefetcher.submit(self._read_rows, keys, groups[0])
         for gi, grp in enumerate(groups):
