@@ -475,6 +475,7 @@ class StreamingTeacher:
         self.plan = self._make_plan(prefetch)
         self.stats = StreamStats()
         self._installed_all = False
+        self._head_fut: Future | None = None  # the LM head rows read while the last layer runs
         self._threads = _TaskThreads()
         weakref.finalize(self, self._threads.close)
 
@@ -531,7 +532,8 @@ class StreamingTeacher:
         read0 = self.files.bytes_read
         results: list = [None] * len(seqs)
         # a small MLX buffer cache: freed buffers mostly go back to the OS (the budget is about RSS too), without
-        # paying fresh page faults for every intermediate
+        # paying fresh page faults for every intermediate; kept across layers, so that the next layer's weights are
+        # read into buffers the last one freed (fresh pages cost ~3x a reused buffer here)
         cap = (self.memory_budget // 8) if self.memory_budget else 1 << 30
         old_cache_limit = mx.set_cache_limit(cap)
         prefetcher = _Prefetcher(not self.plan.resident and (self.plan.prefetch_layers or self.plan.prefetch_experts))
@@ -769,7 +771,8 @@ class StreamingTeacher:
         n = len(self.structure.layers)
         bar = tqdm(total=n, desc="layers", unit="layer", leave=False) if self.progress else None
         state = {"layer": None, "swapped": None, "fut": None, "bar": bar, "prefetcher": prefetcher,
-                 "head_reader": head_reader, "head_fut": None}
+                 "head_reader": head_reader}
+        self._head_fut = None
         for t in tasks:
             self._threads.start(t, self.model)
         try:
@@ -798,7 +801,7 @@ class StreamingTeacher:
                     self._experts_stage(stage[0], group, prefetcher)
                 elif kind == "head":
                     self._leave_layer(state)
-                    self._head_stage(group, owners, state)
+                    self._head_stage(group, owners)
                 for t in group:
                     t.resume()
                     self._raise_if_failed(t)
@@ -810,9 +813,10 @@ class StreamingTeacher:
                     t.resume()
             if bar is not None:
                 bar.close()
-            for f in (state["fut"], state["head_fut"]):
+            for f in (state["fut"], self._head_fut):
                 if f is not None:
                     f.result()
+            self._head_fut = None
         out = {}
         for i, where in owners:
             rows = [np.asarray(t.result[0, j].astype(mx.float32)) for t, j in where]
@@ -842,7 +846,7 @@ class StreamingTeacher:
         self._install(w)
         del w
         if i == len(self.layer_keys) - 1 and self.plan.head_prefetch_rows:
-            state["head_fut"] = state["head_reader"].submit(self._read_rows, self.head_keys,
+            self._head_fut = state["head_reader"].submit(self._read_rows, self.head_keys,
                                                             np.arange(self.plan.head_prefetch_rows))
         if self.plan.dequant_layers[i]:
             state["swapped"] = self._dequantize_layer(self.structure.layers[i])
@@ -861,7 +865,6 @@ class StreamingTeacher:
             self.structure.layers[i].update_modules(state["swapped"])
             state["swapped"] = None
         self._restore(self.layer_keys[i])
-        mx.clear_cache()
         # the next layer's read starts now when the budget had no room to overlap it with this layer
         if state["fut"] is None and i + 1 < len(self.layer_keys):
             state["fut"] = state["prefetcher"].submit(self._read, self.layer_keys[i + 1])
@@ -887,7 +890,7 @@ class StreamingTeacher:
                 mx.eval(t.reply)
             self._restore(keys)
 
-    def _head_stage(self, group: list[_Task], owners, state: dict) -> None:
+    def _head_stage(self, group: list[_Task], owners) -> None:
         """The LM head at the asked positions only, every task's rows in one matrix (in the order results are
         returned), the head read `head_rows` vocabulary rows at a time."""
         picked = {}
@@ -902,7 +905,7 @@ class StreamingTeacher:
                 t.reply = mx.zeros((1, 0, V))
             return
         X = mx.concatenate([picked[id(t)][j:j + 1] for t, j in order], axis=0)
-        logits = self._head(X, state)
+        logits = self._head(X)
         at = {}
         for k, (t, j) in enumerate(order):
             at[(id(t), j)] = k
@@ -910,7 +913,7 @@ class StreamingTeacher:
             idx = [at[(id(t), j)] for j in range(len(t.asked))]
             t.reply = logits[mx.array(idx, dtype=mx.int32)][None] if idx else mx.zeros((1, 0, V), dtype=logits.dtype)
 
-    def _head(self, x, state: dict):
+    def _head(self, x):
         """The LM head applied to `x` (n, D): logits (n, V), its first rows those read during the last layer (if
         any), the rest read `head_rows` vocabulary rows at a time."""
         s = self.structure
@@ -920,7 +923,7 @@ class StreamingTeacher:
             mx.eval(out)
             return out
         V, step = self.vocab_size, self.plan.head_rows
-        fut, state["head_fut"] = state["head_fut"], None
+        fut, self._head_fut = self._head_fut, None
         start = self.plan.head_prefetch_rows if fut is not None else 0
         parts = []
         for a in ([None] if fut is not None else []) + list(range(start, V, step)):
@@ -958,13 +961,14 @@ class StreamingTeacher:
             cap = self.plan.last_experts_per_group if last else self.plan.experts_per_group
             n = max(-(-len(used) // cap), min(self.min_expert_groups, len(used)))
             groups = [g for g in np.array_split(used, n)]
-        read0 = self.files.bytes_read
         fut = None if self.plan.resident else prefetcher.submit(self._read_rows, keys, groups[0])
         for gi, grp in enumerate(groups):
             if self.plan.resident:
                 local = np.arange(int(used.max()) + 1, dtype=np.int32)
             else:
                 w = self._to_mx(self._wait(fut))
+                # counted by what was read for this module (the head may be read meanwhile on another thread)
+                self.stats.expert_bytes_read += sum(a.nbytes for a in w.values())
                 fut = None
                 if gi + 1 < len(groups) and self.plan.prefetch_experts:
                     fut = prefetcher.submit(self._read_rows, keys, groups[gi + 1])
@@ -979,7 +983,6 @@ class StreamingTeacher:
                 if fut is None and gi + 1 < len(groups):
                     fut = prefetcher.submit(self._read_rows, keys, groups[gi + 1])
             self.stats.experts_loaded += len(grp)
-        self.stats.expert_bytes_read += self.files.bytes_read - read0
         for t, ps in zip(group, parts):
             # every (token, slot) was computed exactly once: one gather puts the rows back in order
             order = np.argsort(np.concatenate([f for f, _ in ps]))
