@@ -115,8 +115,7 @@ def test_head_read_during_last_layer_equals_reading_it_after(kimi32):
     mx.reset_peak_memory()
     out = t.logprobs_at(seqs, pos)
     assert mx.get_peak_memory() - base <= 1.1 * budget
-    for a, b in zip(out, ref):
-        np.testing.assert_array_equal(a, b)
+    _check_equal(out, ref)  # not bitwise: BLAS may sum differently for another slicing of the head
     assert t.stats.bytes_read == after.stats.bytes_read
     _check_equal(out, reference_logprobs_at(kimi32, seqs, pos))
 

@@ -10,7 +10,9 @@ executor only swaps four kinds of module for stand-ins while a call runs, found 
   in groups that fit the budget, and the module runs on each group with its indices remapped;
 - each embedding outside the layers: only the rows of the tokens present are read;
 - the LM head (`lm_head`, or a tied embedding's `as_linear`): applied only at the asked positions, its weights
-  read in vocabulary slices.
+  read in vocabulary slices, the first one on a second thread while the last layer runs.
+
+Weights are read straight into MLX buffers (`WeightFiles.read_mx`; `direct_reads=False` is the plain numpy path).
 
 Layer-major order: one chunk of sequences is split into tasks (the shared prefix, then micro-batches of similar
 length, each cut into query blocks), every task runs `model(ids, cache=...)` on its own thread, and the threads
@@ -534,8 +536,7 @@ class StreamingTeacher:
         # a small MLX buffer cache: freed buffers mostly go back to the OS (the budget is about RSS too), without
         # paying fresh page faults for every intermediate; kept across layers, so that the next layer's weights are
         # read into buffers the last one freed (fresh pages cost ~3x a reused buffer here)
-        cap = (self.memory_budget // 8) if self.memory_budget else 1 << 30
-        old_cache_limit = mx.set_cache_limit(cap)
+        old_cache_limit = mx.set_cache_limit(self._cache_limit())
         prefetcher = _Prefetcher(not self.plan.resident and (self.plan.prefetch_layers or self.plan.prefetch_experts))
         head_reader = _Prefetcher(not self.plan.resident and self.plan.head_prefetch_rows > 0)
         undo = self._swap_in()
@@ -632,10 +633,14 @@ class StreamingTeacher:
         last_group = min(experts_per_group, -(-n_experts[-1] // self.min_expert_groups)) if expert_bytes[-1] else 0
         held_last = layer_bytes[-1] + other + act + last_group * expert_bytes[-1] * (2 if pre_exp else 1)
         copies = 1 if self.direct_reads else 2  # the plain path holds the numpy read and its MLX copy
-        room = B - held_last - self.process_bytes
+        room = B - held_last - self.process_bytes - self._cache_limit()  # freed buffers MLX keeps count too
         head_prefetch = min(self.vocab_size, max(0, room) // max(1, copies * head_row)) if prefetch else 0
         return Plan(B, layer_bytes, expert_bytes, n_experts, largest, act, pre_layers, experts_per_group,
                     pre_exp, head_rows, total, False, use_deq, head_prefetch, last_group)
+
+    def _cache_limit(self) -> int:
+        """MLX's buffer cache while a call runs (freed buffers kept for reuse): an eighth of the budget."""
+        return (self.memory_budget // 8) if self.memory_budget else 1 << 30
 
     def _dequant_bytes(self, i: int) -> int:
         """Bytes of the fp32 copies of layer i's quantized linears (0 unless the model computes in fp32)."""
@@ -939,7 +944,8 @@ class StreamingTeacher:
 
     def _experts_stage(self, li: int, group: list[_Task], prefetcher: _Prefetcher) -> None:
         """One routed-experts module for every task: read only the experts some token selected, group by group,
-        and run mlx-lm's module on each group with the indices remapped to the rows installed."""
+        and run mlx-lm's module on each group with the indices remapped to the rows installed. The tokens of all
+        tasks go in one matrix, so each expert runs once per layer on every token that chose it."""
         stand_in = group[0].barrier[2][0]
         switch = stand_in.module
         xs, inds = [], []
@@ -948,11 +954,14 @@ class StreamingTeacher:
             mx.eval(x, idx)
             xs.append(x.reshape(-1, x.shape[-1]))
             inds.append(np.asarray(idx).reshape(-1, idx.shape[-1]))
-        used = np.unique(np.concatenate([i.reshape(-1) for i in inds]))
+        X = mx.concatenate(xs, axis=0) if len(xs) > 1 else xs[0]
+        I = np.concatenate(inds, axis=0) if len(inds) > 1 else inds[0]
+        del xs
+        used = np.unique(I)
         self.stats.per_layer_experts[li] = len(used)
         path = self.structure.experts[li][stand_in.slot]
         keys = self.expert_keys[li][path]
-        parts: list[list] = [[] for _ in group]  # per task: (flat (token, slot) indices, outputs) per expert run
+        parts: list = []  # (flat (token, slot) indices, outputs) per expert run
         if self.plan.resident:
             groups = [used]
         else:
@@ -976,19 +985,22 @@ class StreamingTeacher:
                 del w
                 local = np.full(int(used.max()) + 1, -1, dtype=np.int32)
                 local[grp] = np.arange(len(grp), dtype=np.int32)
-            for k, (X, I) in enumerate(zip(xs, inds)):
-                parts[k] += self._run_experts(switch, X, I, grp, local)
+            parts += self._run_experts(switch, X, I, grp, local)
             if not self.plan.resident:
                 self._restore(keys)
                 if fut is None and gi + 1 < len(groups):
                     fut = prefetcher.submit(self._read_rows, keys, groups[gi + 1])
             self.stats.experts_loaded += len(grp)
-        for t, ps in zip(group, parts):
-            # every (token, slot) was computed exactly once: one gather puts the rows back in order
-            order = np.argsort(np.concatenate([f for f, _ in ps]))
-            out = mx.concatenate([y for _, y in ps], axis=0)[mx.array(order.astype(np.int32))]
+        # every (token, slot) was computed exactly once: one gather puts the rows back in order, then each task
+        # takes its own tokens' rows
+        order = np.argsort(np.concatenate([f for f, _ in parts]))
+        out = mx.concatenate([y for _, y in parts], axis=0)[mx.array(order.astype(np.int32))]
+        mx.eval(out)
+        k, start = I.shape[1], 0
+        for t, ind in zip(group, inds):
             idx = t.barrier[2][2]
-            t.reply = out.reshape(*idx.shape, out.shape[-1])
+            t.reply = out[start * k:(start + len(ind)) * k].reshape(*idx.shape, out.shape[-1])
+            start += len(ind)
 
     def _run_experts(self, switch, X, I: np.ndarray, grp, local: np.ndarray) -> list[tuple[np.ndarray, Any]]:
         """Outputs of the experts in `grp` for the (token, slot) pairs that chose them, as (flat token x slot
