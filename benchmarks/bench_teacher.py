@@ -46,20 +46,23 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     (io wait 0.98 s), baseline executor 4.41 s (1.70x), resident 2.21 s (3.39x), peak RSS 1.05 GiB; qwen3_moe
     streamed 5.01 s (io wait 0.66 s) vs resident 2.01 s = 2.49x, peak RSS 0.92 GiB. Run-to-run spread on this
     machine is ~20%.
-    Re-measured 2026-11-30 18:51, same command, after: weights read straight into MLX buffers (no numpy copy), the
-    LM head's first rows read on a second thread while the last layer runs, each layer's experts read in >= 4
-    groups (reading one overlaps computing the previous), MLX's buffer cache kept across layers. The machine was
-    shared (load average 4-6 on 2 cores, three other jobs), so absolute times are ~2x the quiet ones; ratios are
-    within the run, fastest of 2 alternating runs each. deepseek_v3: generic streamed 7.82 s vs baseline executor
-    10.23 s = 0.76x (generic now faster), vs resident 4.52 s = 1.73x (io wait 0.51 s; 1.64 GB read from a cold
-    page cache); peak RSS 0.92 GiB (budget 1.08 GiB; baseline 0.96 GiB), peak MLX 0.58 GiB; max |diff| 2.1e-5 vs
-    baseline, same argmax, 0.0 vs resident. qwen3_moe: streamed 8.18 s vs resident 4.38 s = 1.87x (io wait 0.55 s,
-    1.47 GB read), peak RSS 0.73 GiB (budget 0.88 GiB), peak MLX 0.44 GiB, 0.0 vs resident. (A first run at 18:26
-    without the kept buffer cache, load ~4.5: 0.85x the baseline, 2.14x / 2.03x resident.) The <= 1.1x goal is
-    still not met. What is left is mostly not waiting for the disk (io wait ~0.5 s of the ~3.3 s gap); the likely
-    rest is the CPU work of streaming itself, which on 2 shared cores competes with the compute instead of running
-    beside it: reading the whole model into MLX buffers from a warm page cache ran at 0.7-0.9 GB/s on one core under
-    this load (mx.zeros alone 0.8-1.1 GB/s: MLX has no uninitialised allocation), i.e. ~2 s of CPU per call.
+    Re-measured 2026-11-30 19:03 and 19:08 (two runs), same command, after: weights read straight into MLX buffers
+    (no numpy copy), the LM head's first rows read on a second thread while the last layer runs, each layer's
+    experts read in >= 4 groups (reading one overlaps computing the previous) and run once on the tokens of all
+    tasks, MLX's buffer cache kept across layers. The machine was shared (load average 4-5 on 2 cores, three other
+    jobs): absolute times are ~2x the quiet ones and the spread between runs is large; ratios are within a run,
+    fastest of 2 alternating runs each. deepseek_v3: generic streamed 8.49 / 7.81 s vs baseline executor
+    11.57 / 9.85 s = 0.73x / 0.79x (generic now faster), vs resident 4.98 / 4.03 s = 1.71x / 1.94x (io wait
+    0.65 / 0.39 s; 1.64 GB read from a cold page cache); peak RSS 0.79 / 0.82 GiB (budget 1.08 GiB; baseline
+    1.00 / 0.96 GiB), peak MLX 0.46 GiB; max |diff| 2.1e-5 vs baseline, same argmax, 0.0 vs resident. qwen3_moe:
+    streamed 9.83 / 6.17 s vs resident 3.79 / 4.37 s = 2.59x / 1.41x (io wait 0.80 / 0.54 s, 1.47 GB read), peak
+    RSS 0.65 / 0.66 GiB (budget 0.88 GiB), peak MLX 0.34 GiB, 0.0 vs resident. (Intermediate run at 18:51, before
+    the experts ran once for all tasks: 0.76x the baseline, 1.73x / 1.87x resident.) The <= 1.1x goal is still
+    not met. What is left is mostly not waiting for the disk (io wait ~0.5 s of a ~3 s gap); the likely rest is
+    the CPU work of streaming itself, which on 2 shared cores competes with the compute instead of running beside
+    it: reading the whole model into MLX buffers from a warm page cache ran at 0.7-0.9 GB/s on one core under this
+    load (mx.zeros alone 0.8-1.1 GB/s: MLX has no uninitialised allocation), i.e. ~2 s of CPU per call; and only
+    ~45% of the LM head fits in the budget beside the last layer, the other ~55% is still read after it.
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
