@@ -392,8 +392,8 @@ def _continue_from(dst, src, batch: int) -> None:
 
 
 def _rss_outside_mlx() -> int:
-    """Resident bytes of this process not held by MLX arrays or MLX's buffer cache (Linux; 0 where /proc is absent,
-    e.g. macOS, whose unified memory MLX reports itself)."""
+    """Resident bytes of this process not held by MLX arrays or MLX's buffer cache (Linux; 0 where /proc is
+    absent)."""
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -458,8 +458,6 @@ class StreamingTeacher:
         # weights read straight into MLX buffers; False: into numpy, then copied (the plain reference path)
         self.direct_reads = direct_reads
         self.min_expert_groups = min_expert_groups
-        # this process's memory outside MLX (interpreter, libraries, tokenizer) shares the budget with the LM head
-        # read-ahead (the peak RSS is what the budget bounds); None: measured once the skeleton is built
         self.progress = progress
         self._tokenizer = None
         self._key_groups(lm.param_keys)
@@ -473,6 +471,8 @@ class StreamingTeacher:
         # frequencies...) are computed here, once
         mx.eval([v for _, m in self.model.named_modules() for k, v in m.items()
                  if k.startswith("_") and isinstance(v, mx.array)])
+        # this process's memory outside MLX (interpreter, libraries, tokenizer) shares the budget with the LM head
+        # read-ahead (the peak RSS is what the budget bounds); None: measured now, the skeleton built
         self.process_bytes = _rss_outside_mlx() if process_bytes is None else process_bytes
         self.plan = self._make_plan(prefetch)
         self.stats = StreamStats()
@@ -969,7 +969,7 @@ class StreamingTeacher:
             last = li == len(self.structure.layers) - 1 and self.plan.last_experts_per_group
             cap = self.plan.last_experts_per_group if last else self.plan.experts_per_group
             n = max(-(-len(used) // cap), min(self.min_expert_groups, len(used)))
-            groups = [g for g in np.array_split(used, n)]
+            groups = np.array_split(used, n)
         fut = None if self.plan.resident else prefetcher.submit(self._read_rows, keys, groups[0])
         for gi, grp in enumerate(groups):
             if self.plan.resident:
