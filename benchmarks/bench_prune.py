@@ -137,6 +137,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -226,7 +227,7 @@ def save_rows(out: Path, part: str, rows: list[dict], meta: dict) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_steps: int, recover_steps: int,
-              speed_prompt: int, speed_gen: int) -> list[dict]:
+              recover_lr: float, speed_prompt: int, speed_gen: int) -> list[dict]:
     task, splits, store, teacher = demo / "task", demo / "splits.json", demo / "store", demo / "models" / "teacher_4bit"
     base = {**TRAIN_DEFAULTS, **TRAIN_CONFIG, "store": str(store), "data": str(task), "splits": str(splits),
             "teacher_tokenizer": str(teacher), "steps": distil_steps, "batch_size": PRESETS["full"]["student_batch"],
@@ -239,9 +240,15 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
     calib = prune.calibration_batches(prep.train[:128], 8)
     rows = []
 
-    def train(student_dir: Path, run: Path, steps: int, seed: int) -> Path:
-        cfg = prep.cfg.replace(student=str(student_dir), out=str(run), steps=steps, seed=seed)
-        train_prepared(dataclasses.replace(prep, student_path=student_dir, cfg=cfg), cfg, progress=False)
+    def train(student_dir: Path, run: Path, steps: int, seed: int, **over) -> Path:
+        """A finished run in `run` (same settings: the directory names them) is reused, a cut one resumed."""
+        cfg = prep.cfg.replace(student=str(student_dir), out=str(run), steps=steps, seed=seed, **over)
+        if not (run / "summary.json").is_file():
+            resume = any((run / "checkpoints").glob("step_*"))
+            if run.exists() and not resume:  # this benchmark's own run, cut before its first checkpoint
+                shutil.rmtree(run)
+            train_prepared(dataclasses.replace(prep, student_path=student_dir, cfg=cfg), cfg, resume=resume,
+                           progress=False)
         return run / "best"
 
     def accuracy(model_dir: Path, adapters: Path | None = None) -> float:
@@ -258,7 +265,7 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
                                                                                   mlp_scores)
         mdir = prune_to_dir(model, config, plan, d / name, student, {"layers": layer_scores.tolist()})
         acc_pruned = accuracy(mdir)
-        rec = train(mdir, d / f"recover_{name}", recover_steps, seed)
+        rec = train(mdir, d / f"recover_{name}_lr{recover_lr:g}", recover_steps, seed, learning_rate=recover_lr)
         acc_rec = accuracy(mdir, rec)
         sp = speed(mdir, speed_prompt, speed_gen, repeats=5)  # tiny models: milliseconds per call
         rows.append({"part": "demo", "what": what, "fraction": frac, "seed": seed, "kept_layers": plan.layers,
@@ -637,6 +644,8 @@ def _parse_recover(text: str) -> list[tuple[str, float]]:
 @click.option("--distil-steps", type=int, default=PRESETS["full"]["student_steps"], show_default=True)
 @click.option("--recover-steps", type=int, default=None, help="[default: demo 50, smollm2 40]")
 @click.option("--data", default=None, help="Real CMMLU [default: $KD_MLX_CMMLU or ../shared/cmmlu]")
+@click.option("--recover-lr", type=float, default=1e-4, show_default=True,
+              help="Demo recovery learning rate (distillation: the demo's 1e-3).")
 @click.option("--train-questions", type=int, default=128, show_default=True)
 @click.option("--eval-texts", type=int, default=32, show_default=True)
 @click.option("--calib", type=int, default=6, show_default=True)
@@ -662,7 +671,7 @@ def _parse_recover(text: str) -> list[tuple[str, float]]:
 @click.option("--speed/--no-speed", "measure_speed", default=True, show_default=True, help="SmolLM2 tokens/s.")
 @click.option("--speed-prompt", type=int, default=256, show_default=True)
 @click.option("--speed-gen", type=int, default=32, show_default=True)
-def main(part, out, demo_dir, seeds, n_layers, distil_steps, recover_steps, data, train_questions, eval_texts, calib,
+def main(part, out, demo_dir, seeds, n_layers, distil_steps, recover_steps, recover_lr, data, train_questions, eval_texts, calib,
          max_len, configs, recover, lr, objectives, recover_text, top_k, kd_top_k, eval_every, eval_samples,
          sample_prefix, correct_steps, correction_lr, measure_speed, speed_prompt, speed_gen) -> None:
     out = Path(out)
@@ -672,10 +681,10 @@ def main(part, out, demo_dir, seeds, n_layers, distil_steps, recover_steps, data
         if not demo_dir:
             raise click.UsageError("--part demo needs --demo DIR (python -m kd_mlx demo --out DIR)")
         seed_list = [int(s) for s in seeds.split(",")]
-        rows = demo_part(Path(demo_dir), out, seed_list, n_layers, distil_steps, recover_steps or 50,
+        rows = demo_part(Path(demo_dir), out, seed_list, n_layers, distil_steps, recover_steps or 50, recover_lr,
                          speed_prompt, speed_gen)
         meta = {"demo": str(demo_dir), "seeds": seed_list, "layers": n_layers, "distil_steps": distil_steps,
-                "recover_steps": recover_steps or 50}
+                "recover_steps": recover_steps or 50, "recover_lr": recover_lr}
     else:
         cmmlu = Path(data or os.environ.get("KD_MLX_CMMLU", REPO.parent / "shared" / "cmmlu"))
         config_list, recover_list = _parse_recover(configs), _parse_recover(recover)
