@@ -327,6 +327,22 @@ def teacher_stats(table: dict[str, QuestionAttention], questions: list) -> dict:
     return out
 
 
+def attention_shift(trained: dict[str, QuestionAttention], init: dict[str, QuestionAttention],
+                    questions: list) -> dict:
+    """Per layer, how far training moved the teacher's answer-position attention from its initialisation (same
+    tokens): mean KL(trained ‖ init) and how often the top token is the same."""
+    out = {}
+    for layer in range(trained[questions[0].id].t_att.shape[0]):
+        kl, top = [], []
+        for q in questions:
+            t, s = trained[q.id].t_att[layer], init[q.id].t_att[layer]
+            m = t > 0
+            kl.append(float((t[m] * (np.log(t[m]) - np.log(np.maximum(s[m], 1e-12)))).sum()))
+            top.append(int(np.argmax(t) == np.argmax(s)))
+        out[f"layer{layer}"] = {"kl_trained_init": statistics.mean(kl), "top_agree": statistics.mean(top)}
+    return out
+
+
 def test_accuracy(student: Path, adapters: Path | None, data: Path, splits: Path, shots: int) -> float:
     questions, dev = select_questions(str(data), str(splits), "test")
     em = load_eval_model(str(student), str(adapters) if adapters else None, dtype="float32")
@@ -372,6 +388,14 @@ def main(demo_dir, out, seeds, weights, layers, steps):
     for split, st in t_stats.items():
         for layer, d in st.items():
             print(f"  teacher {split:5s} {layer}: " + (fmt(d) if isinstance(d, dict) else f"{d:.3f}"), flush=True)
+    init_dir = demo / "models" / "teacher_init"  # the demo teacher before its training (the demo keeps it)
+    if init_dir.is_dir():
+        init = teacher_attention(init_dir, student_tok, qs["test"], dict(cmmlu.dev), shots, max_tokens)
+        t_stats["init_test"] = teacher_stats(init, qs["test"])
+        t_stats["shift_test"] = attention_shift(table, init, qs["test"])
+        for key in ("init_test", "shift_test"):
+            for layer, d in t_stats[key].items():
+                print(f"  teacher {key} {layer}: " + (fmt(d) if isinstance(d, dict) else f"{d:.3f}"), flush=True)
     targets = AttentionTargets(table, layers)
 
     shape = summary["preset"].get("student_shape", PRESETS["full"]["student_shape"])
