@@ -360,8 +360,11 @@ def fmt(d: dict) -> str:
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--weights", default="0,1,4", show_default=True, help="Attention-KL weights (0 = the recipe alone).")
 @click.option("--layers", type=click.Choice(["last", "each"]), default="last", show_default=True)
+@click.option("--targets", "target_source", type=click.Choice(["teacher", "teacher_init"]), default="teacher",
+              show_default=True, help="Whose attention the student is pulled toward: the trained demo teacher, or "
+              "the same model before its training (a control: structured attention without the task).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps per run (default: the demo's).")
-def main(demo_dir, out, seeds, weights, layers, steps):
+def main(demo_dir, out, seeds, weights, layers, target_source, steps):
     demo, out_dir = Path(demo_dir).resolve(), Path(out).resolve()
     if out_dir == demo or demo in out_dir.parents:
         raise click.BadParameter("--out must lie outside the demo directory (its inputs are read only)")
@@ -389,14 +392,18 @@ def main(demo_dir, out, seeds, weights, layers, steps):
         for layer, d in st.items():
             print(f"  teacher {split:5s} {layer}: " + (fmt(d) if isinstance(d, dict) else f"{d:.3f}"), flush=True)
     init_dir = demo / "models" / "teacher_init"  # the demo teacher before its training (the demo keeps it)
+    if target_source == "teacher_init" and not init_dir.is_dir():
+        raise click.BadParameter(f"--targets teacher_init needs {init_dir}")
     if init_dir.is_dir():
-        init = teacher_attention(init_dir, student_tok, qs["test"], dict(cmmlu.dev), shots, max_tokens)
+        init = teacher_attention(init_dir, student_tok, [q for v in qs.values() for q in v], dict(cmmlu.dev), shots,
+                                 max_tokens)
         t_stats["init_test"] = teacher_stats(init, qs["test"])
         t_stats["shift_test"] = attention_shift(table, init, qs["test"])
         for key in ("init_test", "shift_test"):
             for layer, d in t_stats[key].items():
                 print(f"  teacher {key} {layer}: " + (fmt(d) if isinstance(d, dict) else f"{d:.3f}"), flush=True)
-    targets = AttentionTargets(table, layers)
+    # diagnostics always compare with the trained teacher's attention
+    targets = AttentionTargets(table if target_source == "teacher" else init, layers)
 
     shape = summary["preset"].get("student_shape", PRESETS["full"]["student_shape"])
     students = {s: tiny_phi_dir(out_dir / f"student_seed{s}", seed=s, **shape) for s in seed_list}
@@ -411,10 +418,10 @@ def main(demo_dir, out, seeds, weights, layers, steps):
     if log.is_file():
         for ln in log.read_text(encoding="utf-8").splitlines():
             r = json.loads(ln)
-            done[(r["seed"], r["weight"], r["layers"], r["steps"])] = r
+            done[(r["seed"], r["weight"], r["layers"], r["steps"], r.get("targets", "teacher"))] = r
     rows: dict[str, list[dict]] = {}
     for seed in seed_list:
-        key = (seed, "untrained", layers, 0)
+        key = (seed, "untrained", layers, 0, "teacher")
         if key not in done:
             em = load_eval_model(str(students[seed]), dtype="float32")
             rec = {"seed": seed, "weight": "untrained", "layers": layers, "steps": 0,
@@ -429,9 +436,9 @@ def main(demo_dir, out, seeds, weights, layers, steps):
               flush=True)
     for w in weight_list:  # weight by weight, each over all seeds: a partial run gives whole rows
         for seed in seed_list:
-            key = (seed, w, layers, steps)
+            key = (seed, w, layers, steps, target_source if w else "teacher")
             if key not in done:
-                run = out_dir / f"seed{seed}_w{w:g}_{layers}"
+                run = out_dir / (f"seed{seed}_w{w:g}_{layers}" + ("" if key[-1] == "teacher" else f"_{key[-1]}"))
                 cfg = {**base_cfg, **prep.cfg.to_dict(), "student": str(students[seed]), "seed": seed,
                        "out": str(run), "steps": steps}
                 if run.exists():  # an unfinished run (finished ones are in the log)
@@ -442,7 +449,7 @@ def main(demo_dir, out, seeds, weights, layers, steps):
                                loss=attention_kd_loss(cfg, prep.letter_ids, targets, w))
                 dt = time.perf_counter() - tic
                 em = load_eval_model(str(students[seed]), str(run / "last"), dtype="float32")
-                rec = {"seed": seed, "weight": w, "layers": layers, "steps": steps,
+                rec = {"seed": seed, "weight": w, "layers": layers, "steps": steps, "targets": key[-1],
                        "test": test_accuracy(students[seed], run / "last", data, splits, shots),
                        **compare(em.model, table, qs["test"], student_tok), "seconds": dt,
                        "peak_mlx_mib": mx.get_peak_memory() / 2**20,
@@ -452,8 +459,8 @@ def main(demo_dir, out, seeds, weights, layers, steps):
                     f.write(json.dumps(rec) + "\n")
                 done[key] = rec
             r = done[key]
-            rows.setdefault(f"w{w:g}", []).append(r)
-            print(f"seed {seed} weight {w:g}: test {r['test']:.1f}  " +
+            rows.setdefault(f"w{w:g}" + ("" if key[-1] == "teacher" else f"_{key[-1]}"), []).append(r)
+            print(f"seed {seed} weight {w:g} ({key[-1]}): test {r['test']:.1f}  " +
                   fmt({k: v for k, v in r.items() if k in ("kl_last", "top_agree", "item_mass", "gold_share")}) +
                   f"  val {r.get('val_curve')}  ({r.get('seconds', 0):.0f} s)", flush=True)
 
@@ -471,7 +478,7 @@ def main(demo_dir, out, seeds, weights, layers, steps):
     print(f"process peak RSS {rss / 2**30:.2f} GiB")
     result = {"command": " ".join(sys.argv), "machine": f"{platform.system()} {platform.machine()}",
               "teacher_test": summary["overall"]["teacher"], "teacher_attention": t_stats, "seeds": seed_list,
-              "steps": steps, "layers": layers, "recipe": TRAIN_CONFIG, "arms": table_rows, "peak_rss_bytes": rss}
+              "steps": steps, "layers": layers, "targets": target_source, "recipe": TRAIN_CONFIG, "arms": table_rows, "peak_rss_bytes": rss}
     (out_dir / "kd_attention.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out_dir / 'kd_attention.json'}")
 
