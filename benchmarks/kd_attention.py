@@ -467,6 +467,12 @@ def main(demo_dir, out, seeds, weights, layers, target_source, steps):
     print(f"\nheld-out test accuracy (%) and test-split attention agreement with the teacher (last layer), "
           f"seeds {seed_list}, {steps} steps, layers={layers}; teacher {summary['overall']['teacher']:.1f}")
     table_rows = {}
+    # every arm of this out directory's log with these seeds, layers and steps (earlier invocations included)
+    for (seed, w, lay, st, src), r in sorted(done.items(), key=lambda kv: (str(kv[0][1]), kv[0][4], kv[0][0])):
+        name = f"w{w:g}" + ("" if src == "teacher" else f"_{src}") if w != "untrained" else ""
+        if name and seed in seed_list and lay == layers and st == steps and r not in rows.setdefault(name, []):
+            rows[name].append(r)
+    rows = {arm: rs for arm, rs in rows.items() if len(rs) == len(seed_list)}
     for arm, rs in rows.items():
         m = {k: statistics.mean(r[k] for r in rs) for k in ("test", "kl_last", "top_agree", "item_mass", "gold_share")}
         sd = statistics.stdev([r["test"] for r in rs]) if len(rs) > 1 else 0.0
