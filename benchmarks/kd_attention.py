@@ -53,6 +53,15 @@ trained teacher's attention (it learned to look at the list items), not attentio
 not carry the answer (no preference for the gold kind's items). w = 4 loses the gain: the term takes most of the
 clipped (max_grad_norm 1) step and task learning slows. One task, a 2-layer pair: a default weight needs a second
 task and a deeper teacher/student pair before it enters the product.
+
+What entering the product would take (not done; kd_mlx/train and the store format are unchanged): `teacher dump
+--attention` storing per question the answer row, mean over heads, per layer (float16; Kimi-K2 61 layers x ~800
+tokens 5-shot ≈ 100 KB a question; the streaming executor runs mlx-lm's own attention modules, so the same swap of
+`scaled_dot_product_attention` records there), an identity key naming the summary; in train, the common-segment
+targets built beside `align_record_bytes` in examples.py, a loss in kd_mlx/losses.py with its reference, and keys
+`attention_weight` (0 until measured on a second task) and `attention_layers` (teacher layer -> student layer; only
+last -> last is measured). The student side should compute only the answer row, softmax(q_answer·Kᵀ), beside the
+fast SDPA: this recorder's full matrices cost 32 heads x 2048² x 4 B = 512 MB a layer a row for Phi-1.5 at 2k tokens.
 """
 
 from __future__ import annotations
