@@ -385,6 +385,13 @@ def test_accuracy(student: Path, adapters: Path | None, data: Path, splits: Path
     return float(evaluate_model(em, questions, dev, shots=shots, batch_size=16, progress=False).summary["overall"])
 
 
+def arm_name(weight, layers: str, targets: str) -> str:
+    if weight == "untrained":
+        return "untrained"
+    return (f"w{weight:g}" + (f"_{layers}" if weight and layers != "last" else "")
+            + ("" if targets == "teacher" else f"_{targets}"))
+
+
 def fmt(d: dict) -> str:
     return "  ".join(f"{k} {v:.3f}" for k, v in d.items())
 
@@ -455,26 +462,24 @@ def main(demo_dir, out, seeds, weights, layers, target_source, steps):
         for ln in log.read_text(encoding="utf-8").splitlines():
             r = json.loads(ln)
             done[(r["seed"], r["weight"], r["layers"], r["steps"], r.get("targets", "teacher"))] = r
-    rows: dict[str, list[dict]] = {}
     for seed in seed_list:
-        key = (seed, "untrained", layers, 0, "teacher")
+        key = (seed, "untrained", "last", 0, "teacher")  # no attention term: the same for any --layers
         if key not in done:
             em = load_eval_model(str(students[seed]), dtype="float32")
-            rec = {"seed": seed, "weight": "untrained", "layers": layers, "steps": 0,
+            rec = {"seed": seed, "weight": "untrained", "layers": "last", "steps": 0,
                    "test": test_accuracy(students[seed], None, data, splits, shots),
                    **compare(em.model, table, qs["test"], student_tok)}
             with open(log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             done[key] = rec
-        rows.setdefault("untrained", []).append(done[key])
         print(f"seed {seed} untrained: test {done[key]['test']:.1f}  " +
               fmt({k: v for k, v in done[key].items() if k in ("kl_last", "top_agree", "item_mass", "gold_share")}),
               flush=True)
     for w in weight_list:  # weight by weight, each over all seeds: a partial run gives whole rows
         for seed in seed_list:
-            key = (seed, w, layers, steps, target_source if w else "teacher")
+            key = (seed, w, layers if w else "last", steps, target_source if w else "teacher")
             if key not in done:
-                run = out_dir / (f"seed{seed}_w{w:g}_{layers}" + ("" if key[-1] == "teacher" else f"_{key[-1]}"))
+                run = out_dir / f"seed{seed}_{arm_name(*key[1:3], key[4])}"
                 cfg = {**base_cfg, **prep.cfg.to_dict(), "student": str(students[seed]), "seed": seed,
                        "out": str(run), "steps": steps}
                 if run.exists():  # an unfinished run (finished ones are in the log)
@@ -485,7 +490,7 @@ def main(demo_dir, out, seeds, weights, layers, target_source, steps):
                                loss=attention_kd_loss(cfg, prep.letter_ids, targets, w))
                 dt = time.perf_counter() - tic
                 em = load_eval_model(str(students[seed]), str(run / "last"), dtype="float32")
-                rec = {"seed": seed, "weight": w, "layers": layers, "steps": steps, "targets": key[-1],
+                rec = {"seed": seed, "weight": w, "layers": key[2], "steps": steps, "targets": key[-1],
                        "test": test_accuracy(students[seed], run / "last", data, splits, shots),
                        **compare(em.model, table, qs["test"], student_tok), "seconds": dt,
                        "peak_mlx_mib": mx.get_peak_memory() / 2**20,
@@ -495,32 +500,35 @@ def main(demo_dir, out, seeds, weights, layers, target_source, steps):
                     f.write(json.dumps(rec) + "\n")
                 done[key] = rec
             r = done[key]
-            rows.setdefault(f"w{w:g}" + ("" if key[-1] == "teacher" else f"_{key[-1]}"), []).append(r)
-            print(f"seed {seed} weight {w:g} ({key[-1]}): test {r['test']:.1f}  " +
+            print(f"seed {seed} {arm_name(*key[1:3], key[4])}: test {r['test']:.1f}  " +
                   fmt({k: v for k, v in r.items() if k in ("kl_last", "top_agree", "item_mass", "gold_share")}) +
                   f"  val {r.get('val_curve')}  ({r.get('seconds', 0):.0f} s)", flush=True)
 
     print(f"\nheld-out test accuracy (%) and test-split attention agreement with the teacher (last layer), "
           f"seeds {seed_list}, {steps} steps, layers={layers}; teacher {summary['overall']['teacher']:.1f}")
     table_rows = {}
-    # every arm of this out directory's log with these seeds, layers and steps (earlier invocations included)
-    for (seed, w, lay, st, src), r in sorted(done.items(), key=lambda kv: (str(kv[0][1]), kv[0][4], kv[0][0])):
-        name = f"w{w:g}" + ("" if src == "teacher" else f"_{src}") if w != "untrained" else ""
-        if name and seed in seed_list and lay == layers and st == steps and r not in rows.setdefault(name, []):
-            rows[name].append(r)
+    # every arm of this out directory's log with these seeds and steps (earlier invocations included)
+    rows = {}
+    order = sorted(done, key=lambda k: (k[1] != "untrained", str(k[1]), k[2:], k[0]))  # untrained first
+    for seed, w, lay, st, src in order:
+        r = done[(seed, w, lay, st, src)]
+        if seed in seed_list and st in (0, steps):
+            rows.setdefault(arm_name(w, lay, src), []).append(r)
     rows = {arm: rs for arm, rs in rows.items() if len(rs) == len(seed_list)}
     for arm, rs in rows.items():
         m = {k: statistics.mean(r[k] for r in rs) for k in ("test", "kl_last", "top_agree", "item_mass", "gold_share")}
         sd = statistics.stdev([r["test"] for r in rs]) if len(rs) > 1 else 0.0
         table_rows[arm] = {**m, "test_std": sd, "per_seed": [r["test"] for r in rs]}
-        print(f"  {arm:10s} test {m['test']:5.1f} ± {sd:4.1f} (per seed {', '.join(f'{x:.1f}' for x in table_rows[arm]['per_seed'])})"
+        per_seed = ", ".join(f"{x:.1f}" for x in table_rows[arm]["per_seed"])
+        print(f"  {arm:16s} test {m['test']:5.1f} ± {sd:4.1f} (per seed {per_seed})"
               f"  KL {m['kl_last']:.3f}  top-seg agree {m['top_agree']:.3f}  item mass {m['item_mass']:.3f}  "
               f"gold share {m['gold_share']:.3f}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     print(f"process peak RSS {rss / 2**30:.2f} GiB")
     result = {"command": " ".join(sys.argv), "machine": f"{platform.system()} {platform.machine()}",
               "teacher_test": summary["overall"]["teacher"], "teacher_attention": t_stats, "seeds": seed_list,
-              "steps": steps, "layers": layers, "targets": target_source, "recipe": TRAIN_CONFIG, "arms": table_rows, "peak_rss_bytes": rss}
+              "steps": steps, "layers": layers, "targets": target_source, "recipe": TRAIN_CONFIG, "arms": table_rows,
+              "peak_rss_bytes": rss}
     (out_dir / "kd_attention.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out_dir / 'kd_attention.json'}")
 

@@ -29,7 +29,8 @@ _spec.loader.exec_module(kd_attention)
 def test_attention_probs_times_values_equals_fast_sdpa(mask_kind, kv_heads):
     mx.random.seed(0)
     B, H, L, D = 2, 4, 7, 8
-    q, k, v = mx.random.normal((B, H, L, D)), mx.random.normal((B, kv_heads, L, D)), mx.random.normal((B, kv_heads, L, D))
+    q = mx.random.normal((B, H, L, D))
+    k, v = mx.random.normal((B, kv_heads, L, D)), mx.random.normal((B, kv_heads, L, D))
     mask = {"causal": "causal", "none": None,
             "bool": mx.random.uniform(shape=(B, 1, L, L)) > 0.3,
             "additive": mx.random.normal((B, H, L, L))}[mask_kind]
@@ -80,5 +81,6 @@ def test_attention_kl_hand_computed():
     t = mx.array([[0.7, 0.3, 0.0], [0.5, 0.5, 0.9]])
     s = mx.array([[0.5, 0.25, 0.25], [0.25, 0.75, 0.0]])
     valid = mx.array([[True, True, True], [True, True, False]])  # the 0.9 is padding
-    want = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.25) + 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    want = (0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.25)
+            + 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75))
     assert abs(kd_attention.attention_kl(s, t, valid).item() - want) < 1e-6
