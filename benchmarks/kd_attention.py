@@ -45,19 +45,20 @@ characters; share of the item mass on the gold kind's items 0.65 / 0.67 against 
 characters; top segment 0.41 of the last layer's mass. Before its training (teacher_init): item mass 0.18 / 0.16,
 top segment 0.13; KL(trained ‖ init) 2.8 / 4.4, top token the same on 2% / 0% of questions. The recipe alone
 reproduces benchmarks/kd_effect.py's demo-default row exactly (71.1 / 65.0 / 54.4; its attention runs through the
-recorder too, w = 0). 150 steps took 168-285 s per run (load 3-5); peak MLX memory 71 MiB in every arm (the
+recorder too, w = 0). 150 steps took 168-285 s per run (machine load 3-6); peak MLX memory 71 MiB in every arm (the
 explicit attention of 16 x 4 heads x ~190² is ~10 MB a layer), process peak RSS 0.58 GiB.
 
 Reading: w = 1 gains 8.7 points (paired +5.6 / +8.3 / +12.3, 3 of 3 seeds); the control's +0.8 says the gain is the
 trained teacher's attention (it learned to look at the list items), not attention regularisation as such; it does
-not carry the answer (no preference for the gold kind's items). w = 4 loses the gain: the term takes most of the
-clipped (max_grad_norm 1) step and task learning slows. One task, a 2-layer pair: a default weight needs a second
+not carry the answer (no preference for the gold kind's items). w = 4 loses the gain, and task learning is slower
+(validation 25% at step 50 on seed 1); a likely cause, not measured: the term takes most of the clipped
+(max_grad_norm 1) step. One task, a 2-layer pair: a default weight needs a second
 task and a deeper teacher/student pair before it enters the product.
 
 What entering the product would take (not done; kd_mlx/train and the store format are unchanged): `teacher dump
 --attention` storing per question the answer row, mean over heads, per layer (float16; Kimi-K2 61 layers x ~800
-tokens 5-shot ≈ 100 KB a question; the streaming executor runs mlx-lm's own attention modules, so the same swap of
-`scaled_dot_product_attention` records there), an identity key naming the summary; in train, the common-segment
+tokens 5-shot ≈ 100 KB a question; the streaming executor runs mlx-lm's own layer modules inside its stand-ins, so
+the same swap should record there, one list per task thread: not tried), an identity key naming the summary; in train, the common-segment
 targets built beside `align_record_bytes` in examples.py, a loss in kd_mlx/losses.py with its reference, and keys
 `attention_weight` (0 until measured on a second task) and `attention_layers` (teacher layer -> student layer; only
 last -> last is measured). The student side should compute only the answer row, softmax(q_answer·Kᵀ), beside the
