@@ -345,7 +345,9 @@ def item_stats(text: str, att: np.ndarray, offsets: list[tuple[int, int]], gold:
             "gold_share": chars[gold_on].sum() / max(item_mass, 1e-12), "gold_chars": gold_on.sum() / on.sum()}
 
 
-def student_segments(model: nn.Module, table: dict[str, QuestionAttention], qids: list[str]) -> list[np.ndarray]:
+def student_segments(model: nn.Module, table: dict[str, QuestionAttention],
+                     qids: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The student's answer-position attention per question: on the common segments, and per student token."""
     atts = answer_attention(model, [table[q].s_ids for q in qids])
     return [segment_mass(a, table[q].s_seg, table[q].target.shape[1]) for q, a in zip(qids, atts)], atts
 
