@@ -10,12 +10,13 @@ What it does, in order (every pipeline step is printed as the command a user wou
    default): which kind is most frequent; `missing` (a second skill, for checking that the recipe carries over):
    which kind does not occur. Every question is a new list, so a held-out question needs the skill, not memory.
    With the preset key `transfer_factor` > 0 it also writes a transfer set (`task/transfer/`, Answer empty) that
-   the teacher labels and the student learns from the teacher only (0 by default: with this 61% teacher a 4x
-   transfer set measured 60.6% vs 63.5% without it, mean of 3 seeds, at 4.4x the dump; benchmarks/kd_effect.py);
+   the teacher labels and the student learns from the teacher only (0 by default: a 4x transfer set measured
+   67.0% vs 70.4% without it at equal steps, mean of 3 student seeds, at 4.4x the dump; benchmarks/kd_effect.py);
 2. `python -m kd_mlx.data split` -> splits.json (train/val/test);
 3. **demo set-up** (not part of the pipeline): a tiny Kimi-K2-shaped teacher (deepseek_v3 architecture: MLA,
-   routed + shared experts; Kimi-format tokenizer from the real cl100k file) is *trained on the train split first*
-   (plain MLX full fine-tuning of the answer letter; `teacher_lm_weight` > 0 adds the prompt's next tokens, so the
+   routed + shared experts; Kimi-format tokenizer from the real cl100k file) is *trained first on questions of its
+   own* (`teacher_questions`: generated, none in the task, so it knows more than the student's labels teach; plain
+   MLX full fine-tuning of the answer letter; `teacher_lm_weight` > 0 adds the prompt's next tokens, so the
    teacher's distributions over the question text carry knowledge too) so that it has something to teach, then
    quantized to 4 bits and written with mlx-lm's `save_model`; the student is a tiny Phi-shaped model (random
    init, Phi-1.5's real GPT-2 BPE tokenizer);
@@ -25,17 +26,15 @@ What it does, in order (every pipeline step is printed as the command a user wou
 Artifacts: OUT/task, OUT/splits.json, OUT/models/{teacher_4bit,student}, OUT/store, OUT/run, OUT/results/*,
 OUT/report/report.md, OUT/demo.json (figures and seconds per stage).
 
-Measured 2026-11-30 (Linux x86_64, 2 cores, MLX CPU + OpenBLAS), default run (majority task, seed 0; recipe:
-full fine-tuning, lr 1e-3, 150 steps of 16, answer-KL T=2 + 0.5 x gold CE over A-D + 0.1 x token KD at the answer
-position): held-out test accuracy (180 questions) teacher 61.1% | student baseline 22.8% | distilled 70.0% (1.15 x
-the teacher: the student also learns from the gold labels and goes past its 61% teacher; validation 53.3% -> 61.7%
--> 61.7%, best checkpoint at step 100). 637 s wall on a machine shared with other jobs (load 6-14; split 2 s, set-up
-177 s, dump 51 s, train 391 s, three evals 15 s, report 1 s). Not timed alone: the previous recipe's run (100 steps
-of 8, `--task missing`, beside one other job) took 121 s with set-up 40 s, dump 17 s, train 52 s; this one trains
-3x the examples: an estimated ~4 min in all. `--quick` (the CI test; 400 questions, same recipe): teacher
-52.5% | baseline 25.0% | distilled 65.0% (120 test questions; validation 32.5% -> 60.0% -> 52.5%). Across student
-seeds and on the second skill see benchmarks/kd_effect.py: the recipe learns on 3 of 3 student seeds of both tasks
-(majority 63.5%, missing 53.9% mean), and gold CE alone does better than distillation from this 61% teacher.
+Measured 2026-11-30 (Linux x86_64, 2 cores, MLX CPU + OpenBLAS), default run (majority task, seed 0; teacher: 600
+steps on 4,000 questions of its own at lr 3e-4; student recipe: full fine-tuning, lr 1e-3, 150 steps of 16,
+answer-KL T=2 + 0.5 x gold CE over A-D + 0.1 x token KD at the answer position): held-out test accuracy (180
+questions) teacher 81.7% | student baseline 22.8% | distilled 70.6% (0.86 x the teacher, 81% of the gap; validation
+65.0% -> 76.7% -> 78.3%, best checkpoint at the last evaluation). `--task missing` with the same defaults: teacher
+83.9% | baseline 27.8% | distilled 72.2%. `--quick` (the CI test; 400 questions): teacher 83.3% | baseline 25.0% |
+distilled 64.2% (120 test questions; validation 60.0% -> 67.5% -> 67.5%). Wall time: see README (measured alone).
+Across student seeds see benchmarks/kd_effect.py: distillation closes ~80% of the gap on 3 of 3 seeds, and gold CE
+alone (79.2%) still does better than distillation from this teacher (70.4%).
 """
 
 from __future__ import annotations
