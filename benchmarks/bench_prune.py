@@ -10,11 +10,11 @@ Both parts append their rows to OUT/bench_prune.json (one row per model: part, w
 prompt/generation tokens/s, peak memory, and accuracy or bits per byte before/after recovery).
 
 Part 1, demo task (held-out accuracy). The demo's task, splits, 4-bit teacher and answer-position store; the
-student is the demo's tiny Phi shape made 8 layers deep (so that 25 % of the layers is 2 layers), distilled with
+student is the demo's tiny Phi shape made `--layers` deep (4: 25 % of the layers is one layer), distilled with
 `kd_mlx.train` on the demo's settings (full fine-tuning, answer-KL + CE). The distilled student is pruned by
 `kd_mlx.prune` (importance on the train split) at 25 / 50 % of the layers and of the MLP width, scored on the
-test split, then recovered with `kd_mlx.train --student PRUNED` from the same store (same settings,
-`--recover-steps`) and scored again. The 0 % row gets the same recovery steps (the control: is the gain from the
+test split, then recovered with `kd_mlx.train --student PRUNED` from the same store (same settings but
+`--recover-steps` at `--recover-lr`) and scored again. The 0 % row gets the same recovery steps (the control: is the gain from the
 extra training alone?). Seeds: every seed makes its own student (init, distillation and recovery order); the
 0 % and 25 %-layers configurations run on every seed first, then the others on the first seed.
 
@@ -641,8 +641,9 @@ def _parse_recover(text: str) -> list[tuple[str, float]]:
 @click.option("--out", type=click.Path(), required=True, help="Output directory (bench_prune.json + models).")
 @click.option("--demo", "demo_dir", type=click.Path(), help="A `python -m kd_mlx demo --out DIR` directory (part demo).")
 @click.option("--seeds", default="0,1,2", show_default=True)
-@click.option("--layers", "n_layers", type=int, default=8, show_default=True, help="Demo student depth.")
-@click.option("--distil-steps", type=int, default=PRESETS["full"]["student_steps"], show_default=True)
+@click.option("--layers", "n_layers", type=int, default=4, show_default=True, help="Demo student depth.")
+@click.option("--distil-steps", type=int, default=300, show_default=True,
+              help="Demo distillation steps (a 4-layer student needs more than the demo's 150).")
 @click.option("--recover-steps", type=int, default=None, help="[default: demo 50, smollm2 40]")
 @click.option("--data", default=None, help="Real CMMLU [default: $KD_MLX_CMMLU or ../shared/cmmlu]")
 @click.option("--recover-lr", type=float, default=1e-4, show_default=True,
