@@ -65,8 +65,11 @@ Reading: w = 1 gains 8.7 points with the 61% teacher (paired +5.6 / +8.3 / +12.3
 does not explain it (with the 81.7% teacher the recipe's student already has more mass on the items than the
 teacher); the pattern does not carry the answer (no preference for the gold kind's items). w = 4 (measured with the
 61% teacher only) loses the gain, and task learning is slower (validation 25% at step 50 on seed 1); a likely cause,
-not measured: the term takes most of the clipped (max_grad_norm 1) step. One task, a 2-layer pair, two weights: a
-default weight needs another task and a deeper teacher/student pair before it enters the product.
+not measured: the term takes most of the clipped (max_grad_norm 1) step. The second skill does NOT confirm it
+(`--task missing` demo, seed 0, main's defaults: teacher 83.9%; `--weights 0,1`): recipe 72.2 / 57.2 / 56.7 (62.0),
+w = 1 59.4 / 61.7 / 66.1 (62.4), paired -12.8 / +4.5 / +9.4, with the student's attention moved to the teacher's
+(KL 9.18 -> 0.50, top segment 0.00 -> 0.42). So w = 1 is no default: a weight needs more tasks and a deeper
+teacher/student pair before it enters the product.
 
 What entering the product would take (not done; kd_mlx/train and the store format are unchanged): `teacher dump
 --attention` storing per question the answer row, mean over heads, per layer (float16; Kimi-K2 61 layers x ~800
