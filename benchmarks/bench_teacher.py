@@ -63,6 +63,12 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     it: reading the whole model into MLX buffers from a warm page cache ran at 0.7-0.9 GB/s on one core under this
     load (mx.zeros alone 0.8-1.1 GB/s: MLX has no uninitialised allocation), i.e. ~2 s of CPU per call; and only
     ~45% of the LM head fits in the budget beside the last layer, the other ~55% is still read after it.
+    Re-run on a QUIET machine (20:23, load 0.3, nothing else running; same command): deepseek_v3 generic streamed
+    5.22 s vs baseline executor 9.17 s = 0.57x, vs resident 3.31 s = 1.57x (io wait 0.43 s, 1.64 GB read); peak RSS
+    0.79 GiB (budget 1.08 GiB; baseline 1.00 GiB), peak MLX 0.46 GiB; max |diff| 2.1e-5 vs baseline, same argmax,
+    0.0 vs resident. qwen3_moe: 6.36 s vs resident 2.69 s = 2.37x (io wait 0.48 s), peak RSS 0.65 GiB (budget
+    0.88 GiB). The baseline's 9.17 s here vs 4.41 s in the quiet run of the session before (same sources) says how
+    far single cold-cache runs spread on this machine; the ratios are within one run.
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
