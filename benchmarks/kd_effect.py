@@ -30,12 +30,15 @@ Held-out test accuracy (%) per student seed (0 / 1 / 2), last-step adapters.
 seed 0 demo: teacher 81.7% test; student baselines 22.8 / 19.4 / 25.0):
 
     python benchmarks/kd_effect.py --demo DEMO --seeds 0,1,2 --arms ce,recipe,transfer4x,transfer1x
+    python benchmarks/kd_effect.py --demo DEMO --seeds 0,1,2 --arms answer_kl_T1,recipe_ce1      (machine idle)
 
     majority task, teacher 81.7         seed 0   seed 1   seed 2   mean
       gold CE only (360 labels)           80.0     83.3     74.4     79.2
       recipe (the demo default)           70.6     74.4     66.1     70.4   = 0.86 x teacher, 81% of the gap
       recipe + 1x transfer set            66.7     70.0     74.4     70.4   (720 questions)
       recipe + 4x transfer set            68.3     68.9     63.9     67.0   (1,800 questions, same 150 steps)
+      recipe, CE weight 1 (recipe_ce1)    77.8     75.0     65.0     72.6   (not confirmed on a second task)
+      answer-KL only, T=1 (answer_kl_T1)  66.1     65.0     65.0     65.4
 
 The `--task missing` demo (seed 0; the default recipe and teacher settings, not tuned on it): teacher 83.9 |
 baseline 27.8 | distilled 72.2 (0.86 x the teacher, 80% of the gap).
@@ -48,8 +51,10 @@ steps (1x: 70.4, 4x: 67.0, vs 70.4 without): with 4x every question is seen 1.3 
 labels are the teacher's. What does help: the teacher's attention (benchmarks/kd_attention.py, same demo, 3 seeds):
 the recipe + KL toward the teacher's answer-position attention over the common byte segments, weight 1, reaches
 78.0 (+7.6 on 3 of 3 seeds; toward the untrained teacher's attention: 67.4), within noise of gold CE.
-Next: a teacher decisively better than what the labels teach (e.g. trained embeddings: 0.28 s per step instead of
-0.11 s, not affordable in the demo's 5 minutes here), more steps with the transfer set, answer-KL at T=1.
+More gold CE in the recipe (weight 1 instead of 0.5) is +2.2 on average (seed 2 unchanged); the teacher alone at
+T=1 (no CE) gives 65.4. Next: a teacher decisively better than what the labels teach (e.g. trained embeddings:
+0.28 s per step instead of 0.11 s, not affordable in the demo's 5 minutes here), more steps with the transfer set,
+CE weight 1 checked on the missing task.
 
 (2) The recipe search (demo directories whose teacher was trained on the same 360 questions: majority teacher
 61.1%, missing 58.9%; baselines majority 22.8 / 19.4 / 25.0, missing 27.8 / 21.1 / 24.4; "t4" = a 4x transfer
