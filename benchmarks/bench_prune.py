@@ -165,8 +165,8 @@ from kd_mlx.teacher.dump import dump_store, dump_texts  # noqa: E402
 from kd_mlx.teacher.streaming import StreamingTeacher  # noqa: E402
 from kd_mlx.testing.models import smollm2_fp32_dir, tiny_phi_dir  # noqa: E402
 from kd_mlx.tokenizer import load_tokenizer  # noqa: E402
-from kd_mlx.train.run import DEFAULTS as TRAIN_DEFAULTS, prepare, train_prepared  # noqa: E402
-from kd_mlx.utils import write_json_atomic  # noqa: E402
+from kd_mlx.train.run import DEFAULTS as TRAIN_DEFAULTS, prepare, read_run_config, train_prepared  # noqa: E402
+from kd_mlx.utils import KDError, write_json_atomic  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -242,8 +242,14 @@ def demo_part(demo: Path, out: Path, seeds: list[int], n_layers: int, distil_ste
     rows = []
 
     def train(student_dir: Path, run: Path, steps: int, seed: int, **over) -> Path:
-        """A finished run in `run` (same settings: the directory names them) is reused, a cut one resumed."""
+        """A finished run in `run` made with the same settings is reused, a cut one resumed; one made with other
+        settings (another --distil-steps, say) is refused, never reused or removed."""
         cfg = prep.cfg.replace(student=str(student_dir), out=str(run), steps=steps, seed=seed, **over)
+        if (run / "config.json").is_file():
+            recorded, wanted = read_run_config(run), cfg.to_dict()
+            differ = sorted(k for k in wanted if k in recorded and k != "out" and recorded[k] != wanted[k])
+            if differ:
+                raise KDError(f"{run} holds a run made with other settings ({', '.join(differ)}): use another --out")
         if not (run / "summary.json").is_file():
             resume = any((run / "checkpoints").glob("step_*"))
             if run.exists() and not resume:  # this benchmark's own run, cut before its first checkpoint
