@@ -373,7 +373,7 @@ def letter_accuracy(model, seqs: list[list[int]], golds: list[int], letter_ids: 
 
 
 def train_letter_model(model, seqs: list[list[int]], golds: list[int], letter_ids: list[int], *, steps: int,
-                       batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0, lm_weight: float = 0.0,
+                       learning_rate: float, batch_size: int = 16, seed: int = 0, lm_weight: float = 0.0,
                        lm_positions: int = 16, train_embeddings: bool = False, log_every: int = 0,
                        log=print) -> list[float]:
     """Plain MLX full fine-tuning of the demo teacher: cross-entropy of the gold letter (over the four letter
