@@ -130,6 +130,7 @@ ARMS: dict[str, dict] = {
     "transfer1x": {"store": "transfer1x", "transfer_split": "transfer"},
     "transfer2x": {"store": "transfer2x", "transfer_split": "transfer"},
     "transfer4x": {"store": "transfer4x", "transfer_split": "transfer"},
+    "transfer16x": {"store": "transfer16x", "transfer_split": "transfer"},
 }
 DEFAULT_ARMS = ("recipe", "transfer0", "ce")  # the demo recipe, without its transfer set, gold labels alone
 
@@ -179,10 +180,13 @@ def mean_std(v: list[float]) -> str:
 @click.option("--arm", "extra_arms", multiple=True, help="Extra arm NAME:key=value,... over the recipe.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps per arm (default: the demo's).")
 @click.option("--eval-every", type=int, default=25, show_default=True, help="Validation every N steps (curve).")
-@click.option("--out", default=None, help="Where runs and kd_effect.json go (default DEMO/kd_effect).")
-def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
+@click.option("--labels", type=int, default=0, show_default=True,
+              help="Scarce labels: keep only N gold-labelled train questions per subject (0: the whole train "
+                   "split); transfer sets are then N x factor per subject.")
+@click.option("--out", default=None, help="Where runs and kd_effect.json go (default DEMO/kd_effect[_labelsN]).")
+def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, labels, out):
     demo = Path(demo_dir).resolve()
-    out_dir = Path(out).resolve() if out else demo / "kd_effect"
+    out_dir = Path(out).resolve() if out else demo / ("kd_effect" + (f"_labels{labels}" if labels else ""))
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = json.loads((demo / "demo.json").read_text(encoding="utf-8"))
     data, splits, teacher = demo / "task", demo / "splits.json", demo / "models" / "teacher_4bit"
@@ -197,14 +201,18 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
     student_dir = demo / "models" / "student"  # its tokenizer: the dumps keep exact class masses for it
 
     def store_for(kind: str) -> tuple[Path, Path, Path]:
+        if labels and kind == "answer":  # the scarce-label task without a transfer set
+            kind = "transfer0x"
         if kind not in stores:
+            if labels and not kind.startswith("transfer"):
+                raise click.BadParameter(f"--labels: store kind {kind!r} is not made for the scarce-label task")
             if kind == "question":  # token-level KD needs the question positions: dumped once
                 stores[kind] = (dump(teacher, data, splits, "train,val", shots, "question", student_dir,
                                      out_dir / "store_question"), data, splits)
             elif kind.startswith("transfer"):
                 factor = int(kind.removeprefix("transfer").removesuffix("x"))
                 t_data, t_splits = write_transfer_task(data, splits, out_dir / kind, factor,
-                                                       seed=1000 + int(summary["seed"]))
+                                                       seed=1000 + int(summary["seed"]), labels=labels)
                 stores[kind] = (dump(teacher, t_data, t_splits, "train,val" + (",transfer" if factor else ""),
                                      shots, "answer", student_dir, out_dir / kind / "store"), t_data, t_splits)
             else:
@@ -272,7 +280,8 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, out):
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     print(f"process peak RSS {rss / 2**30:.2f} GiB")
     result = {"command": " ".join(sys.argv), "machine": f"{platform.system()} {platform.machine()}",
-              "teacher_test": teacher_acc, "seeds": seed_list, "steps": steps, "recipe": TRAIN_CONFIG,
+              "teacher_test": teacher_acc, "labels_per_subject": labels or None, "seeds": seed_list,
+              "steps": steps, "recipe": TRAIN_CONFIG,
               "student_shape": shape,
               "arms": info, "accuracy": rows, "peak_rss_bytes": rss}
     (out_dir / "kd_effect.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

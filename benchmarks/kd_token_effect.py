@@ -128,20 +128,30 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
     print(f"teacher store: {len(store)} texts, {store.manifest['num_positions']} top-{top_k} rows, dump {dump_s:.0f} s",
           flush=True)
 
-    def examples(tok, vmap=None, align="bytes", exact=True, context=True, texts=train_texts, with_kd=True):
+    def examples(tok, vmap=None, align="bytes", exact=True, context=True, texts=train_texts, with_kd=True,
+                 thin_to=None):
         st = store if with_kd else None
         if st is not None and not exact:
             st = {i: _without_class_mass(store[i]) for i in ids}
         exs = text_examples(texts, tok, st, ids, vmap, align, temperature)
         if st is not None and not context:  # the same rows without the context check
             exs = _no_context_check(exs, texts, tok, st, ids, vmap, temperature)
+        if st is not None and thin_to is not None:
+            _thin_rows(exs, thin_to(), seed)
         return exs
+
+    def cross_coverage() -> float:  # KD rows per student token of the cross-tokenizer (bytes) arm
+        exs = examples(gpt2, cross)
+        return sum(len(e.kd_pos) for e in exs if e.kd_pos is not None) / sum(len(e.ids) - 1 for e in exs)
 
     arms = [("gpt2", "CE", dict(with_kd=False)), ("gpt2", "CE+KD bytes", {}), ("gpt2", "CE+KD chars", dict(align="chars")),
             ("smol", "CE", dict(with_kd=False)), ("smol", "CE+KD", {})]
     if diagnostics:
         arms += [("gpt2", "CE+KD bytes, top-k sums only", dict(exact=False)),
-                 ("gpt2", "CE+KD bytes, no context check", dict(context=False))]
+                 ("gpt2", "CE+KD bytes, no context check", dict(context=False)),
+                 # what coverage alone costs: same-tokenizer KD on a random subset of its rows, as many per token as
+                 # the cross-tokenizer arm has (a ratio near this arm's means the lost rows are the loss)
+                 ("smol", "CE+KD, rows thinned to cross coverage", dict(thin_to=cross_coverage))]
     if only:
         arms = [arms[int(i)] for i in only.split(",")]
     held = {"gpt2": examples(gpt2, with_kd=False, texts=eval_texts), "smol": examples(smol, with_kd=False,
@@ -187,6 +197,20 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"\nwall {summary['wall_s']:.0f} s (dump {dump_s:.0f} s); MLX peak {summary['peak_memory_gb']:.2f} GB, "
           f"peak RSS {summary['peak_rss_gb']:.2f} GB; {out / 'results.json'}")
+
+
+def _thin_rows(exs, rows_per_token: float, seed: int) -> None:
+    """Keep a random `rows_per_token` share of each example's KD rows (at least one row per kept example)."""
+    rng = np.random.default_rng(seed)
+    n_rows = sum(len(e.kd_pos) for e in exs if e.kd_pos is not None)
+    n_tok = sum(len(e.ids) - 1 for e in exs)
+    keep_frac = min(1.0, rows_per_token * n_tok / max(1, n_rows))
+    for e in exs:
+        if e.kd_pos is None or not len(e.kd_pos):
+            continue
+        keep = np.sort(rng.permutation(len(e.kd_pos))[:max(1, round(keep_frac * len(e.kd_pos)))])
+        e.kd_pos, e.kd_ids, e.kd_probs = e.kd_pos[keep], e.kd_ids[keep], e.kd_probs[keep]
+        e.kd_rest = None if e.kd_rest is None else e.kd_rest[keep]
 
 
 def _without_class_mass(rec):

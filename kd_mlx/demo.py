@@ -260,11 +260,13 @@ def transfer_items(seed: int, per_subject: int, kinds: tuple[str, ...],
             for subject, items in fresh_items(seed, per_subject, kinds, exclude, "transfer").items()}
 
 
-def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor: int, seed: int) -> tuple[Path, Path]:
+def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor: int, seed: int,
+                        labels: int = 0) -> tuple[Path, Path]:
     """A copy of a written task (dev/, test/ as they are; a transfer set it has is not copied) with a transfer set
     of `factor` x the train split's size per subject in `transfer/` (answers empty), and its splits.json:
     train/val/test exactly the original's, plus the split "transfer". Returns (task dir, splits.json). `factor` 0:
-    the copy has no transfer set."""
+    the copy has no transfer set. `labels` > 0: the scarce-label setting: the train split keeps only its first
+    `labels` questions per subject (id order; the rest belong to no split) and the transfer set is `factor` x that."""
     out_task = Path(out_dir) / "task"
     if out_task.resolve() == Path(data_dir).resolve() or \
             (Path(out_dir) / "splits.json").resolve() == Path(splits_path).resolve():
@@ -272,6 +274,11 @@ def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor
     cmmlu = load_cmmlu(data_dir)
     splits = load_splits(splits_path)
     train = split_questions(cmmlu, splits, "train")
+    if labels:
+        kept = {s: [q for q in train if q.subject == s][:labels] for s in cmmlu.subjects}
+        if any(len(qs) < labels for qs in kept.values()):
+            raise KDError(f"write_transfer_task: labels={labels} but a subject's train split has fewer questions")
+        train = [q for qs in kept.values() for q in qs]
     kinds = tuple(k for k, (subject, _) in TASK_KINDS.items() if subject in cmmlu.subjects)
     for split, part in (("dev", cmmlu.dev), ("test", cmmlu.test)):
         for subject, qs in part.items():
@@ -288,6 +295,11 @@ def write_transfer_task(data_dir: Path, splits_path: Path, out_dir: Path, factor
     grown = make_splits(load_cmmlu(out_task), seed=int(splits["seed"]), val=f["val"], test=f["test"])
     if any(grown[s] != splits[s] for s in ("train", "val", "test")):
         raise KDError(f"{splits_path} was not made by `kd_mlx.data split` from {data_dir} (its splits differ)")
+    if labels:
+        grown["train"] = sorted(q.id for q in train)
+        for subject, c in grown["counts"].items():
+            c["train"] = sum(q.subject == subject for q in train)
+        grown["n_questions"] = sum(len(grown[s]) for s in ("train", "val", "test"))
     write_json_atomic(Path(out_dir) / "splits.json", grown)
     return out_task, Path(out_dir) / "splits.json"
 

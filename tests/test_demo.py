@@ -119,6 +119,25 @@ def test_transfer_task_copy_keeps_the_splits_and_adds_factor_x_train(tmp_path):
     assert len(load_cmmlu(data3).transfer_questions()) == per_subject * len(cmmlu.subjects)
 
 
+def test_transfer_task_with_scarce_labels_keeps_n_train_per_subject(tmp_path):
+    write_task(tmp_path / "task", seed=0, n_test=60, n_dev=5)
+    cmmlu = load_cmmlu(tmp_path / "task")
+    write_json_atomic(tmp_path / "splits.json", make_splits(cmmlu, seed=0, val=0.1, test=0.3))
+    splits = load_splits(tmp_path / "splits.json")
+    data, scarce_path = write_transfer_task(tmp_path / "task", tmp_path / "splits.json", tmp_path / "s", 3, seed=9,
+                                            labels=4)
+    scarce = load_splits(scarce_path)
+    assert scarce["val"] == splits["val"] and scarce["test"] == splits["test"]
+    assert set(scarce["train"]) < set(splits["train"])
+    copy = load_cmmlu(data)
+    train = split_questions(copy, scarce, "train")
+    assert sorted(sum(q.subject == s for q in train) for s in copy.subjects) == [4] * len(copy.subjects)
+    assert all(scarce["counts"][s]["train"] == 4 and scarce["counts"][s]["transfer"] == 12 for s in copy.subjects)
+    assert len(scarce["transfer"]) == 3 * 4 * len(copy.subjects)
+    with pytest.raises(KDError, match="fewer questions"):
+        write_transfer_task(tmp_path / "task", tmp_path / "splits.json", tmp_path / "s2", 1, seed=9, labels=1000)
+
+
 def test_generator_is_deterministic_distinct_and_kinds_independent():
     a, b = generate_task(seed=1, n_test=80), generate_task(seed=1, n_test=80)
     assert a == b
