@@ -56,7 +56,7 @@ T=1 (no CE) gives 65.4. Next: a teacher decisively better than what the labels t
 0.28 s per step instead of 0.11 s, not affordable in the demo's 5 minutes here), more steps with the transfer set,
 CE weight 1 checked on the missing task.
 
-(3) Scarce labels, the setting distillation is for (`--labels 20`: 20 gold-labelled train questions per subject, 40
+(2) Scarce labels, the setting distillation is for (`--labels 20`: 20 gold-labelled train questions per subject, 40
 in all, the rest of the train split unused; transfer sets of 1x / 4x / 16x those 40, answers empty, labelled by the
 teacher; same 150 steps of 16 for every arm; two runs at a time, OPENBLAS_NUM_THREADS=1, KD runs 130-170 s, CE
 37-46 s, peak RSS 0.55-0.58 GiB):
@@ -82,7 +82,7 @@ with a transfer set beats gold CE by 16-23 points on both skills (neither was tu
 a bigger transfer set is not always better (missing: 4x 59.4, 16x 53.1; 150 x 16 samples see each of 680 questions
 3.5 times).
 
-(2) The recipe search (demo directories whose teacher was trained on the same 360 questions: majority teacher
+(3) The recipe search (demo directories whose teacher was trained on the same 360 questions: majority teacher
 61.1%, missing 58.9%; baselines majority 22.8 / 19.4 / 25.0, missing 27.8 / 21.1 / 24.4; "t4" = a 4x transfer
 set):
 
