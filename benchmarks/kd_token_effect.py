@@ -37,6 +37,22 @@ idle machine), a deliberately tiny setting, 3 seeds (the seed picks the train/he
   to say what the projection loses; the next measurement is the default setting (400 texts, 200 steps) and the
   `--diagnostics` arms (top-k sums only, no context check), which this shared machine could not run this session.
   Char alignment (arm 2, seed 0 only, earlier run): 4.2315, gain 0.077 (0.36): it finds only 0.46 rows per token.
+
+What the projection loses (`--diagnostics --only 7,5`, same tiny setting and seeds, two jobs on the 2 cores):
+    held-out bits/byte                       seed 0   seed 1   seed 2
+    smol CE+KD, rows thinned to 0.79/token   3.9672   3.7788   3.9789   gain 0.203 / 0.161 / 0.137
+      = share of the full same-tokenizer gain  0.94     0.97     0.89
+    gpt2 CE+KD bytes, top-k sums only        4.1106   4.0250   4.2232   gain 0.198 / 0.013 / 0.080 (exact: 0.190 /
+                                                                          0.024 / 0.072)
+  Coverage is not the loss: same-tokenizer KD on a random 0.79 of its rows keeps 0.89-0.97 of its gain. Nor are the
+  exact class masses the gain (top-k sums only: within seed noise of exact). What an aligned cross-tokenizer row
+  carries is less: it sits where both tokenizations have a boundary and gives the teacher's distribution over the
+  student's FIRST token of the next teacher token; for Chinese that is often a leading byte piece shared by many
+  characters (one GPT-2 id starts 66 pure-Chinese cl100k tokens), and the bytes that say WHICH character follows are
+  predicted at student positions inside a teacher token, which get no target at all. The fix is a target there: the
+  teacher's row conditioned on the bytes already emitted inside the token (the mass of teacher tokens with that byte
+  prefix, grouped by the student token that continues it), which the dump must store per split point because only
+  the full row has it.
 """
 
 from __future__ import annotations
