@@ -10,8 +10,9 @@ What it does, in order (every pipeline step is printed as the command a user wou
    default): which kind is most frequent; `missing` (a second skill, for checking that the recipe carries over):
    which kind does not occur. Every question is a new list, so a held-out question needs the skill, not memory.
    With the preset key `transfer_factor` > 0 it also writes a transfer set (`task/transfer/`, Answer empty) that
-   the teacher labels and the student learns from the teacher only (0 by default: a 4x transfer set measured
-   67.0% vs 70.4% without it at equal steps, mean of 3 student seeds, at 4.4x the dump; benchmarks/kd_effect.py);
+   the teacher labels and the student learns from the teacher only (0 by default: with the demo's 360 labels a 4x
+   transfer set measured 67.0% vs 70.4% without it at equal steps, mean of 3 student seeds, at 4.4x the dump; with
+   20 labels per subject it is worth 9-23 points on both skills: benchmarks/kd_effect.py --labels);
 2. `python -m kd_mlx.data split` -> splits.json (train/val/test);
 3. **demo set-up** (not part of the pipeline): a tiny Kimi-K2-shaped teacher (deepseek_v3 architecture: MLA,
    routed + shared experts; Kimi-format tokenizer from the real cl100k file) is *trained first on questions of its
