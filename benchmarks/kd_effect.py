@@ -77,10 +77,15 @@ teacher; same 150 steps of 16 for every arm; two runs at a time, OPENBLAS_NUM_TH
       recipe + 4x transfer (160)          62.8     61.7     53.9     59.4   59%   (+22.6 over gold CE, 3/3 seeds)
       recipe + 16x transfer (640)         44.4     58.9     56.1     53.1   48%   (+16.3; seed 0 only +3.3)
 
+    twice the steps (300 x 16), same settings otherwise (arms given with --arm ...,steps_x=2):
+      majority: gold CE 52.8 / 47.8 / 47.8 (49.4); recipe + 16x 66.1 / 71.7 / 73.9 (70.6, 81% of the gap)
+      missing:  gold CE 37.8 / 35.6 / 35.0 (36.1); recipe + 16x 51.1 / 60.0 / 64.4 (58.5, 57% of the gap)
+
 Reading: when labels are few, the teacher's labels on unlabelled questions are what distillation adds: the recipe
-with a transfer set beats gold CE by 16-23 points on both skills (neither was tuned for this setting). At equal steps
+with a transfer set beats gold CE by 16-23 points on both skills (neither was tuned for this setting). At 150 steps
 a bigger transfer set is not always better (missing: 4x 59.4, 16x 53.1; 150 x 16 samples see each of 680 questions
-3.5 times).
+3.5 times); at 300 steps the 16x set is +21 / +22 over gold CE (which does not improve with more steps) and closes
+81% / 57% of the gap on the two skills.
 
 (3) The recipe search (demo directories whose teacher was trained on the same 360 questions: majority teacher
 61.1%, missing 58.9%; baselines majority 22.8 / 19.4 / 25.0, missing 27.8 / 21.1 / 24.4; "t4" = a 4x transfer
