@@ -87,6 +87,23 @@ a bigger transfer set is not always better (missing: 4x 59.4, 16x 53.1; 150 x 16
 3.5 times); at 300 steps the 16x set is +21 / +22 over gold CE (which does not improve with more steps) and closes
 81% / 57% of the gap on the two skills.
 
+(2b) Token-level KD with a teacher that has token-level knowledge (the demo with preset teacher_lm_weight 1.0: the
+teacher also learns the prompt's next tokens; same task and splits as (1); teacher 86.7% test, 91.7% val; its
+set-up took 826 s instead of 62 s: the 163,840-way LM head at 16 positions per row), the recipe as in (1) and the
+recipe + token KD at every question position (weight 0.1, store dumped with --positions question: 30,698 rows for
+420 questions, 264 s; each such run 845-904 s vs 140 s answer-only, two jobs on the 2 cores):
+
+    python -c "from kd_mlx.demo import run_demo; run_demo('DEMO_LM', preset={'teacher_lm_weight': 1.0})"
+    python benchmarks/kd_effect.py --demo DEMO_LM --seeds 0,1,2 --arms recipe,recipe+tok0.1
+
+    teacher 86.7                        seed 0   seed 1   seed 2   mean
+      recipe                              77.8     71.7     75.6     75.0
+      recipe + token KD 0.1 (question)    84.4     70.0     71.7     75.4   (+6.7 / -1.7 / -3.9)
+
+Reading: a better teacher lifts the recipe (75.0 vs 70.4 with the 81.7% teacher); token KD over the question text
+does not add reliably on top of answer-KL (one seed +6.7, two below): this skill is read off the answer position,
+and the question text's next-token distribution says little about it. recipe+tok0.5 was not run (~15 min a run).
+
 (3) The recipe search (demo directories whose teacher was trained on the same 360 questions: majority teacher
 61.1%, missing 58.9%; baselines majority 22.8 / 19.4 / 25.0, missing 27.8 / 21.1 / 24.4; "t4" = a 4x transfer
 set):
