@@ -100,8 +100,9 @@ recipe + token KD at every question position (weight 0.1, store dumped with --po
       recipe + token KD 0.1 (question)    84.4     70.0     71.7     75.4   (+6.7 / -1.7 / -3.9)
 
 Reading: a better teacher lifts the recipe (75.0 vs 70.4 with the 81.7% teacher); token KD over the question text
-does not add reliably on top of answer-KL (one seed +6.7, two below): this skill is read off the answer position,
-and the question text's next-token distribution says little about it. recipe+tok0.5 was not run (~15 min a run).
+does not add reliably on top of answer-KL (one seed +6.7, two below; a guess, not measured: the skill is decided at
+the answer position and the question text's next tokens say little about it). recipe+tok0.5 was not run (~15 min a
+run).
 
 (3) The recipe search (demo directories whose teacher was trained on the same 360 questions: majority teacher
 61.1%, missing 58.9%; baselines majority 22.8 / 19.4 / 25.0, missing 27.8 / 21.1 / 24.4; "t4" = a 4x transfer
