@@ -11,8 +11,9 @@ CE and CE + KD. Reported: held-out bits per byte (kd_mlx.textkd.bits_per_byte) a
 
     ratio = (bpb CE − bpb CE+KD) with GPT-2's tokenizer  /  (bpb CE − bpb CE+KD) with SmolLM2's tokenizer.
 
-`--diagnostics` adds cross-tokenizer arms that show what the exact targets add: top-k sums only (no class masses)
-and no context check.
+`--diagnostics` adds arms that show where the cross-tokenizer gain goes: top-k sums only (no class masses), no
+context check (arms 5, 6), same-tokenizer KD thinned to the cross arm's rows per token (7), and byte alignment plus
+targets at student positions inside a teacher token, computed from the teacher's full rows (8, "mid-token rows").
 
   nice -n 10 python benchmarks/kd_token_effect.py --out /tmp/kd_token_effect
 
