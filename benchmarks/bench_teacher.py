@@ -69,6 +69,10 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     0.0 vs resident. qwen3_moe: 6.36 s vs resident 2.69 s = 2.37x (io wait 0.48 s), peak RSS 0.65 GiB (budget
     0.88 GiB). The baseline's 9.17 s here vs 4.41 s in the quiet run of the session before (same sources) says how
     far single cold-cache runs spread on this machine; the ratios are within one run.
+    Quiet again at 23:18: deepseek_v3 generic 3.0 s vs baseline 4.6 s = 0.65x, vs resident 2.0 s = 1.54x, peak RSS
+    0.88 GiB; qwen3_moe 3.3 s vs resident 1.7 s = 1.91x, peak RSS 0.67 GiB. Tried and rejected in the run before it:
+    whole tensors through MLX's lazy `mx.load(shard)[key]` (no zero-fill pass; 512 MB in 0.18 s vs 0.41 s for
+    mx.zeros + preadv in isolation): streamed 3.2 s (no faster) and peak RSS 1.99 GiB on both models, over budget.
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
