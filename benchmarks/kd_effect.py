@@ -37,7 +37,7 @@ seed 0 demo: teacher 81.7% test; student baselines 22.8 / 19.4 / 25.0):
       recipe (the demo default)           70.6     74.4     66.1     70.4   = 0.86 x teacher, 81% of the gap
       recipe + 1x transfer set            66.7     70.0     74.4     70.4   (720 questions)
       recipe + 4x transfer set            68.3     68.9     63.9     67.0   (1,800 questions, same 150 steps)
-      recipe, CE weight 1 (recipe_ce1)    77.8     75.0     65.0     72.6   (not confirmed on a second task)
+      recipe, CE weight 1 (recipe_ce1)    77.8     75.0     65.0     72.6   (missing task: 60.2 vs 62.0, below)
       answer-KL only, T=1 (answer_kl_T1)  66.1     65.0     65.0     65.4
 
 The `--task missing` demo (seed 0; the default recipe and teacher settings, not tuned on it): teacher 83.9 |
