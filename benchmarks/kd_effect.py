@@ -244,7 +244,9 @@ def main(demo_dir, seeds, arms, extra_arms, steps, eval_every, labels, out):
     arm_table = {a: ARMS[a] for a in arms.split(",") if a}
     arm_table.update(dict(parse_arm(s) for s in extra_arms))
     teacher_acc = float(summary["overall"]["teacher"])
-    demo_transfer = "transfer" if "transfer" in json.loads(splits.read_text(encoding="utf-8")) else None
+    # the demo's own transfer set, if any; --labels tasks carry their own (transferNx stores)
+    demo_transfer = None if labels else \
+        "transfer" if "transfer" in json.loads(splits.read_text(encoding="utf-8")) else None
 
     stores: dict[str, tuple[Path, Path, Path]] = {"answer": (demo / "store", data, splits)}  # store, data, splits
     student_dir = demo / "models" / "student"  # its tokenizer: the dumps keep exact class masses for it

@@ -49,9 +49,9 @@ What the projection loses (`--diagnostics --only 7,5`, same tiny setting and see
   exact class masses the gain (top-k sums only: within seed noise of exact). Seed 0's targets: GPT-2 needs 5,843
   tokens for the texts SmolLM2 writes in 5,005; 4,594 of them get a row, of mean entropy 1.82 nats (tail as one
   class) vs 2.01 on the same-tokenizer side's 4,941 rows: an aligned row gives the teacher's distribution over the
-  student's FIRST token of the next teacher token, for Chinese often a leading byte piece shared by many characters
-  (one GPT-2 id starts 66 pure-Chinese cl100k tokens). The uncovered 21% are not a random 21%: they are the student
-  positions inside a teacher token, where the bytes that say which character it is are predicted.
+  student's FIRST token of the next teacher token. SmolLM2 has only 80 pure-Chinese tokens (on 52 GPT-2 first
+  tokens), so both sides write Chinese mostly in byte pieces with different merges; the uncovered 21% are not a
+  random 21% but the student positions inside a teacher token (bytes the teacher merged and the student splits).
   Targets there (`--diagnostics` arm 8, "mid-token rows": the teacher's row conditioned on the bytes already emitted
   inside the token, i.e. the mass of teacher tokens with that prefix, renormalised and grouped by the student token
   that begins the rest; computed from full rows of the teacher in memory; 957-975 rows added per seed, 0.95 rows per
@@ -238,8 +238,7 @@ def _thin_rows(exs, rows_per_token: float, seed: int) -> None:
         if e.kd_pos is None or not len(e.kd_pos):
             continue
         keep = np.sort(rng.permutation(len(e.kd_pos))[:max(1, round(keep_frac * len(e.kd_pos)))])
-        e.kd_pos, e.kd_ids, e.kd_probs = e.kd_pos[keep], e.kd_ids[keep], e.kd_probs[keep]
-        e.kd_rest = None if e.kd_rest is None else e.kd_rest[keep]
+        e.kd_pos, e.kd_ids, e.kd_probs, e.kd_rest = e.kd_pos[keep], e.kd_ids[keep], e.kd_probs[keep], e.kd_rest[keep]
 
 
 def _add_mid_token_rows(exs, texts, recs, teacher_dir, teacher_tok, student_tok, vmap) -> None:
