@@ -157,14 +157,14 @@ def run_teacher(model_dir: Path, texts: list[str], gen: int, gen_prompts: int, b
     mx.reset_peak_memory()
     read0 = t.stats.bytes_read
     t0 = time.perf_counter()
-    t.logprobs_at(seqs, [[len(s) - 1] for s in seqs], reduce=lambda lp: int(np.argmax(lp[-1])))
+    t.logprobs_at(seqs, [[len(s) - 1] for s in seqs], reduce=lambda lp, _: int(np.argmax(lp[-1])))
     p_s = time.perf_counter() - t0
     p_read = t.stats.bytes_read - read0
     g_tok, t0 = 0, time.perf_counter()
     for s in seqs[:gen_prompts]:
         s = list(s)
         for _ in range(gen):  # greedy: every new token is one more streamed pass over all the weights
-            nxt = t.logprobs_at([s], [[len(s) - 1]], reduce=lambda lp: int(np.argmax(lp[-1])))[0]
+            nxt = t.logprobs_at([s], [[len(s) - 1]], reduce=lambda lp, _: int(np.argmax(lp[-1])))[0]
             s.append(nxt)
             g_tok += 1
     g_s = time.perf_counter() - t0

@@ -122,7 +122,7 @@ def full_rows(teacher, texts: list[str], kmax: int):
     res = []
     for a in range(0, len(enc), 4):  # 4 texts per call: the teacher holds a call's full-vocab rows at once
         part = enc[a:a + 4]
-        res += teacher.logprobs_at([e[0] for e in part], [list(range(len(e[0]))) for e in part], reduce=summ)
+        res += teacher.logprobs_at([e[0] for e in part], [list(range(len(e[0]))) for e in part], reduce=lambda lp, _: summ(lp))
     return [(np.array(ids, np.int32), np.array(offs, np.int32).reshape(-1, 2), r) for (ids, offs), r in zip(enc, res)]
 
 
@@ -209,7 +209,7 @@ def dump_vs_bare(model_dir: Path, cmmlu_path: str, n: int, repeats: int) -> dict
         for g in _prefix_groups(items):
             L = _shared_len(items, g)
             teacher.logprobs_at([items[i].ids[L:] for i in g], [[p - L for p in items[i].positions] for i in g],
-                                prefix=items[g[0]].ids[:L] if L else None, reduce=lambda lp: None)
+                                prefix=items[g[0]].ids[:L] if L else None, reduce=lambda lp, _: None)
         t_bare.append(time.perf_counter() - t0)
         d = Path(tempfile.mkdtemp(prefix="bench_dump_"))
         t0 = time.perf_counter()

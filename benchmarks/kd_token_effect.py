@@ -153,21 +153,19 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
           flush=True)
 
     def examples(tok, vmap=None, align="bytes", exact=True, context=True, texts=train_texts, with_kd=True,
-                 thin_to=None, mid_token=False):
+                 thin_to=None, mid_token=True):
         st = store if with_kd else None
         if st is not None and not exact:
             st = {i: _without_class_mass(store[i]) for i in ids}
-        exs = text_examples(texts, tok, st, ids, vmap, align, temperature)
+        exs = text_examples(texts, tok, st, ids, vmap, align, temperature, mid_token=mid_token)
         if st is not None and not context:  # the same rows without the context check
             exs = _no_context_check(exs, texts, tok, st, ids, vmap, temperature)
         if st is not None and thin_to is not None:
             _thin_rows(exs, thin_to(), seed)
-        if st is not None and mid_token:
-            _add_mid_token_rows(exs, texts, [store[i] for i in ids], teacher_dir, smol, tok, vmap)
         return exs
 
-    def cross_coverage() -> float:  # KD rows per student token of the cross-tokenizer (bytes) arm
-        exs = examples(gpt2, cross)
+    def cross_coverage() -> float:  # aligned KD rows per student token of the cross-tokenizer (bytes) arm
+        exs = examples(gpt2, cross, mid_token=False)
         return sum(len(e.kd_pos) for e in exs if e.kd_pos is not None) / sum(len(e.ids) - 1 for e in exs)
 
     arms = [("gpt2", "CE", dict(with_kd=False)), ("gpt2", "CE+KD bytes", {}), ("gpt2", "CE+KD chars", dict(align="chars")),
@@ -178,9 +176,8 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                  # what coverage alone costs: same-tokenizer KD on a random subset of its rows, as many per token as
                  # the cross-tokenizer arm has (a ratio near this arm's means the lost rows are the loss)
                  ("smol", "CE+KD, rows thinned to cross coverage", dict(thin_to=cross_coverage)),
-                 # the hypothesis for what is lost: targets at student positions inside a teacher token, computed
-                 # here from the teacher's full rows (the store does not hold them yet)
-                 ("gpt2", "CE+KD bytes + mid-token rows", dict(mid_token=True))]
+                 # what the rows at student positions inside a teacher token add (arm 1 has them)
+                 ("gpt2", "CE+KD bytes, no mid-token rows", dict(mid_token=False))]
     if only:
         arms = [arms[int(i)] for i in only.split(",")]
     held = {"gpt2": examples(gpt2, with_kd=False, texts=eval_texts), "smol": examples(smol, with_kd=False,
@@ -241,77 +238,8 @@ def _thin_rows(exs, rows_per_token: float, seed: int) -> None:
         e.kd_pos, e.kd_ids, e.kd_probs, e.kd_rest = e.kd_pos[keep], e.kd_ids[keep], e.kd_probs[keep], e.kd_rest[keep]
 
 
-def _add_mid_token_rows(exs, texts, recs, teacher_dir, teacher_tok, student_tok, vmap) -> None:
-    """Diagnostic targets at student positions whose token ends strictly inside a teacher token (the rows byte
-    alignment cannot give): with p = the bytes of that teacher token already emitted, the teacher's row before it
-    restricted to tokens starting with p and renormalised, each mass on the student token that begins the rest of
-    its bytes (longest student byte prefix); tokens equal to p go to the remainder. T = 1, from full rows of the
-    teacher run here in memory."""
-    from mlx_lm.utils import load_model
-
-    from kd_mlx.align import _PrefixIndex, _token_bytes_table, special_token_ids
-
-    model, _ = load_model(Path(teacher_dir))
-    t_bytes = _token_bytes_table(teacher_tok)
-    by_prefix: dict[bytes, list[int]] = {}
-    for v, b in enumerate(t_bytes):
-        for n in range(1, min(len(b), 4) + 1):
-            by_prefix.setdefault(b[:n], []).append(v)
-    cands = {k: np.array(v, np.int64) for k, v in by_prefix.items()}
-    t_len = np.array([len(b) for b in t_bytes])
-    s_prefix = _PrefixIndex(_token_bytes_table(student_tok), special_token_ids(student_tok))
-    added, on_next = 0, []  # on_next: the target's mass on the token the student actually writes next
-    for e, text, rec in zip(exs, texts, recs):
-        tb = text.encode("utf-8")
-        t_ends = np.cumsum(vmap.teacher_len[np.asarray(rec.token_ids, np.int64)])
-        s_ends = np.cumsum(vmap.student_len[np.asarray(e.ids, np.int64)])
-        logp = None
-        new_pos, new_rows = [], []
-        for j in range(len(e.ids) - 1):
-            b = int(s_ends[j])
-            k = int(np.searchsorted(t_ends, b, side="right"))  # first teacher token ending after b
-            if k >= len(t_ends) or k == 0 or t_ends[k - 1] == b:
-                continue  # a shared boundary (byte alignment's row) or outside the teacher's tokens
-            p = tb[int(t_ends[k - 1]):b]
-            pool = cands.get(p[:4], np.zeros(0, np.int64))
-            pool = pool[[t_bytes[v].startswith(p) for v in pool]] if len(p) > 4 else pool
-            if not len(pool):
-                continue
-            if logp is None:
-                logits = model(mx.array(np.asarray(rec.token_ids)[None]))[0]
-                logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), np.float64)
-            mass = np.exp(logp[k - 1][pool])
-            z = mass.sum()
-            acc: dict[int, float] = {}
-            rest = 0.0
-            for v, m in zip(pool.tolist(), (mass / z).tolist()):
-                sid = s_prefix.longest_prefix(t_bytes[v][len(p):]) if t_len[v] > len(p) else -1
-                if sid < 0:
-                    rest += m
-                else:
-                    acc[sid] = acc.get(sid, 0.0) + m
-            new_pos.append(j)
-            new_rows.append((list(acc), list(acc.values()), rest))
-            on_next.append(acc.get(int(e.ids[j + 1]), 0.0))
-        if not new_pos:
-            continue
-        added += len(new_pos)
-        old = [] if e.kd_pos is None else [(int(q), [int(x) for x in i if x >= 0], list(pr[: (i >= 0).sum()]), float(r))
-                                            for q, i, pr, r in zip(e.kd_pos, e.kd_ids, e.kd_probs, e.kd_rest)]
-        rows = sorted(old + [(q, i, pr, r) for q, (i, pr, r) in zip(new_pos, new_rows)])
-        m = max(len(r[1]) for r in rows) or 1
-        e.kd_pos = np.array([r[0] for r in rows], np.int32)
-        e.kd_ids = np.full((len(rows), m), -1, np.int32)
-        e.kd_probs = np.zeros((len(rows), m), np.float32)
-        for r, (_, i, pr, _) in enumerate(rows):
-            e.kd_ids[r, : len(i)], e.kd_probs[r, : len(pr)] = i, pr
-        e.kd_rest = np.array([r[3] for r in rows], np.float32)
-    print(f"mid-token rows added: {added}; mean target mass on the actual next student token "
-          f"{np.mean(on_next) if on_next else float('nan'):.3f}", flush=True)
-
-
-def _without_class_mass(rec):
-    rec.class_mass = {}
+def _without_class_mass(rec):  # and without the mid-token rows: nothing from the full row
+    rec.class_mass, rec.mid = {}, None
     return rec
 
 

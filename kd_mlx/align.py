@@ -536,21 +536,78 @@ def aligned_rows_bytes(positions, t_ends: np.ndarray, s_ends: np.ndarray, byte_s
 
 
 def align_record_bytes(rec, s_ids, t_text: str, s_text: str, region_start: int, vmap: VocabMap,
-                       max_positions: int | None = None, temperature: float = 1.0, context_check: bool = True):
+                       max_positions: int | None = None, temperature: float = 1.0, context_check: bool = True,
+                       mid_token: bool = True):
     """`align_record` with boundaries compared in bytes (also inside characters). rec.token_ids must encode
     `t_text` (a BOS is fine: specials stand for no text), `s_ids` must encode `s_text`; the shared text is
     t_text[region_start:], which must end s_text. Same outputs as `align_record` (with its context check on
-    `s_ids` unless `context_check=False`)."""
+    `s_ids` unless `context_check=False`). With `mid_token` and a record that carries `mid` rows (a dump with
+    --student-tokenizer), student positions inside a teacher token get those rows too (T = 1 only); max_positions
+    then keeps the last rows of both kinds."""
     byte_shift, region_b = _byte_frame(t_text, s_text, region_start)
     t_ends = _byte_ends(rec.token_ids, vmap.teacher_len, t_text, "teacher")
     s_ends = _byte_ends(s_ids, vmap.student_len, s_text, "student")
     rows, pos = aligned_rows_bytes(rec.positions, t_ends, s_ends, byte_shift, region_b)
-    return _targets(rec, rows, pos, vmap, max_positions, temperature, s_ids if context_check else None)
+    mid = getattr(rec, "mid", None) if mid_token and temperature == 1.0 else None
+    if mid is None or not len(mid.row):
+        return _targets(rec, rows, pos, vmap, max_positions, temperature, s_ids if context_check else None)
+    aligned = _targets(rec, rows, pos, vmap, None, temperature, s_ids if context_check else None)
+    inside = mid_token_targets(mid, rec.positions, t_ends, s_ends, byte_shift, region_b)
+    return _merge_rows([aligned, inside], max_positions)
+
+
+def mid_token_targets(mid: MidTokenRows, positions, t_ends: np.ndarray, s_ends: np.ndarray, byte_shift: int,
+                      region_b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pos, ids, probs, rest) at student positions j whose token ends strictly inside a teacher token that starts
+    in the shared text, where the record has the row for (the teacher position before it, bytes already written)."""
+    positions = np.asarray(positions, np.int64).reshape(-1)
+    row_at = np.full(len(t_ends), -1, np.int64)
+    ok = (positions >= 0) & (positions < len(t_ends))
+    row_at[positions[ok]] = np.flatnonzero(ok)
+    e = s_ends[:-1] + byte_shift  # student token j ends at e (teacher bytes); j + 1 exists
+    k = np.searchsorted(t_ends, e, side="right")  # the first teacher token ending after e
+    i = np.clip(k - 1, 0, max(len(t_ends) - 1, 0))
+    hit = (k >= 1) & (k < len(t_ends))
+    hit &= (t_ends[i] < e) & (t_ends[i] >= region_b)
+    r = np.where(hit, row_at[i], -1)
+    hit &= r >= 0
+    width = 1 << 20  # bytes per token are far fewer
+    keys = np.asarray(mid.row, np.int64) * width + np.asarray(mid.nbytes, np.int64)
+    order = np.argsort(keys, kind="stable")
+    want = r * width + (e - t_ends[i])
+    at = np.clip(np.searchsorted(keys[order], want), 0, max(len(keys) - 1, 0))
+    hit &= len(keys) > 0
+    hit[hit] = keys[order][at[hit]] == want[hit]
+    j = np.flatnonzero(hit)
+    src = order[at[j]]
+    probs = np.asarray(mid.probs, np.float32)[src].reshape(len(j), -1)
+    rest = np.maximum(0.0, 1.0 - probs.sum(-1, dtype=np.float64)).astype(np.float32)
+    return j.astype(np.int32), np.asarray(mid.ids, np.int32)[src].reshape(len(j), -1), probs, rest
+
+
+def _merge_rows(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], max_positions: int | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of several kinds (disjoint positions) in position order, ids/probs padded to one width, last kept."""
+    n = sum(len(p[0]) for p in parts)
+    m = max([p[1].shape[1] for p in parts if p[1].ndim == 2 and len(p[0])] + [1])
+    pos = np.concatenate([p[0] for p in parts]).astype(np.int32)
+    ids, probs = np.full((n, m), -1, np.int32), np.zeros((n, m), np.float32)
+    r = 0
+    for p in parts:
+        c = len(p[0])
+        if c:
+            ids[r:r + c, : p[1].shape[1]], probs[r:r + c, : p[2].shape[1]] = p[1], p[2]
+        r += c
+    rest = np.concatenate([p[3] for p in parts]).astype(np.float32)
+    order = np.argsort(pos, kind="stable")[_keep_last(n, max_positions)]
+    ids, probs = ids[order], probs[order]
+    width = max(1, int(np.flatnonzero((ids >= 0).any(0)).max(initial=-1)) + 1)  # no all-padding columns
+    return pos[order], ids[:, :width], probs[:, :width], rest[order]
 
 
 def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_start: int, vmap: VocabMap,
                                  max_positions: int | None = None, temperature: float = 1.0,
-                                 context_check: bool = True):
+                                 context_check: bool = True, mid_token: bool = True):
     """Plain loops over the tokens' bytes; same contract as `align_record_bytes`."""
     byte_shift, region_b = _byte_frame(t_text, s_text, region_start)
     s_end_at, e = {}, 0
@@ -565,4 +622,166 @@ def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_st
     for r, i in enumerate(np.asarray(rec.positions).tolist()):
         if 0 <= i and i + 1 < len(t_end) and t_end[i] >= region_b and (t_end[i] - byte_shift) in s_end_at:
             found.append((r, s_end_at[t_end[i] - byte_shift]))
-    return _project_reference(rec, found, vmap, max_positions, temperature, s_ids if context_check else None)
+    mid = getattr(rec, "mid", None) if mid_token and temperature == 1.0 else None
+    if mid is None or not len(mid.row):
+        return _project_reference(rec, found, vmap, max_positions, temperature, s_ids if context_check else None)
+    pos, ids, probs, rest = _project_reference(rec, found, vmap, None, temperature, s_ids if context_check else None)
+    rows = [(int(pos[a]), [int(x) for x in ids[a] if x >= 0], list(probs[a][: int((ids[a] >= 0).sum())]),
+             float(rest[a])) for a in range(len(pos))]
+    table = {(int(r), int(n)): a for a, (r, n) in enumerate(zip(mid.row, mid.nbytes))}
+    row_of = {int(i): r for r, i in enumerate(np.asarray(rec.positions).tolist())}
+    for b, j in sorted(s_end_at.items()):
+        e = b + byte_shift
+        for i in range(len(t_end) - 1):
+            if t_end[i] < e < t_end[i + 1] and t_end[i] >= region_b and i in row_of:
+                a = table.get((row_of[i], e - t_end[i]))
+                if a is not None:
+                    keep = np.asarray(mid.ids[a]) >= 0
+                    pr = [float(x) for x in np.asarray(mid.probs[a])[keep]]
+                    rows.append((j, [int(x) for x in np.asarray(mid.ids[a])[keep]], pr, max(0.0, 1.0 - sum(pr))))
+    rows.sort(key=lambda x: x[0])
+    rows = rows[_keep_last(len(rows), max_positions)]
+    m = max([len(x[1]) for x in rows] + [1])
+    ids_a = np.full((len(rows), m), -1, np.int32)
+    probs_a = np.zeros((len(rows), m), np.float32)
+    for a, (_, i_, p_, _) in enumerate(rows):
+        ids_a[a, : len(i_)], probs_a[a, : len(p_)] = i_, p_
+    return (np.array([x[0] for x in rows], np.int32), ids_a, probs_a, np.array([x[3] for x in rows], np.float32))
+
+# ---------------------------------------------------------------------------------------------------------------
+# mid-token rows: student positions inside a teacher token
+# ---------------------------------------------------------------------------------------------------------------
+# Where the student has written some bytes p of the teacher's next token t but not all of it (GPT-2 writes most
+# Chinese characters in byte pieces, the teacher whole words), no aligned row exists. Only the dump's full row has
+# the target: the teacher's tokens that begin with p, renormalised (the teacher's next token given that its text
+# begins with p), each mass on the student token that begins the rest of its bytes (the longest student token that
+# is a byte prefix of it; a teacher token equal to p has no rest and goes to the remainder). The dump stores these
+# rows for the student boundaries of its own text (`MidTokenProjector`); `align_record_bytes` places them. Measured
+# on SmolLM2 -> GPT-2 text KD: benchmarks/kd_token_effect.py. T = 1 only: a tempered conditional would need its
+# own normaliser per prefix.
+
+
+@dataclass
+class MidTokenRows:
+    """A record's rows inside teacher tokens: `row` indexes the record's top-k rows (the teacher position before
+    the token), `nbytes` how many bytes of that position's next token the student has already written."""
+
+    row: np.ndarray  # (M,) int32
+    nbytes: np.ndarray  # (M,) int32, 0 < nbytes < bytes of the next teacher token
+    ids: np.ndarray  # (M, m) int32 student ids, −1 padding, by mass descending
+    probs: np.ndarray  # (M, m) float32; the remainder is 1 − probs.sum(-1)
+
+
+class MidTokenProjector:
+    """Conditional teacher rows at byte prefixes of the next teacher token, over student ids (dump side)."""
+
+    def __init__(self, teacher_tok, student_tok, k: int):
+        self.k = int(k)
+        self.t_bytes = _token_bytes_table(teacher_tok)
+        for i in special_token_ids(teacher_tok):
+            if i < len(self.t_bytes):
+                self.t_bytes[i] = b""  # specials stand for no text: never a candidate
+        self.t_len = np.array([len(b) for b in self.t_bytes], np.int64)
+        self.s_len = token_byte_lengths(student_tok)
+        self.student_tok = student_tok
+        self._s_prefix = _PrefixIndex(_token_bytes_table(student_tok), special_token_ids(student_tok))
+        self._by_head: dict[bytes, list[int]] = {}  # the first 1..3 bytes -> teacher ids beginning with them
+        for v, b in enumerate(self.t_bytes):
+            for n in range(1, min(len(b), 3) + 1):
+                self._by_head.setdefault(b[:n], []).append(v)
+        self._groups: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _group(self, p: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(candidate teacher ids, their class index, the class ids) for prefix p; cached per prefix."""
+        g = self._groups.get(p)
+        if g is None:
+            pool = self._by_head.get(p[:3], [])
+            cand = [v for v in pool if self.t_bytes[v].startswith(p)] if len(p) > 3 else list(pool)
+            sid = np.array([self._s_prefix.longest_prefix(self.t_bytes[v][len(p):]) for v in cand], np.int64)
+            classes, inv = np.unique(sid, return_inverse=True)
+            g = (np.array(cand, np.int64), inv.reshape(-1), classes)
+            if len(self._groups) > 65536:  # bounded: distinct prefixes of one dump are far fewer
+                self._groups.clear()
+            self._groups[p] = g
+        return g
+
+    def row(self, lp: np.ndarray, p: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids (≤ k,), probs) of one full log-prob row `lp` (V,) conditioned on the next token beginning with p;
+        None when no teacher token begins with p or their mass underflows."""
+        cand, inv, classes = self._group(p)
+        cand = cand[cand < len(lp)]  # a head narrower than the tokenizer (never in practice)
+        if not len(cand):
+            return None
+        mass = np.exp(np.asarray(lp, np.float64)[cand])
+        z = mass.sum()
+        if not np.isfinite(z) or z <= 0:
+            return None
+        by_class = np.bincount(inv[: len(cand)], weights=mass / z, minlength=len(classes))
+        real = classes >= 0
+        cls, m = classes[real], by_class[real]
+        order = np.lexsort((cls, -m))[: self.k]  # mass descending, ties: lower id
+        return cls[order].astype(np.int32), m[order].astype(np.float32)
+
+    def rows(self, lp: np.ndarray, token_ids: Sequence[int], positions: Sequence[int], text: str
+             ) -> MidTokenRows:
+        """The mid-token rows of one record: `lp` (P, V) its full rows at `positions`, `token_ids` the teacher
+        tokens of `text`; the student boundaries are those of the student's own encoding of `text`."""
+        ids = np.asarray(token_ids, np.int64)
+        t_ends = np.cumsum(self.t_len[ids])
+        s_ids = self.student_tok.encode_with_offsets(text)[0]
+        s_ends = np.cumsum(self.s_len[np.asarray(s_ids, np.int64)]) if len(s_ids) else np.zeros(0, np.int64)
+        tb = text.encode("utf-8")
+        out_row, out_n, out_ids, out_p = [], [], [], []
+        for r, i in enumerate(np.asarray(positions, np.int64).tolist()):
+            if i + 1 >= len(ids):
+                continue
+            b0, b1 = int(t_ends[i]), int(t_ends[i + 1])
+            lo, hi = np.searchsorted(s_ends, b0, side="right"), np.searchsorted(s_ends, b1, side="left")
+            for e in s_ends[lo:hi].tolist():
+                got = self.row(lp[r], tb[b0:e])
+                if got is not None and len(got[0]):
+                    out_row.append(r)
+                    out_n.append(e - b0)
+                    out_ids.append(got[0])
+                    out_p.append(got[1])
+        m = max([len(x) for x in out_ids] + [1])
+        ids_a = np.full((len(out_ids), m), -1, np.int32)
+        probs_a = np.zeros((len(out_ids), m), np.float32)
+        for j, (a, b) in enumerate(zip(out_ids, out_p)):
+            ids_a[j, : len(a)], probs_a[j, : len(b)] = a, b
+        return MidTokenRows(np.array(out_row, np.int32), np.array(out_n, np.int32), ids_a, probs_a)
+
+
+def mid_token_row_reference(lp: np.ndarray, p: bytes, teacher_tok, student_tok, k: int
+                            ) -> tuple[list[int], list[float]] | None:
+    """Plain version of `MidTokenProjector.row`: a loop over the whole teacher vocabulary and, per candidate, over
+    the student vocabulary for the longest byte prefix of its rest."""
+    t_special, s_special = special_token_ids(teacher_tok), special_token_ids(student_tok)
+    s_bytes = {}
+    for s in range(student_tok.vocab_size):
+        try:
+            b = student_tok.token_bytes(s)
+        except Exception:
+            continue
+        if b and s not in s_special and b not in s_bytes:
+            s_bytes[b] = s
+    acc: dict[int, float] = {}
+    z = 0.0
+    for v in range(min(teacher_tok.vocab_size, len(lp))):
+        try:
+            b = teacher_tok.token_bytes(v)
+        except Exception:
+            continue
+        if v in t_special or not b.startswith(p) or not b:
+            continue
+        m = float(np.exp(float(lp[v])))
+        z += m
+        rest = b[len(p):]
+        best = max((n for n in range(1, len(rest) + 1) if rest[:n] in s_bytes), default=0)
+        if best:
+            sid = s_bytes[rest[:best]]
+            acc[sid] = acc.get(sid, 0.0) + m
+    if z <= 0:
+        return None
+    ranked = sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [s for s, _ in ranked], [m / z for _, m in ranked]

@@ -229,7 +229,7 @@ def letter_logits_streaming(teacher, seqs: Sequence[Sequence[int]], answer_ids: 
     ids = list(answer_ids)
     out = np.zeros((len(seqs), 4), dtype=np.float32)
 
-    def reduce(lp):
+    def reduce(lp, _):
         return np.asarray(lp, dtype=np.float32).reshape(-1, np.asarray(lp).shape[-1])[-1, ids]
 
     for members in _groups(len(seqs), groups if reuse_prefix else None):

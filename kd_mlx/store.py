@@ -35,6 +35,11 @@ Per question (row) a shard holds:
   the full row onto the listed student ids. Slots are kept in ascending-id order (recoverable from the decoded
   ids whatever the encoding); float32 for `fp32`, else float16
 - `hidden` (Q, d) optional pooled final hidden state (float32 for `fp32`, else float16)
+- mid-token rows, when the identity says `mid_token_rows` (a dump with a student tokenizer, kd_mlx.align
+  `MidTokenProjector`): `mid_splits` (Q+1,) int64; `mid_row` (M,) int32 (which of the question's top-k rows),
+  `mid_nbytes` (M,) int32 (bytes of that row's next token the student has written), `mid_ids` (M, k) int32 student
+  ids padded -1, `mid_probs` (M, k) (float32 for `fp32`, else float16): the teacher's next-token distribution given
+  those bytes, over the student token that begins the rest
 
 Each shard's metadata holds `content_sha256` (its tensors + metadata), so a shard proves its own integrity; the
 manifest also keeps each file's sha256. A resumed dump recomputes every shard that fails either; training checks
@@ -74,6 +79,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import click
 import numpy as np
 
+from .align import MidTokenRows
 from .safetensors_io import NUMPY_TO_ST, numpy_dtype, read_header, read_metadata, write_numpy
 from .tokenizer import Tokenizer, load_tokenizer
 from .utils import KDError, cli_errors, sha256_file, write_json_atomic
@@ -121,6 +127,7 @@ class StoreRecord:
     label: int = -1  # gold answer 0..3, -1 if unknown
     logz: dict[float, np.ndarray] = field(default_factory=dict)  # T != 1 -> (p,) log sum_v exp(lp_v / T)
     class_mass: dict[float, np.ndarray] = field(default_factory=dict)  # T -> (p, k), slots as topk_ids
+    mid: MidTokenRows | None = None  # rows at student positions inside a teacher token (T = 1)
 
     @property
     def answer_probs(self) -> np.ndarray:
@@ -171,6 +178,7 @@ _TENSOR_DTYPES = {
     "topk_logprobs": ("F32",), "topk_ids_u24": ("U8",), "topk_logprobs_f16": ("F16",), "topk_q8": ("U8",),
     "topk_top1": ("F32",), "topk_step": ("F16",), "rice_b": ("U8",), "rice_unary": ("U8",),
     "rice_unary_splits": ("I64",), "rice_rem": ("U8",), "rice_rem_splits": ("I64",), "hidden": ("F32", "F16"),
+    "mid_splits": ("I64",), "mid_row": ("I32",), "mid_nbytes": ("I32",), "mid_ids": ("I32",), "mid_probs": ("F32", "F16"),
 }
 _PER_TEMPERATURE_DTYPES = {"logz": ("F32",), "class_mass": ("F32", "F16")}
 CONTENT_HASH_KEY = "content_sha256"
@@ -433,6 +441,30 @@ def encode_extras(identity: Mapping[str, Any], recs: Sequence["StoreRecord"], en
             out[f"class_mass_t{tag}"] = np.take_along_axis(cm, order, 1).astype(
                 np.float32 if encoding == "fp32" else np.float16)
     return out
+
+
+def encode_mid(recs: Sequence["StoreRecord"], encoding: str, k: int) -> dict[str, np.ndarray]:
+    """The mid-token row tensors of one shard's records (every record has `mid`)."""
+    mids = [r.mid for r in recs]
+    n = sum(len(m.row) for m in mids)
+    ids, probs = np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)
+    r = 0
+    for m in mids:
+        c, w = len(m.row), (np.shape(m.ids)[1] if len(m.row) else 0)
+        ids[r:r + c, :w], probs[r:r + c, :w] = m.ids, m.probs
+        r += c
+    return {"mid_splits": np.concatenate([[0], np.cumsum([len(m.row) for m in mids])]).astype(np.int64),
+            "mid_row": np.concatenate([np.asarray(m.row, np.int32) for m in mids]),
+            "mid_nbytes": np.concatenate([np.asarray(m.nbytes, np.int32) for m in mids]),
+            "mid_ids": ids, "mid_probs": probs.astype(np.float32 if encoding == "fp32" else np.float16)}
+
+
+def decode_mid(get: Callable[[str], np.ndarray], row: int) -> MidTokenRows:
+    """The mid-token rows of the shard's question `row`."""
+    sp = get("mid_splits")
+    a, b = int(sp[row]), int(sp[row + 1])
+    return MidTokenRows(np.array(get("mid_row")[a:b], np.int32), np.array(get("mid_nbytes")[a:b], np.int32),
+                        np.array(get("mid_ids")[a:b], np.int32), np.array(get("mid_probs")[a:b], np.float32))
 
 
 def decode_extras(identity: Mapping[str, Any], get: Callable[[str], np.ndarray], ids: np.ndarray, r0: int, r1: int
@@ -740,6 +772,16 @@ class StoreWriter:
             if self.identity.get("student_tokenizer") and np.shape(rec.class_mass.get(t)) != (p, self.k):
                 raise KDError(f"{rec.id}: the identity names a student tokenizer: class_mass[{t:g}] must be "
                               f"({p}, {self.k})")
+        if self.identity.get("mid_token_rows"):
+            m = rec.mid
+            if m is None:
+                raise KDError(f"{rec.id}: the identity says mid_token_rows but the record has none")
+            n = len(m.row)
+            if np.shape(m.nbytes) != (n,) or np.ndim(m.ids) != 2 or len(m.ids) != n or np.shape(m.probs) != np.shape(
+                    m.ids) or (n and (np.shape(m.ids)[1] > self.k or np.min(m.row) < 0 or np.max(m.row) >= p
+                                      or np.min(m.nbytes) < 1)):
+                raise KDError(f"{rec.id}: mid-token rows must be row (M,) in 0..{p - 1}, nbytes (M,) >= 1, ids and "
+                              f"probs (M, <= {self.k})")
 
     def add(self, rec: StoreRecord) -> None:
         if rec.id in self.done_ids or any(r.id == rec.id for r in self._buf):
@@ -822,6 +864,8 @@ def shard_tensors(recs: Sequence[StoreRecord], identity: Mapping[str, Any], k: i
     t.update(encode_topk(encoding, [(np.asarray(r.topk_ids).reshape(-1, k), np.asarray(r.topk_logprobs).reshape(-1, k))
                                     for r in recs]))
     t.update(encode_extras(identity, recs, encoding, k))
+    if identity.get("mid_token_rows"):
+        t.update(encode_mid(recs, encoding, k))
     if recs[0].hidden is not None:
         t["hidden"] = np.stack([np.asarray(r.hidden, np.float32) for r in recs]).astype(
             np.float32 if encoding == "fp32" else np.float16)
@@ -909,11 +953,12 @@ class TopKStore:
         ids, lps = decode_topk(self.encoding, sh.__getitem__, self.k, row, p0, p1)
         logz, cmass = decode_extras(self.identity, sh.__getitem__, ids, p0, p1)
         hidden = np.asarray(sh["hidden"][row], np.float32) if "hidden" in sh else None
+        mid = decode_mid(sh.__getitem__, row) if self.identity.get("mid_token_rows") else None
         return StoreRecord(
             id=qid, answer_logprobs=np.array(sh["answer_logprobs"][row], np.float32),
             token_ids=np.array(sh["token_ids"][t0:t1], np.int32), offsets=np.array(sh["char_offsets"][t0:t1], np.int32),
             positions=np.array(sh["positions"][p0:p1], np.int32), topk_ids=ids, topk_logprobs=lps,
-            hidden=hidden, label=int(sh["labels"][row]), logz=logz, class_mass=cmass)
+            hidden=hidden, label=int(sh["labels"][row]), logz=logz, class_mass=cmass, mid=mid)
 
     def __iter__(self) -> Iterator[StoreRecord]:
         i = 0
@@ -1024,6 +1069,8 @@ def _verify_shard(s: _Shard, sh: dict, ids: list[str], enc: str, k: int, identit
         out.append(f"{name}: {bad} non-finite answer log-probs")
     if "hidden" in s and (n := int((~np.isfinite(s["hidden"].astype(np.float32))).sum())):
         out.append(f"{name}: {n} non-finite hidden values")
+    if "mid_probs" in s and (n := int((~np.isfinite(s["mid_probs"].astype(np.float32))).sum())):
+        out.append(f"{name}: {n} non-finite mid-token probabilities")
     # positions must index into the question's tokens
     for qi in range(q):
         pos = s["positions"][ps[qi]:ps[qi + 1]]

@@ -49,9 +49,10 @@ def start_token(tok) -> int:
 
 def text_examples(texts: Sequence[str], student_tok, store=None, store_ids: Sequence[str] | None = None,
                   vmap: VocabMap | None = None, align: str = "bytes", temperature: float = 1.0,
-                  max_positions: int | None = None) -> list[TextExample]:
+                  max_positions: int | None = None, mid_token: bool = True) -> list[TextExample]:
     """Student examples of `texts`; with a teacher `store` (its records `store_ids`, dumped from the same texts) and
-    the tokenizer pair's `vmap`, token-level targets aligned by bytes (or chars), tempered at `temperature`."""
+    the tokenizer pair's `vmap`, token-level targets aligned by bytes (or chars), tempered at `temperature`; with
+    bytes, also the store's rows at student positions inside a teacher token unless `mid_token` is false."""
     if align not in ("bytes", "chars"):
         raise KDError(f"align must be bytes or chars, got {align!r}")
     start = start_token(student_tok)
@@ -63,7 +64,8 @@ def text_examples(texts: Sequence[str], student_tok, store=None, store_ids: Sequ
         if store is not None:
             rec = store[store_ids[i]]
             if align == "bytes":
-                targets = align_record_bytes(rec, s_ids, text, text, 0, vmap, max_positions, temperature)
+                targets = align_record_bytes(rec, s_ids, text, text, 0, vmap, max_positions, temperature,
+                                             mid_token=mid_token)
             else:
                 targets = align_record(rec, rec.offsets, [(0, 0)] + list(offs), 0, 0, vmap, max_positions,
                                        temperature, s_ids=s_ids)

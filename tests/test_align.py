@@ -584,3 +584,70 @@ def test_temperature_without_stored_normaliser_is_refused(kimi_tok, phi_tok, vma
     s_ids = phi_tok.encode(SENTENCES[1])
     with pytest.raises(KDError, match="temperatures 1,2"):
         A.align_record_bytes(rec, s_ids, SENTENCES[1], SENTENCES[1], 0, vmap, temperature=2.0)
+
+
+# ------------------------------------------------------------------------------ mid-token rows (inside a teacher token)
+@pytest.mark.parametrize("encoding", ["fp32", "q8rice"])
+def test_mid_token_rows_full_row_store_and_placement(encoding, kimi_tok, phi_tok, vmap, tmp_path):
+    """Rows at student positions inside a teacher token: the projector equals the plain computation from the full
+    row, survives the store (float16 in lossy encodings), and `align_record_bytes` places them where the plain
+    loops do, beside the aligned rows, with max_positions over both kinds."""
+    text = SENTENCES[0] + SENTENCES[2]
+    t_ids, t_offs = kimi_tok.encode_with_offsets(text)
+    s_ids = phi_tok.encode(text)
+    lp = full_rows(kimi_tok, np.array(t_ids), seed=2)
+    k = 8
+    proj = A.MidTokenProjector(kimi_tok, phi_tok, k)
+    mid = proj.rows(lp, t_ids, list(range(len(t_ids))), text)
+    assert len(mid.row) > 5
+    tb = text.encode("utf-8")
+    t_ends = np.cumsum(vmap.teacher_len[t_ids])
+    for a in range(0, len(mid.row), max(1, len(mid.row) // 4)):
+        r, n = int(mid.row[a]), int(mid.nbytes[a])
+        ref_ids, ref_probs = A.mid_token_row_reference(lp[r], tb[int(t_ends[r]):int(t_ends[r]) + n], kimi_tok,
+                                                       phi_tok, k)
+        m = len(ref_ids)
+        assert mid.ids[a, :m].tolist() == ref_ids and (mid.ids[a, m:] == -1).all()
+        np.testing.assert_allclose(mid.probs[a, :m], ref_probs, rtol=1e-5, atol=1e-7)
+    summ = Summariser(k, kimi_tok.encode("A")[:1] * 4, [1.0], vmap.student_id)(lp)
+    rec = StoreRecord(id="q", answer_logprobs=np.log(np.full(4, 0.25, np.float32)), token_ids=np.array(t_ids),
+                      offsets=np.array(t_offs), positions=np.arange(len(t_ids), dtype=np.int32),
+                      topk_ids=summ["topk_ids"], topk_logprobs=summ["topk_logprobs"], logz=summ["logz"],
+                      class_mass=summ["class_mass"], mid=mid)
+    ident = {"k": k, "encoding": encoding, "temperatures": [1.0], "student_tokenizer": phi_tok.fingerprint(),
+             "mid_token_rows": True}
+    with StoreWriter(tmp_path / "s", ident, shard_size=4) as w:
+        w.add(rec)
+    with TopKStore(tmp_path / "s") as st:
+        back = st["q"]
+    tol = 0 if encoding == "fp32" else 1e-3
+    np.testing.assert_array_equal(back.mid.row, mid.row)
+    np.testing.assert_array_equal(back.mid.nbytes, mid.nbytes)
+    np.testing.assert_array_equal(back.mid.ids[:, : mid.ids.shape[1]], mid.ids)
+    np.testing.assert_allclose(back.mid.probs[:, : mid.ids.shape[1]], mid.probs, atol=tol)
+    without = A.align_record_bytes(back, s_ids, text, text, 0, vmap, mid_token=False)
+    for max_positions in (None, 7):
+        fast = A.align_record_bytes(back, s_ids, text, text, 0, vmap, max_positions)
+        ref = A.align_record_bytes_reference(back, s_ids, text, text, 0, vmap, max_positions)
+        for a, b in zip(fast, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    pos, ids, probs, rest = A.align_record_bytes(back, s_ids, text, text, 0, vmap)
+    np.testing.assert_allclose(probs.sum(-1) + rest, 1.0, atol=5e-3)
+    assert set(without[0].tolist()) < set(pos.tolist()) and len(pos) == len(set(pos.tolist()))
+    # each added position is a student token ending strictly inside a teacher token, with that prefix's row
+    s_ends = np.cumsum(vmap.student_len[s_ids])
+    added = sorted(set(pos.tolist()) - set(without[0].tolist()))
+    assert len(added) >= len(mid.row) // 2
+    key = {(int(r), int(n)): a for a, (r, n) in enumerate(zip(mid.row, mid.nbytes))}
+    for j in added:
+        e = int(s_ends[j])
+        i = int(np.searchsorted(t_ends, e, side="right")) - 1
+        assert t_ends[i] < e < t_ends[i + 1]
+        a = key[(i, e - int(t_ends[i]))]
+        row = int(np.flatnonzero(pos == j)[0])
+        m = int((mid.ids[a] >= 0).sum())
+        assert ids[row, :m].tolist() == mid.ids[a, :m].tolist()
+    # a tempered run does not use them (T = 1 only)
+    tempered = A.align_record_bytes(replace(back, logz={2.0: np.zeros(len(t_ids), np.float32)}), s_ids, text, text,
+                                    0, vmap, temperature=2.0)
+    assert len(tempered[0]) == len(without[0])

@@ -92,7 +92,9 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
     from kd_mlx.data import answer_token_ids
     from kd_mlx.store import TopKStore, verify_store
     from kd_mlx.align import VocabMap
-    from kd_mlx.teacher.dump import HiddenCapturingTeacher, build_items, compute_shard, max_call_positions
+    from kd_mlx.align import mid_token_row_reference
+    from kd_mlx.teacher.dump import (HiddenCapturingTeacher, build_items, compute_shard, max_call_positions,
+                                     student_side)
     from kd_mlx.tokenizer import load_tokenizer
 
     st = TopKStore(world["exact"]["out"])
@@ -112,13 +114,15 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
     assert ident["tokenizer"] == tok.fingerprint() and ident["hidden_dim"] == 64
     # the store carries the teacher tokenizer (self-contained: train needs nothing else from the teacher)
     assert load_tokenizer(st.path / "tokenizer").fingerprint() == tok.fingerprint()
-    student_id = VocabMap.build(tok, load_tokenizer(world["student_tok"])).student_id
-    assert ident["student_tokenizer"] == load_tokenizer(world["student_tok"]).fingerprint()
+    s_tok = load_tokenizer(world["student_tok"])
+    student_id = VocabMap.build(tok, s_tok).student_id
+    assert ident["student_tokenizer"] == s_tok.fingerprint() and ident["mid_token_rows"] is True
+    student = student_side(tok, str(world["student_tok"]), 8)
 
     # round trip: the records of shard 1 recomputed through the same call are stored exactly
     items = build_items(qs[3:6], cmmlu, tok, 2, "question", 2048, ident["add_bos"])
     recs, _ = compute_shard(teacher, items, 8, letters, True, max_call_positions(teacher.vocab_size, None),
-                            [1.0, 2.0], student_id)
+                            [1.0, 2.0], student)
     for r in recs:
         got = st[r.id]
         for f in ("answer_logprobs", "token_ids", "offsets", "positions", "topk_ids", "topk_logprobs", "hidden"):
@@ -127,6 +131,10 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
         np.testing.assert_array_equal(got.logz[2.0], r.logz[2.0])
         for t in (1.0, 2.0):
             np.testing.assert_array_equal(got.class_mass[t], r.class_mass[t])
+        w = r.mid.ids.shape[1]
+        for f in ("row", "nbytes", "ids", "probs"):
+            np.testing.assert_array_equal(getattr(got.mid, f)[..., :w] if f in ("ids", "probs") else
+                                          getattr(got.mid, f), getattr(r.mid, f), err_msg=f)
     # calls split to bound the log-prob memory (one question per call here: no shared prefix) give the same
     # values up to float rounding
     split, _ = compute_shard(teacher, items, 8, letters, True, max_positions=1)
@@ -161,6 +169,21 @@ def test_round_trip_exact_and_equal_to_mlx_lm_forward(world):
             want = np.where(student_id[rec.topk_ids[r]] >= 0, totals[student_id[rec.topk_ids[r]] + 1], 0.0)
             np.testing.assert_allclose(rec.class_mass[1.0][r], want, atol=5e-4)
         np.testing.assert_allclose(rec.answer_probs.sum(), 1.0, atol=1e-6)
+        # mid-token rows: exactly the student boundaries strictly inside each next teacher token, each row the full
+        # row conditioned on the bytes written (plain loops over both vocabularies)
+        tb = p.text.encode("utf-8")
+        t_ends = np.cumsum([len(tok.token_bytes(int(i))) for i in ids])
+        s_ends = set(np.cumsum([len(s_tok.token_bytes(int(i))) for i in s_tok.encode(p.text)]).tolist())
+        want_keys = [(r, e - int(t_ends[i])) for r, i in enumerate(rec.positions.tolist()) if i + 1 < len(ids)
+                     for e in range(int(t_ends[i]) + 1, int(t_ends[i + 1])) if e in s_ends]
+        assert list(zip(rec.mid.row.tolist(), rec.mid.nbytes.tolist())) == want_keys and len(want_keys) > 3
+        for a in range(0, len(want_keys), max(1, len(want_keys) // 3)):
+            r, n = want_keys[a]
+            i = int(rec.positions[r])
+            ref_ids, ref_probs = mid_token_row_reference(lp[i], tb[int(t_ends[i]):int(t_ends[i]) + n], tok, s_tok, 8)
+            m = len(ref_ids)
+            assert rec.mid.ids[a, :m].tolist() == ref_ids and (rec.mid.ids[a, m:] == -1).all()
+            np.testing.assert_allclose(rec.mid.probs[a, :m], ref_probs, atol=5e-4)
 
 
 def test_answer_distribution_equals_teacher_score(world, tmp_path):

@@ -35,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..align import VocabMap
+from ..align import MidTokenProjector, VocabMap
 from ..data import (LETTERS, Question, answer_token_ids, build_prompt, load_cmmlu, load_splits, prompt_ids,
                     read_add_bos, split_questions)
 from ..safetensors_io import check_weight_dtypes, read_header, read_metadata
@@ -121,6 +121,7 @@ class PromptItem:
     positions: list[int]
     prefix_key: str
     truncated: bool
+    text: str  # the prompt text the ids encode
 
 
 def build_items(questions, cmmlu, tokenizer, shots: int, positions: str, max_tokens: int | None, add_bos: bool
@@ -140,7 +141,7 @@ def build_items(questions, cmmlu, tokenizer, shots: int, positions: str, max_tok
         else:
             pos = list(range(n))
         items.append(PromptItem(q.id, q.subject, LETTERS.index(q.answer) if q.answer in LETTERS else -1, ids,
-                                offs, pos, p.prefix, truncated))
+                                offs, pos, p.prefix, truncated, p.text))
     return items
 
 
@@ -299,10 +300,11 @@ def _split_by_positions(items: Sequence[PromptItem], group: Sequence[int], limit
 
 def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequence[int], hidden: bool,
                   max_positions: int | None = None, temperatures: Sequence[float] = (1.0,),
-                  student_id: np.ndarray | None = None) -> tuple[list[StoreRecord], dict]:
+                  student: StudentSide | None = None) -> tuple[list[StoreRecord], dict]:
     """Records of one shard's questions (one teacher call per prefix group, split so that no call asks for more
-    than `max_positions` top-k rows) and their statistics."""
-    summarise = Summariser(k, answer_ids, temperatures, student_id)
+    than `max_positions` top-k rows) and their statistics; with a `student` side also the class masses and the
+    mid-token rows, from the full rows."""
+    summarise = Summariser(k, answer_ids, temperatures, None if student is None else student.student_id)
     out: dict[int, tuple[dict, np.ndarray | None]] = {}
     groups = [g for pg in _prefix_groups(items) for g in _split_by_positions(items, pg, max_positions)]
     for group in groups:
@@ -310,8 +312,11 @@ def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequ
         seqs = [items[i].ids[L:] for i in group]
         pos = [[p - L for p in items[i].positions] for i in group]
 
-        def reduce(lp):
+        def reduce(lp, j, group=group):
             s = summarise(lp)
+            if student is not None:
+                it = items[group[j]]
+                s["mid"] = student.mid.rows(lp, it.ids, it.positions, it.text)
             h = teacher.take_hidden(lp.shape[0])[-1].copy() if hidden else None
             return s, h
 
@@ -325,7 +330,7 @@ def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequ
             id=it.qid, answer_logprobs=s["answer"], token_ids=np.asarray(it.ids, np.int32),
             offsets=np.asarray(it.offsets, np.int32).reshape(-1, 2), positions=np.asarray(it.positions, np.int32),
             topk_ids=s["topk_ids"], topk_logprobs=s["topk_logprobs"], hidden=h, label=it.label, logz=s["logz"],
-            class_mass=s["class_mass"]))
+            class_mass=s["class_mass"], mid=s.get("mid")))
         _add_stats(st, it, s)
     st["mass_sum"], st["entropy_sum"] = round(st["mass_sum"], 6), round(st["entropy_sum"], 6)
     return recs, st
@@ -477,20 +482,30 @@ def select_questions(cfg: dict):
     return cmmlu, questions
 
 
-def student_class_map(teacher_tok, student_tokenizer: str | None) -> tuple[np.ndarray | None, str | None]:
-    """(teacher id -> student first token, student fingerprint) for --student-tokenizer; (None, None) without one
-    or when it is the teacher's own tokenizer (the class of a token is then itself: nothing to keep)."""
+@dataclass
+class StudentSide:
+    """What the dump keeps for one student tokenizer: its fingerprint, the class map (teacher id -> student
+    first token) and the mid-token projector."""
+
+    fingerprint: str
+    student_id: np.ndarray
+    mid: MidTokenProjector
+
+
+def student_side(teacher_tok, student_tokenizer: str | None, k: int) -> StudentSide | None:
+    """The student side for --student-tokenizer; None without one or when it is the teacher's own tokenizer (the
+    class of a token is then itself and every boundary is shared: nothing to keep)."""
     if not student_tokenizer:
-        return None, None
+        return None
     student_tok = load_tokenizer(resolve_model_path(str(student_tokenizer)))
     vmap = VocabMap.build(teacher_tok, student_tok)
     if vmap.is_identity:
-        return None, None
-    return vmap.student_id, student_tok.fingerprint()
+        return None
+    return StudentSide(student_tok.fingerprint(), vmap.student_id, MidTokenProjector(teacher_tok, student_tok, k))
 
 
 def make_identity(st: DumpSettings, teacher, model_dir: Path, add_bos: bool, answer_ids: Sequence[int],
-                  hidden: bool, student_fp: str | None) -> dict:
+                  hidden: bool, student: StudentSide | None) -> dict:
     """What makes two dumps interchangeable: the teacher by content (config + weights hashes, never its path),
     the tokenizers, the prompt template and every flag that changes the rows."""
     conf_hash, weights_hash = teacher_fingerprint(model_dir)
@@ -500,7 +515,8 @@ def make_identity(st: DumpSettings, teacher, model_dir: Path, add_bos: bool, ans
         "template": TEMPLATE, "template_hash": template_hash(), "shots": st.shots, "positions": st.positions,
         "k": st.k, "encoding": st.encoding, "hidden_dim": int(teacher.config["hidden_size"]) if hidden else 0,
         "max_tokens": st.max_tokens, "add_bos": add_bos, "answer_token_ids": [int(a) for a in answer_ids],
-        "temperatures": st.temperatures, "student_tokenizer": student_fp,
+        "temperatures": st.temperatures, "student_tokenizer": student and student.fingerprint,
+        **({"mid_token_rows": True} if student else {}),
     }
 
 
@@ -550,9 +566,9 @@ def dump_store(cfg: dict, progress: bool = True, log: Callable[[str], Any] = pri
         raise KDError(f"--top-k {st.k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     answer_ids = answer_token_ids(tok)
     add_bos = read_add_bos(model_dir, tok) if cfg["add_bos"] is None else bool(cfg["add_bos"])
-    student_id, student_fp = student_class_map(tok, cfg["student_tokenizer"])
+    student = student_side(tok, cfg["student_tokenizer"], st.k)
     cmmlu, questions = select_questions(cfg)
-    identity = make_identity(st, teacher, model_dir, add_bos, answer_ids, bool(cfg["hidden"]), student_fp)
+    identity = make_identity(st, teacher, model_dir, add_bos, answer_ids, bool(cfg["hidden"]), student)
     ids = [q.id for q in questions]
     check_ranks_agree(group, identity, ids, st)
 
@@ -570,7 +586,7 @@ def dump_store(cfg: dict, progress: bool = True, log: Callable[[str], Any] = pri
         items = build_items([by_id[i] for i in planned[s]], cmmlu, tok, st.shots, st.positions, st.max_tokens,
                             add_bos)
         return compute_shard(teacher, items, st.k, answer_ids, bool(cfg["hidden"]),
-                             max_call_positions(teacher.vocab_size, st.budget), st.temperatures, student_id)
+                             max_call_positions(teacher.vocab_size, st.budget), st.temperatures, student)
 
     t0 = time.perf_counter()
     write_shards(group, writer, todo, compute, progress)
@@ -616,13 +632,14 @@ def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatu
     tok = teacher.tokenizer
     st = DumpSettings("", "", Path(out), "prompt", encoding, int(k), 0, int(shard_size), None, None,
                       parse_temperatures(list(temperatures)))
-    student_id, student_fp = student_class_map(tok, student_tokenizer)
+    student = student_side(tok, student_tokenizer, st.k)
     answer_ids = answer_token_ids(tok)
     conf_hash, weights_hash = teacher_fingerprint(Path(teacher.model_dir))
     identity = {"teacher_config_hash": conf_hash, "teacher_weights_hash": weights_hash,
                 "tokenizer": tok.fingerprint(), "template": "text", "positions": "prompt", "k": st.k,
                 "encoding": encoding, "hidden_dim": 0, "add_bos": add_bos, "temperatures": st.temperatures,
-                "student_tokenizer": student_fp, "answer_token_ids": [int(a) for a in answer_ids]}
+                "student_tokenizer": student and student.fingerprint, **({"mid_token_rows": True} if student else {}),
+                "answer_token_ids": [int(a) for a in answer_ids]}
     ids = list(ids) if ids is not None else [f"text/{i:06d}" for i in range(len(texts))]
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
     items = []
@@ -630,14 +647,14 @@ def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatu
         t_ids, offs = tok.encode_with_offsets(text)
         t_ids, offs = bos + list(t_ids), [(0, 0)] * len(bos) + [tuple(o) for o in offs]
         # one prefix group for all: a shard's texts go through the teacher in as few calls as the budget allows
-        items.append(PromptItem(qid, "text", -1, t_ids, offs, list(range(len(t_ids))), "", False))
+        items.append(PromptItem(qid, "text", -1, t_ids, offs, list(range(len(t_ids))), "", False, text))
     by_id = {it.qid: it for it in items}
     writer = StoreWriter(st.out, identity, shard_size=st.shard_size)
     planned, todo = plan_shards(writer, ids, st)
 
     def compute(s: int) -> tuple[list[StoreRecord], dict]:
         return compute_shard(teacher, [by_id[i] for i in planned[s]], st.k, answer_ids, False, None,
-                             st.temperatures, student_id)
+                             st.temperatures, student)
 
     save_tokenizer_files(st.out, teacher.model_dir, tok.fingerprint())
     write_shards(_group(), writer, todo, compute, progress)
@@ -680,8 +697,8 @@ def format_quality(q: dict, max_subjects: int = 10) -> str:
 @click.option("--add-bos/--no-add-bos", default=None, help="prepend BOS (default: the tokenizer config's choice)")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="allow the model's own tokenizer code")
 @click.option("--student-tokenizer", default=None,
-              help="student model/tokenizer dir: keep each top-k slot's full-row mass per student first token, "
-                   "which makes cross-tokenizer token targets exact")
+              help="student model/tokenizer dir: keep each top-k slot's full-row mass per student first token "
+                   "(exact cross-tokenizer targets) and the rows at student positions inside a teacher token")
 @click.option("--temperatures", default=None,
               help="token-KD temperatures to keep exact normalisers for, e.g. 1,2 (1)")
 @click.option("--progress/--no-progress", default=True, help="progress bar")

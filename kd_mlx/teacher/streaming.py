@@ -428,7 +428,7 @@ class StreamingTeacher:
 
     `logprobs_at(sequences, positions, prefix=None, reduce=None)`: for each sequence (token ids after `prefix`),
     the float32 log-softmax over the full vocabulary at `positions[i]` (indices into the sequence, not counting the
-    prefix) as a numpy array (len(positions[i]), vocab), or `reduce(that array)`."""
+    prefix) as a numpy array (len(positions[i]), vocab), or `reduce(that array, i)`."""
 
     def __init__(self, model_dir: str | Path, memory_budget: int | None = None, *, trust_remote_code: bool = False,
                  prefetch: bool = True, max_block: int = 512, progress: bool = False,
@@ -550,7 +550,7 @@ class StreamingTeacher:
             for chunk in self._chunks(seqs, pre):
                 out = self._run_chunk(chunk, seqs, positions, pre, prefetcher, head_reader)
                 for i, lp in out.items():
-                    results[i] = reduce(lp) if reduce is not None else lp
+                    results[i] = reduce(lp, i) if reduce is not None else lp
                 self.stats.chunks += 1
         finally:
             for u in reversed(undo):

@@ -11,7 +11,8 @@ or character with kd_align=chars), only inside the question part both prompts sh
 The targets are exact where the store allows it: the full teacher row tempered at `kd_temperature` (the store must
 keep log Z_T for it: `teacher dump --temperatures 1,T`), projected with the full-row class masses when the store was
 dumped with this student's tokenizer (`teacher dump --student-tokenizer`); otherwise the top-k sum per student id
-(a lower bound, the rest in the remainder), said once as a warning.
+(a lower bound, the rest in the remainder), said once as a warning. Such a store also carries the rows at student
+positions inside a teacher token (`kd_mlx.align.MidTokenRows`), used with kd_align bytes at kd_temperature 1.
 
 Config keys read here: kd_weight, kd_align, kd_max_positions, kd_temperature, max_seq_len, shots, and
 `verify_store` (default true; false = `--no-verify`: skip the once-per-run check of the shards' sha256).
@@ -85,12 +86,16 @@ def build_examples(questions: Sequence, cmmlu, store, teacher_tok, student_tok, 
                       f"(teacher dump --student-tokenizer makes them exact)", stacklevel=2)
     t_kd = float(cfg.kd_temperature)
     by_bytes = cfg.kd_align == "bytes"
+    if exact and store.identity.get("mid_token_rows") and (t_kd != 1.0 or not by_bytes):
+        warnings.warn(f"store {store.path} has mid-token rows (targets inside teacher tokens); they are used with "
+                      f"kd_align bytes at kd_temperature 1 only, this run has {cfg.kd_align} at {t_kd:g}",
+                      stacklevel=2)
     max_len = cfg.max_seq_len
     out = []
     for q in tqdm(questions, desc=f"{kind} examples", disable=not progress, leave=False):
         rec = store[q.id]
-        if not exact:
-            rec = replace(rec, class_mass={})
+        if not exact:  # class masses and mid-token rows belong to another student tokenizer
+            rec = replace(rec, class_mass={}, mid=None)
         dev = cmmlu.dev.get(q.subject, [])
         t = prompt_ids(q, dev, teacher_tok, check.shots, check.max_tokens,
                        check.add_bos and teacher_tok.bos_id is not None)
