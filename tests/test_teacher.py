@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from kd_mlx.teacher import StreamingTeacher, reference_logprobs_at
 from kd_mlx.teacher.loading import load_in_memory, normalise_config
-from kd_mlx.testing.models import smollm2_dir, tiny_hf_kimi_k2_checkpoint, tiny_kimi_k2_dir, tiny_phi_dir
+from kd_mlx.testing.models import (smollm2_dir, tiny_family_dir, tiny_hf_kimi_k2_checkpoint, tiny_kimi_k2_dir,
+                                    tiny_phi_dir)
 from kd_mlx.utils import KDError
 
 TOL = 1e-4
@@ -393,3 +394,21 @@ def test_synthetic_teacher_writer_small(tmp_path):
     load_model(d)  # names, shapes and quantization as mlx-lm expects
     seqs, pos = _seqs(9, (6,)), [[5]]
     _check_equal(StreamingTeacher(d, 8_000_000).logprobs_at(seqs, pos), reference_logprobs_at(d, seqs, pos))
+
+
+def test_many_sequences_keep_the_experts_rows_within_the_budget(tmp_path):
+    """A call of many sequences through a MoE whose tokens each select 8 experts: the experts stage holds one row per
+    (token, expert), so chunks are sized for those rows too and the MLX peak stays within the budget; same
+    log-probs as the in-memory model."""
+    path = tiny_family_dir("qwen3_moe", tmp_path / "qwen_k8", overrides={"num_experts_per_tok": 8})
+    total = json.loads((path / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    seqs = _seqs(4, [24] * 40, vocab=4096)
+    pos = [[0, len(s) - 1] for s in seqs]
+    ref = reference_logprobs_at(path, seqs, pos)
+    base = memory_before()
+    t = StreamingTeacher(path, total // 2)
+    mx.reset_peak_memory()
+    out = t.logprobs_at(seqs, pos)
+    assert mx.get_peak_memory() - base <= 1.1 * t.memory_budget
+    assert t.stats.chunks > 1
+    _check_equal(out, ref)

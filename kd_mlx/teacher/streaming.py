@@ -35,7 +35,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -672,6 +672,12 @@ class StreamingTeacher:
             hd = 2 * int(c.get("head_dim") or D // H)
         return D, H, I, hd
 
+    def _experts_per_token(self) -> int:
+        """Routed experts each token selects (the config's name for it varies by family; at most all of them)."""
+        c = self.text_config
+        k = c.get("num_experts_per_tok") or c.get("num_experts_per_token") or c.get("moe_topk")
+        return int(k) if k else max(self.plan.n_experts + [0])
+
     def _act_bytes(self, batch: int, q: int, lk: int) -> int:
         """Transient bytes for `batch` sequences, `q` query tokens attending to `lk` keys (a safe overestimate)."""
         D, H, I, hd = self._dims()
@@ -686,6 +692,8 @@ class StreamingTeacher:
         V = self.vocab_size
         resident = self.plan.act_budget // 2
         per_tok = 4 * D * 4  # hidden in, hidden out, experts input and output (fp32)
+        if any(self.plan.n_experts):  # the experts stage's output: one row per (token, selected expert)
+            per_tok += 4 * D * self._experts_per_token()
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         chunk, used = [], len(pre) * per_tok * 2
         for i in order:
@@ -961,7 +969,9 @@ class StreamingTeacher:
         self.stats.per_layer_experts[li] = len(used)
         path = self.structure.experts[li][stand_in.slot]
         keys = self.expert_keys[li][path]
-        parts: list = []  # (flat (token, slot) indices, outputs) per expert run
+        # every (token, slot) row is written once into one output, in place (MLX donates the buffer to each
+        # scatter): the stage holds that output and one expert's rows, not all rows twice more
+        out, written = None, 0
         if self.plan.resident:
             groups = [used]
         else:
@@ -985,37 +995,41 @@ class StreamingTeacher:
                 del w
                 local = np.full(int(used.max()) + 1, -1, dtype=np.int32)
                 local[grp] = np.arange(len(grp), dtype=np.int32)
-            parts += self._run_experts(switch, X, I, grp, local)
+            for flat, y in self._expert_outputs(switch, X, I, grp, local):
+                if out is None:
+                    out = mx.zeros((I.size, y.shape[-1]), dtype=y.dtype)
+                out[mx.array(flat.astype(np.int32))] = y
+                mx.eval(out)
+                written += len(flat)
+                del y
             if not self.plan.resident:
                 self._restore(keys)
                 if fut is None and gi + 1 < len(groups):
                     fut = prefetcher.submit(self._read_rows, keys, groups[gi + 1])
             self.stats.experts_loaded += len(grp)
-        # every (token, slot) was computed exactly once: one gather puts the rows back in order, then each task
-        # takes its own tokens' rows
-        order = np.argsort(np.concatenate([f for f, _ in parts]))
-        out = mx.concatenate([y for _, y in parts], axis=0)[mx.array(order.astype(np.int32))]
-        mx.eval(out)
+        if written != I.size:
+            raise RuntimeError(f"routed experts of layer {li}: {written} of {I.size} (token, slot) rows computed")
         k, start = I.shape[1], 0
         for t, ind in zip(group, inds):
             idx = t.barrier[2][2]
             t.reply = out[start * k:(start + len(ind)) * k].reshape(*idx.shape, out.shape[-1])
             start += len(ind)
 
-    def _run_experts(self, switch, X, I: np.ndarray, grp, local: np.ndarray) -> list[tuple[np.ndarray, Any]]:
+    def _expert_outputs(self, switch, X, I: np.ndarray, grp, local: np.ndarray) -> Iterator[tuple[np.ndarray, Any]]:
         """Outputs of the experts in `grp` for the (token, slot) pairs that chose them, as (flat token x slot
-        indices, rows): mlx-lm's module with remapped indices ("gather"), or one dense matmul per expert."""
+        indices, rows), one run at a time: mlx-lm's module with remapped indices ("gather"), or one dense matmul
+        per expert."""
         k = I.shape[1]
         t, j = np.nonzero(np.isin(I, grp))
         if not len(t):
-            return []
+            return
         flat = t * k + j
         if self.expert_kernel == "gather":
             y = switch(X[mx.array(t.astype(np.int32))], mx.array(local[I[t, j]])[:, None])[:, 0]
             mx.eval(y)
-            return [(flat, y)]
+            yield flat, y
+            return
         e_of = local[I[t, j]]
-        out = []
         for e in np.unique(e_of):
             sel = np.nonzero(e_of == e)[0]
             undo = [_swap(switch, name, _OneExpert(child, int(e), self.dequant_min_tokens))
@@ -1026,8 +1040,7 @@ class StreamingTeacher:
             finally:
                 for u in undo:
                     u()
-            out.append((flat[sel], y))
-        return out
+            yield flat[sel], y
 
     # -------------------------------------------------------------------------------------------- weights
     def _install_all(self) -> None:
@@ -1115,7 +1128,7 @@ class StreamingTeacher:
         """Rough bytes read per question in a chunk of one: every resident weight + the routed experts."""
         f = self.files
         per = sum(self.plan.layer_bytes) + sum(f.info(k).nbytes for k in self.other_keys + self.head_keys)
-        k = int(self.text_config.get("num_experts_per_tok") or 0)
+        k = self._experts_per_token()
         for e, ne in zip(self.plan.expert_bytes, self.plan.n_experts):
             if ne:
                 frac = experts_touched_fraction if experts_touched_fraction is not None else \
