@@ -580,9 +580,10 @@ def mid_token_targets(mid: MidTokenRows, positions, t_ends: np.ndarray, s_ends: 
     hit[hit] = keys[order][at[hit]] == want[hit]
     j = np.flatnonzero(hit)
     src = order[at[j]]
-    probs = np.asarray(mid.probs, np.float32)[src].reshape(len(j), -1)
+    width = max(1, np.shape(mid.ids)[1] if np.ndim(mid.ids) == 2 else 1)
+    probs = np.asarray(mid.probs, np.float32).reshape(-1, width)[src]
     rest = np.maximum(0.0, 1.0 - probs.sum(-1, dtype=np.float64)).astype(np.float32)
-    return j.astype(np.int32), np.asarray(mid.ids, np.int32)[src].reshape(len(j), -1), probs, rest
+    return j.astype(np.int32), np.asarray(mid.ids, np.int32).reshape(-1, width)[src], probs, rest
 
 
 def _merge_rows(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], max_positions: int | None

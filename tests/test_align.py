@@ -647,6 +647,13 @@ def test_mid_token_rows_full_row_store_and_placement(encoding, kimi_tok, phi_tok
         row = int(np.flatnonzero(pos == j)[0])
         m = int((mid.ids[a] >= 0).sum())
         assert ids[row, :m].tolist() == mid.ids[a, :m].tolist()
+    # a shared text of the last character only, and none at all: the same rows as the plain loops
+    for late in (len(text) - 1, len(text)):
+        fast = A.align_record_bytes(back, s_ids, text, text, late, vmap)
+        ref = A.align_record_bytes_reference(back, s_ids, text, text, late, vmap)
+        for a, b in zip(fast, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert len(fast[0]) == 0
     # a tempered run does not use them (T = 1 only)
     tempered = A.align_record_bytes(replace(back, logz={2.0: np.zeros(len(t_ids), np.float32)}), s_ids, text, text,
                                     0, vmap, temperature=2.0)
