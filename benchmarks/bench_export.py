@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from kd_mlx.utils import peak_rss_bytes  # noqa: E402  (this checkout's kd_mlx, inserted above)
 
 FALLBACK_QUESTIONS = [
     ("中国的首都是哪座城市？", ("上海", "北京", "广州", "深圳"), "elementary_mathematics"),
@@ -42,18 +42,6 @@ FALLBACK_QUESTIONS = [
     ("地球绕太阳一周大约需要多久？", ("一天", "一个月", "一年", "十年"), "astronomy"),
     ("人体最大的器官是什么？", ("心脏", "皮肤", "肝脏", "大脑"), "anatomy"),
 ]
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. Linux: VmHWM (ru_maxrss survives exec, so a child would report its parent's peak)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 def prompt_texts(n: int) -> tuple[list[str], str]:

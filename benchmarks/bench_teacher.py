@@ -87,7 +87,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -95,6 +94,8 @@ from pathlib import Path
 
 import click
 import numpy as np
+
+from kd_mlx.utils import peak_rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -109,11 +110,6 @@ FIT_OVERRIDES = {"hidden_size": 1024, "intermediate_size": 2816, "moe_intermedia
 QWEN_FIT = {"hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 512, "num_experts": 32,
             "num_experts_per_tok": 8, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
             "num_hidden_layers": 5}
-
-
-def peak_rss() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 def drop_cache(model_dir: Path) -> None:
@@ -190,7 +186,7 @@ def child(kind: str, args: dict) -> dict:
         raise ValueError(kind)
     out["wall_s"] = time.perf_counter() - t0
     out["peak_mlx"] = int(mx.get_peak_memory())
-    out["peak_rss"] = peak_rss()
+    out["peak_rss"] = peak_rss_bytes()  # VmHWM: not floored at the parent's RSS
     if res is not None:
         lp = np.stack([np.asarray(r).reshape(-1, np.asarray(r).shape[-1])[-1] for r in res])
         np.save(args["save"], lp)

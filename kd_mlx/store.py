@@ -165,6 +165,7 @@ class StoreRecord:
                 for i in range(p)
             ],
             "hidden_dim": None if self.hidden is None else int(self.hidden.shape[-1]),
+            "mid_token_rows": None if self.mid is None else int(len(self.mid.row)),
         }
 
 

@@ -306,7 +306,14 @@ def cache_dir() -> Path:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size in bytes (macOS reports bytes, Linux KiB)."""
+    """This process's peak resident set size in bytes. Linux: VmHWM of its own address space (ru_maxrss survives
+    exec, so a process started by a large parent would report the parent's RSS); macOS: ru_maxrss (bytes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r if sys.platform == "darwin" else r * 1024)
 
