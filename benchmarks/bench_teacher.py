@@ -73,6 +73,24 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     0.88 GiB; qwen3_moe 3.3 s vs resident 1.7 s = 1.91x, peak RSS 0.67 GiB. Tried and rejected in the run before it:
     whole tensors through MLX's lazy `mx.load(shard)[key]` (no zero-fill pass; 512 MB in 0.18 s vs 0.41 s for
     mx.zeros + preadv in isolation): streamed 3.2 s (no faster) and peak RSS 1.99 GiB on both models, over budget.
+    On a lent GPU machine (one NVIDIA H200, 16 CPU cores, Firecracker VM; 2026-12-01, sources of 93e2818, mlx 0.32.4
+    + mlx-cuda-13; no baseline arm: it needs git): with MLX's CUDA backend streamed vs resident is deepseek_v3
+    2.0 vs 0.036 s = 55x, qwen3_moe 1.7 vs 0.028 s = 59x (4 prompts); 27x / 28x (16 prompts); 12x / 14x (64
+    prompts, 3.0 / 2.8 s, the model read twice), io wait 0.5-0.9 s. A streamed call costs about what loading the
+    model once does (resident first call with the load: 2.1 s): on a GPU this model's forward (0.03-0.24 s) is far
+    too short to hide ~2 s of reading and copying, so the guess that a GPU forward would hide the reads is wrong at
+    this size. Max |diff| vs resident 1e-2..4.6 on CUDA (its fp32 matmuls round like TF32: 6.3e-5 relative error on a
+    2048^2 product; 61 of 64 argmax equal for deepseek_v3 at 64 prompts), so the CPU's <= 1e-4 parity does not carry
+    over to that backend. MLX's CPU backend on the same 16 cores: 4.5 vs 2.8 s = 1.60x (deepseek_v3), 3.9 vs 2.6 s =
+    1.52x (qwen3_moe), as on 2 cores: more cores do not close the gap either. Peak RSS figures of those runs came from
+    ru_maxrss, which a child inherits from the parent that generated the models (now VmHWM, see below).
+    64 prompts (13,011 tokens) on the build machine (2026-12-01, load ~2-3 from other jobs, sources of 93e2818):
+    deepseek_v3 streamed 33.0 s vs baseline executor 51.6 s (0.64x) vs resident 76.5 s (0.43x: with no budget
+    all 64 prompts run as one batch, slower on this CPU than the streamed executor's smaller chunks); qwen3_moe 29.1
+    vs 53.2 s (0.55x). But peak MLX 1.59 GiB / RSS 2.93 GiB under a 1.08 GiB budget (qwen3_moe 1.35 / 2.39 GiB under
+    0.88): the experts stage held every (token, expert) output row three times (the rows, their concatenation, the
+    reordered gather) and chunks did not count them. Fixed in the following commit (rows written once in place,
+    counted per token by the chunking); re-measured below.
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
