@@ -710,14 +710,15 @@ class MidTokenProjector:
         """(ids (≤ k,), probs) of one full log-prob row `lp` (V,) conditioned on the next token beginning with p;
         None when no teacher token begins with p or their mass underflows."""
         cand, inv, classes = self._group(p)
-        cand = cand[cand < len(lp)]  # a head narrower than the tokenizer (never in practice)
+        inside = cand < len(lp)  # a head narrower than the tokenizer (never in practice)
+        cand, inv = cand[inside], inv[inside]
         if not len(cand):
             return None
         mass = np.exp(np.asarray(lp, np.float64)[cand])
         z = mass.sum()
         if not np.isfinite(z) or z <= 0:
             return None
-        by_class = np.bincount(inv[: len(cand)], weights=mass / z, minlength=len(classes))
+        by_class = np.bincount(inv, weights=mass / z, minlength=len(classes))
         real = classes >= 0
         cls, m = classes[real], by_class[real]
         order = np.lexsort((cls, -m))[: self.k]  # mass descending, ties: lower id
