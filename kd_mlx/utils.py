@@ -5,6 +5,7 @@ Every CLI in kd_mlx turns a `KDError` into one line on stderr and exit code 1 (s
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import json
@@ -303,6 +304,20 @@ def cache_dir() -> Path:
     base = os.environ.get("KD_MLX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
                                                           or os.path.expanduser("~/.cache"), "kd_mlx")
     return Path(base)
+
+
+def return_freed_memory_to_os() -> None:
+    """glibc only: allocations above 128 KiB always come from mmap and go back to the OS when freed. By default
+    glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which the large,
+    short-lived buffers of a streamed forward stay in its heaps: measured on bench_teacher (b) at 64 prompts, peak
+    RSS 1.47 GiB with MLX at 0.78 GiB (active + cache); with the fixed threshold 0.93 GiB. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(128 * 1024))  # M_MMAP_THRESHOLD: fixed, no longer dynamic
+    except (OSError, AttributeError):  # another C library (musl): nothing to set
+        pass
 
 
 def peak_rss_bytes() -> int:
