@@ -107,7 +107,9 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     executor 49.3 s = 1.24x vs resident 62.6 s = 0.98x, peak MLX 0.68 GiB, peak RSS 0.94 GiB (0.81x the budget;
     baseline 1.26 GiB); qwen3_moe 50.0 vs 46.7 s = 1.07x, peak RSS 0.76 GiB (0.81x). Streamed 54.2 -> 61.3 s across
     the two runs (the other arms moved -8%..-2%): fresh mmapped pages for each large buffer cost some speed; the
-    budget, which is about RSS, now holds.
+    budget, which is about RSS, now holds. `--questions-b 4` after it (01:44): deepseek_v3 generic 6.4 s vs baseline
+    7.0 s = 0.90x, vs resident 3.8 s = 1.66x, peak RSS 0.73 GiB; qwen3_moe 5.1 vs 3.3 s = 1.55x, peak RSS 0.59 GiB
+    (at 4 prompts the ratio has ranged 1.26-1.91x over this session's runs).
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
