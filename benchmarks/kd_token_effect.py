@@ -32,7 +32,8 @@ Measured 2026-12-01 with the mid-token rows stored by the dump, 5 seeds, two job
     cross / same gain (no mid)  0.81     0.41     0.80     0.30     0.35     0.55
   The mid-token rows lower bits per byte on every seed (+0.008..+0.051) and raise the ratio from 0.55 to 0.77; the
   goal (>= 0.8) is not met, and the per-seed spread (0.45-1.00) is as large as the remaining gap. MLX peak 2.3 GB,
-  peak RSS 3.0 GB per job.
+  peak RSS 3.0 GB per job. Seeds 5 and 6 (arms 0,1,3,4): gpt2 CE 3.9300 / 3.9511, CE+KD 3.8653 / 3.8716, smol CE
+  3.7631 / 3.7796, CE+KD 3.6546 / 3.6792: ratio 0.60 / 0.79; over the 7 seeds 0.75 (mean gains 0.0746 / 0.0999).
 
 Earlier figures (the tiny setting below; before the dump stored mid-token rows, so "CE+KD bytes" there is byte
 alignment only, and arm 8 was the same rows computed in the benchmark from the teacher's full rows):
