@@ -122,7 +122,8 @@ def full_rows(teacher, texts: list[str], kmax: int):
     res = []
     for a in range(0, len(enc), 4):  # 4 texts per call: the teacher holds a call's full-vocab rows at once
         part = enc[a:a + 4]
-        res += teacher.logprobs_at([e[0] for e in part], [list(range(len(e[0]))) for e in part], reduce=lambda lp, _: summ(lp))
+        res += teacher.logprobs_at([e[0] for e in part], [list(range(len(e[0]))) for e in part],
+                                   reduce=lambda lp, _: summ(lp))
     return [(np.array(ids, np.int32), np.array(offs, np.int32).reshape(-1, 2), r) for (ids, offs), r in zip(enc, res)]
 
 

@@ -7,7 +7,8 @@ the control, with SmolLM2's tokenizer. Text: real CMMLU question blocks (题目 
 `make_splits(seed 0)`; held-out: test-split question blocks. The teacher store is made by the real dump path
 (`kd_mlx.teacher.dump.dump_texts`: every position, top-k, and for GPT-2's tokenizer the full-row class masses and
 the mid-token rows). Arms, equal texts / order / steps: CE only; CE + token KD (bytes alignment with the mid-token
-rows, chars alignment); same-tokenizer CE and CE + KD. Reported: held-out bits per byte (kd_mlx.textkd.bits_per_byte) and
+rows, chars alignment); same-tokenizer CE and CE + KD. Reported: held-out bits per byte
+(kd_mlx.textkd.bits_per_byte) and
 
     ratio = (bpb CE − bpb CE+KD) with GPT-2's tokenizer  /  (bpb CE − bpb CE+KD) with SmolLM2's tokenizer.
 

@@ -179,7 +179,8 @@ _TENSOR_DTYPES = {
     "topk_logprobs": ("F32",), "topk_ids_u24": ("U8",), "topk_logprobs_f16": ("F16",), "topk_q8": ("U8",),
     "topk_top1": ("F32",), "topk_step": ("F16",), "rice_b": ("U8",), "rice_unary": ("U8",),
     "rice_unary_splits": ("I64",), "rice_rem": ("U8",), "rice_rem_splits": ("I64",), "hidden": ("F32", "F16"),
-    "mid_splits": ("I64",), "mid_row": ("I32",), "mid_nbytes": ("I32",), "mid_ids": ("I32",), "mid_probs": ("F32", "F16"),
+    "mid_splits": ("I64",), "mid_row": ("I32",), "mid_nbytes": ("I32",), "mid_ids": ("I32",),
+    "mid_probs": ("F32", "F16"),
 }
 _PER_TEMPERATURE_DTYPES = {"logz": ("F32",), "class_mass": ("F32", "F16")}
 CONTENT_HASH_KEY = "content_sha256"
