@@ -110,6 +110,10 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     budget, which is about RSS, now holds. `--questions-b 4` after it (01:44): deepseek_v3 generic 6.4 s vs baseline
     7.0 s = 0.90x, vs resident 3.8 s = 1.66x, peak RSS 0.73 GiB; qwen3_moe 5.1 vs 3.3 s = 1.55x, peak RSS 0.59 GiB
     (at 4 prompts the ratio has ranged 1.26-1.91x over this session's runs).
+    What the threshold costs, quiet machine (02:10, one 64-prompt streamed call on deepseek_v3, cold cache, each
+    twice): fixed 128 KiB 35.5 / 35.7 s, peak RSS 0.94 GiB; fixed 4 MiB 32.8 / 32.6 s, 1.21 GiB; glibc's dynamic
+    default 28.4 / 29.0 s, 1.44 GiB; dynamic + malloc_trim(0) after each layer 31.1 / 29.3 s, 1.40 GiB (the peak is
+    inside a layer). Only 128 KiB keeps the 1.08 GiB budget: ~24% slower than the default, which overshoots 1.33x.
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
