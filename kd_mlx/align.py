@@ -571,10 +571,10 @@ def mid_token_targets(mid: MidTokenRows, positions, t_ends: np.ndarray, s_ends: 
     hit &= (t_ends[i] < e) & (t_ends[i] >= region_b)
     r = np.where(hit, row_at[i], -1)
     hit &= r >= 0
-    width = 1 << 20  # bytes per token are far fewer
-    keys = np.asarray(mid.row, np.int64) * width + np.asarray(mid.nbytes, np.int64)
+    per_row = 1 << 20  # one key per (row, bytes written): bytes per token are far fewer
+    keys = np.asarray(mid.row, np.int64) * per_row + np.asarray(mid.nbytes, np.int64)
     order = np.argsort(keys, kind="stable")
-    want = r * width + (e - t_ends[i])
+    want = r * per_row + (e - t_ends[i])
     at = np.clip(np.searchsorted(keys[order], want), 0, max(len(keys) - 1, 0))
     hit &= len(keys) > 0
     hit[hit] = keys[order][at[hit]] == want[hit]
@@ -683,9 +683,10 @@ class MidTokenProjector:
             if i < len(self.t_bytes):
                 self.t_bytes[i] = b""  # specials stand for no text: never a candidate
         self.t_len = np.array([len(b) for b in self.t_bytes], np.int64)
-        self.s_len = token_byte_lengths(student_tok)
+        s_bytes, s_special = _token_bytes_table(student_tok), special_token_ids(student_tok)
+        self.s_len = _byte_lengths(s_bytes, s_special)
         self.student_tok = student_tok
-        self._s_prefix = _PrefixIndex(_token_bytes_table(student_tok), special_token_ids(student_tok))
+        self._s_prefix = _PrefixIndex(s_bytes, s_special)
         self._by_head: dict[bytes, list[int]] = {}  # the first 1..3 bytes -> teacher ids beginning with them
         for v, b in enumerate(self.t_bytes):
             for n in range(1, min(len(b), 3) + 1):

@@ -312,7 +312,7 @@ def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequ
         seqs = [items[i].ids[L:] for i in group]
         pos = [[p - L for p in items[i].positions] for i in group]
 
-        def reduce(lp, j, group=group):
+        def reduce(lp, j):
             s = summarise(lp)
             if student is not None:
                 it = items[group[j]]
