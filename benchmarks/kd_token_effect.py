@@ -169,13 +169,15 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
           flush=True)
 
     def examples(tok, vmap=None, align="bytes", exact=True, context=True, texts=train_texts, with_kd=True,
-                 thin_to=None, mid_token=True):
+                 thin_to=None, mid_token=True, mid_check=False):
         st = store if with_kd else None
         if st is not None and not exact:
             st = {i: _without_class_mass(store[i]) for i in ids}
         exs = text_examples(texts, tok, st, ids, vmap, align, temperature, mid_token=mid_token)
         if st is not None and not context:  # the same rows without the context check
             exs = _no_context_check(exs, texts, tok, st, ids, vmap, temperature)
+        if st is not None and mid_check:
+            _mid_context_check(exs, texts, st, ids, vmap, tok)
         if st is not None and thin_to is not None:
             _thin_rows(exs, thin_to(), seed)
         return exs
@@ -193,7 +195,9 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                  # the cross-tokenizer arm has (a ratio near this arm's means the lost rows are the loss)
                  ("smol", "CE+KD, rows thinned to cross coverage", dict(thin_to=cross_coverage)),
                  # what the rows at student positions inside a teacher token add (arm 1 has them)
-                 ("gpt2", "CE+KD bytes, no mid-token rows", dict(mid_token=False))]
+                 ("gpt2", "CE+KD bytes, no mid-token rows", dict(mid_token=False)),
+                 # mid-token rows only where the student's real next token is the class of the teacher's real one
+                 ("gpt2", "CE+KD bytes, mid-token rows context-checked", dict(mid_check=True))]
     if only:
         arms = [arms[int(i)] for i in only.split(",")]
     held = {"gpt2": examples(gpt2, with_kd=False, texts=eval_texts), "smol": examples(smol, with_kd=False,
@@ -257,6 +261,34 @@ def _thin_rows(exs, rows_per_token: float, seed: int) -> None:
 def _without_class_mass(rec):  # and without the mid-token rows: nothing from the full row
     rec.class_mass, rec.mid = {}, None
     return rec
+
+
+def _mid_context_check(exs, texts, store, ids, vmap, tok):
+    """Drop mid-token rows whose class of the teacher's real next token (the longest student token beginning the
+    rest of its bytes) is not the student's real next token."""
+    from kd_mlx.align import _PrefixIndex, _token_bytes_table, special_token_ids
+
+    prefix = _PrefixIndex(_token_bytes_table(tok), special_token_ids(tok))
+    n_mid = n_drop = 0
+    for e, text, qid in zip(exs, texts, ids):
+        if e.kd_pos is None or not len(e.kd_pos):
+            continue
+        rec = store[qid]
+        t_ends = np.cumsum(vmap.teacher_len[np.asarray(rec.token_ids, np.int64)])
+        s_ends = np.cumsum(vmap.student_len[e.ids.astype(np.int64)])
+        tb = text.encode("utf-8")
+        keep = np.ones(len(e.kd_pos), bool)
+        for a, j in enumerate(e.kd_pos.tolist()):
+            end = int(s_ends[j])
+            k = int(np.searchsorted(t_ends, end, side="right"))  # the teacher token ending after the student's
+            if k == 0 or k >= len(t_ends) or t_ends[k - 1] == end:
+                continue  # a boundary row
+            n_mid += 1
+            if prefix.longest_prefix(tb[end:int(t_ends[k])]) != int(e.ids[j + 1]):
+                keep[a] = False
+                n_drop += 1
+        e.kd_pos, e.kd_ids, e.kd_probs, e.kd_rest = e.kd_pos[keep], e.kd_ids[keep], e.kd_probs[keep], e.kd_rest[keep]
+    print(f"mid-token context check: {n_drop} of {n_mid} mid-token rows dropped", flush=True)
 
 
 def _no_context_check(exs, texts, tok, store, ids, vmap, temperature):

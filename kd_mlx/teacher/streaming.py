@@ -46,7 +46,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from tqdm import tqdm
 
 from ..tokenizer import load_tokenizer
-from ..utils import KDError, format_bytes, resolve_model_path, return_freed_memory_to_os
+from ..utils import KDError, format_bytes, resolve_model_path, use_one_malloc_arena
 from .loading import LazyModel, build_skeleton
 from .reference import log_softmax_np
 
@@ -435,6 +435,8 @@ class StreamingTeacher:
                  expert_kernel: str | None = None, dequant_min_tokens: int = 16,
                  dequantize_layers: bool | None = None, direct_reads: bool = True,
                  min_expert_groups: int = 4, process_bytes: int | None = None):
+        if memory_budget is not None:  # the budget is about RSS too: before any thread of ours allocates
+            use_one_malloc_arena()
         self.model_dir = resolve_model_path(str(model_dir))
         self.trust_remote_code = trust_remote_code
         lm: LazyModel = build_skeleton(self.model_dir, trust_remote_code)
@@ -443,8 +445,6 @@ class StreamingTeacher:
         self.structure = Structure.of(self.model)
         self.family = type(self.model).__module__.rsplit(".", 1)[-1]
         self.memory_budget = memory_budget
-        if memory_budget is not None:  # the budget is about RSS too: freed weight and activation buffers go back
-            return_freed_memory_to_os()
         self.max_block = max_block
         # MoE kernels: mlx-lm's own experts module (gather_mm/gather_qmm: the fast path on Metal/CUDA) or per-expert
         # dense matmuls (the fast path on CPU, where gather_mm runs one matrix-vector product per token)
