@@ -353,9 +353,19 @@ def resolve_model_path(path_or_repo: str, allow_patterns: list[str] | None = Non
         raise KDError(f"cannot fetch {path_or_repo} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def _openblas_loaded() -> bool:
+    """Whether an OpenBLAS library is mapped into this process (however it was preloaded; a preload variable that
+    names a missing file loads nothing)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("openblas" in line.lower() for line in f)
+    except OSError:
+        return "openblas" in os.environ.get("LD_PRELOAD", "").lower()
+
+
 def linux_blas_advice() -> str | None:
     """On Linux, MLX's CPU wheel ships a slow reference BLAS; preloading OpenBLAS is ~100x faster for fp32."""
-    if sys.platform != "linux" or "openblas" in os.environ.get("LD_PRELOAD", ""):
+    if sys.platform != "linux" or _openblas_loaded():
         return None
     lib = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
     hint = f"LD_PRELOAD={lib}" if os.path.exists(lib) else "apt-get install libopenblas0-pthread, then LD_PRELOAD=<its libblas.so.3>"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from kd_mlx.utils import KDError, atomic_path, merge_config, parse_bytes, resolve_model_path, load_yaml_config
@@ -155,3 +160,20 @@ def test_staged_output_dir_over_a_symlink_replaces_the_link_only(tmp_path):
     assert not link.is_symlink() and (link / "new.txt").read_text() == "new"
     assert (target / "result.txt").read_text() == "earlier work"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "res"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the advice is about MLX's Linux CPU wheel")
+def test_blas_advice_follows_what_is_loaded_not_the_variable(tmp_path):
+    """The note is printed when no OpenBLAS is mapped into the process, whatever LD_PRELOAD says, and not when one
+    is (under any file name)."""
+    code = "import mlx.core; from kd_mlx.utils import linux_blas_advice; print(linux_blas_advice() is None)"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    missing = str(tmp_path / "openblas-missing" / "libblas.so.3")
+    ran = subprocess.run([sys.executable, "-c", code], env={**env, "LD_PRELOAD": missing}, capture_output=True,
+                         text=True, check=True)
+    assert ran.stdout.strip() == "False"
+    lib = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+    if lib.exists():
+        ran = subprocess.run([sys.executable, "-c", code], env={**env, "LD_PRELOAD": str(lib)}, capture_output=True,
+                             text=True, check=True)
+        assert ran.stdout.strip() == "True"
