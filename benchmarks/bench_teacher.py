@@ -114,6 +114,21 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     twice): fixed 128 KiB 35.5 / 35.7 s, peak RSS 0.94 GiB; fixed 4 MiB 32.8 / 32.6 s, 1.21 GiB; glibc's dynamic
     default 28.4 / 29.0 s, 1.44 GiB; dynamic + malloc_trim(0) after each layer 31.1 / 29.3 s, 1.40 GiB (the peak is
     inside a layer). Only 128 KiB keeps the 1.08 GiB budget: ~24% slower than the default, which overshoots 1.33x.
+    The RSS was in glibc's per-thread arenas, not in its mmap threshold (2026-12-01 02:42-03:10, quiet machine,
+    one 64-prompt streamed deepseek_v3 call each, twice): one arena for all threads (M_ARENA_MAX 1) 28.0 / 28.1 s,
+    peak RSS 1.05 / 1.03 GiB (set by the environment; set from inside the process, 28.2 / 28.6 s, 1.09 GiB), vs the
+    fixed 128 KiB threshold 36.6 / 36.5 s, 0.94 GiB; one arena + a fixed 1 MiB threshold 35.4 / 33.1 s, 0.95 GiB;
+    + 4 MiB 30.2 / 28.7 s, 1.08 GiB; a smaller MLX cache (budget/16, /32) or malloc_trim after each layer: no lower
+    RSS; THP for malloc (glibc.malloc.hugetlb=1) does not make the 128 KiB threshold cheaper (35.4 s). Where MLX
+    peaks (per stage): the experts stage of the last layer, 0.68 GiB, of which 0.27 GiB is the LM head read ahead
+    during that layer; the read-ahead now leaves room for what the allocator keeps. `--questions-b 64` then
+    (03:11-03:22, quiet): deepseek_v3 generic 27.7 s vs baseline executor 26.7 s = 1.04x (peak RSS 0.90 GiB vs
+    1.26 GiB), vs resident 39.9 s = 0.69x, peak MLX 0.55 GiB, peak RSS 0.90 GiB = 0.84x the budget; cold read of
+    the model alone 2.3 s (the limit is compute); qwen3_moe 25.2 s vs resident 35.3 s = 0.71x, peak RSS 0.69 GiB
+    = 0.79x. `--questions-b 4` (02:51, before the read-ahead change): deepseek_v3 generic 3.2 s vs baseline 3.9 s =
+    0.81x, vs resident 2.0 s = 1.63x, peak RSS 0.75 GiB; the model's 1.56 GiB read cold alone takes 1.2 s, so the
+    call is not waiting for the disk: at 810 tokens the CPU work of moving the weights into MLX buffers (on the
+    cores the compute also uses) is what is left; qwen3_moe 2.9 vs 1.8 s = 1.60x, RSS 0.64 GiB.
     Before generic streaming (2026-11-28, quiet machine, 8 prompts, budget 0.72 GiB): streaming 19.1 s, mlx-lm load
     + forward 121 s, naive reload-per-sequence 120 s.
 (c) 5-shot chinese_history: 10 questions 0.294x the tokens (wall 0.42x); 30 questions 0.254x (6103 vs 23996 tokens,
