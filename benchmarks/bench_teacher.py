@@ -101,8 +101,8 @@ Measured 2026-11-28 on the build machine (Linux x86_64, 2 cores, 23.5 GiB RAM, M
     resident 4.4 s = 1.31x, peak MLX 0.47 GiB, RSS 0.79 GiB (baseline 0.96); qwen3_moe 4.9 vs 3.9 s = 1.26x, peak
     MLX 0.36 GiB, RSS 0.66 GiB; 0.0 vs resident, 2.1e-5 vs baseline. The <= 1.1x goal holds at 64 prompts, not at 4:
     a call re-reads the whole model, so it is hidden only where the call's compute is at least the read.
-    The RSS outside MLX was glibc keeping freed buffers in its heaps (its mmap threshold grows to the largest block
-    freed, up to 32 MiB); a budgeted StreamingTeacher now fixes it at 128 KiB (kd_mlx.utils.return_freed_memory_to_os).
+    The RSS outside MLX was glibc keeping freed buffers in its heaps; first fixed with a 128 KiB mmap threshold (its
+    dynamic threshold grows to the largest block freed, up to 32 MiB), later with one arena (below).
     64 prompts again (01:28-01:42, a kd_token_effect job on the other core): deepseek_v3 streamed 61.3 s vs baseline
     executor 49.3 s = 1.24x vs resident 62.6 s = 0.98x, peak MLX 0.68 GiB, peak RSS 0.94 GiB (0.81x the budget;
     baseline 1.26 GiB); qwen3_moe 50.0 vs 46.7 s = 1.07x, peak RSS 0.76 GiB (0.81x). Streamed 54.2 -> 61.3 s across
