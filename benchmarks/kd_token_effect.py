@@ -145,10 +145,12 @@ def peak_rss_gb() -> float:
 @click.option("--max-chars", default=96, show_default=True, help="texts cut to this many characters")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--diagnostics", is_flag=True, help="also: top-k sums only, no context check (cross-tokenizer)")
+@click.option("--by-teacher-token", is_flag=True,
+              help="also: where the held-out gains fall, per teacher token of the held-out texts (needs arms 0,1,3,4)")
 @click.option("--only", default=None, help="comma-separated arm numbers to run (0-based, in the printed order)")
 @click.option("--out", default="/tmp/kd_token_effect", show_default=True, help="work dir (store, results.json)")
 def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, temperature, top_k, hidden, layers,
-         max_chars, seed, diagnostics, only, out):
+         max_chars, seed, diagnostics, by_teacher_token, only, out):
     out = Path(out)
     t0 = time.perf_counter()
     cm = load_cmmlu(cmmlu)
@@ -202,6 +204,7 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
     held = {"gpt2": examples(gpt2, with_kd=False, texts=eval_texts), "smol": examples(smol, with_kd=False,
                                                                                      texts=eval_texts)}
     rows = []
+    token_nll: dict[tuple[str, str], list[np.ndarray]] = {}
     for tok_name, arm, kw in arms:
         tok, vmap = (gpt2, cross) if tok_name == "gpt2" else (smol, same)
         exs = examples(tok, vmap, **kw)
@@ -213,12 +216,17 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                              temperature, seed)
         secs = time.perf_counter() - t
         bpb = bits_per_byte(model, held[tok_name])
+        if by_teacher_token:
+            token_nll[(tok_name, arm)] = _nll_per_token(model, held[tok_name])
         rows.append({"tokenizer": tok_name, "arm": arm, "bpb": bpb, "kd_rows_per_token": n_kd / n_tok,
                      "final_ce": float(np.mean([h[0] for h in hist[-20:]])),
                      "final_kd": float(np.mean([h[1] for h in hist[-20:]])), "train_s": secs})
         print(f"{tok_name:5s} {arm:32s} held-out bpb {bpb:.4f}  KD rows/token {n_kd / n_tok:.2f}  "
               f"train {secs:.0f} s", flush=True)
     (out / "rows.json").write_text(json.dumps(rows, indent=1))
+    if by_teacher_token:
+        table = _gains_by_teacher_token(token_nll, held, eval_texts, cross)
+        (out / "by_teacher_token.json").write_text(json.dumps(table, indent=1))
     by = {(r["tokenizer"], r["arm"]): r["bpb"] for r in rows}
     if not {("gpt2", "CE"), ("smol", "CE"), ("smol", "CE+KD")} <= set(by):
         return  # a partial run (--only): rows.json holds its arms
@@ -242,6 +250,60 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"\nwall {summary['wall_s']:.0f} s (dump {dump_s:.0f} s); MLX peak {summary['peak_memory_gb']:.2f} GB, "
           f"peak RSS {summary['peak_rss_gb']:.2f} GB; {out / 'results.json'}")
+
+
+def _nll_per_token(model, examples) -> list[np.ndarray]:
+    """Next-token NLL (nats) of every token after the start token, per held-out text."""
+    from kd_mlx.losses import cross_entropy
+    from kd_mlx.textkd import make_batch
+
+    out = []
+    for e in examples:
+        b = make_batch([e])
+        logits = model(b.tokens)[:, :-1].astype(mx.float32)
+        out.append(np.asarray(cross_entropy(logits, b.targets, reduction="none"))[0, : len(e.ids) - 1])
+    return out
+
+
+def _gains_by_teacher_token(nll, held, texts, vmap) -> list[dict]:
+    """Held-out KD gains (bits) per teacher token, by how GPT-2 writes that token: one GPT-2 token for it ("1:1"),
+    several inside it ("split"), or a GPT-2 token across its start or end ("crossing"); and by ASCII vs not. The
+    same-tokenizer gain of a token is its own NLL drop; a GPT-2 token's drop goes to the teacher token holding its
+    last byte."""
+    cats: dict[str, dict] = {}
+    for k, text in enumerate(texts):
+        t_ids, s_ids = held["smol"][k].ids[1:], held["gpt2"][k].ids[1:]
+        t_end = np.cumsum(vmap.teacher_len[t_ids.astype(np.int64)])
+        s_end = np.cumsum(vmap.student_len[s_ids.astype(np.int64)])
+        s_start = s_end - vmap.student_len[s_ids.astype(np.int64)]
+        same = (nll[("smol", "CE")][k] - nll[("smol", "CE+KD")][k]) / np.log(2)
+        cross = (nll[("gpt2", "CE")][k] - nll[("gpt2", "CE+KD bytes")][k]) / np.log(2)
+        owner = np.searchsorted(t_end, s_end, side="left")  # the teacher token holding each GPT-2 token's last byte
+        tb = text.encode("utf-8")
+        for j in range(len(t_ids)):
+            a, b = (int(t_end[j - 1]) if j else 0), int(t_end[j])
+            if b == a:
+                continue
+            inside = np.flatnonzero(owner == j)
+            crossing = bool(((s_start < a) & (s_end > a)).any() or ((s_start < b) & (s_end > b)).any())
+            kind = "crossing" if crossing else ("1:1" if len(inside) == 1 else "split")
+            script = "ascii" if tb[a:b].isascii() else "non-ascii"
+            for key in (kind, f"{kind}, {script}", "all"):
+                c = cats.setdefault(key, {"category": key, "tokens": 0, "bytes": 0, "same_bits": 0.0,
+                                          "cross_bits": 0.0})
+                c["tokens"] += 1
+                c["bytes"] += b - a
+                c["same_bits"] += float(same[j])
+                c["cross_bits"] += float(cross[inside].sum())
+    rows = sorted(cats.values(), key=lambda c: (c["category"] != "all", c["category"]))
+    print("\n| teacher tokens | n | bytes | same-tokenizer gain (bits) | cross gain (bits) | cross / same |")
+    print("|---|---|---|---|---|---|")
+    for c in rows:
+        r = c["cross_bits"] / c["same_bits"] if c["same_bits"] else float("nan")
+        c["ratio"] = r
+        print(f"| {c['category']} | {c['tokens']} | {c['bytes']} | {c['same_bits']:.1f} | {c['cross_bits']:.1f} | "
+              f"{r:.2f} |")
+    return rows
 
 
 def _thin_rows(exs, rows_per_token: float, seed: int) -> None:
