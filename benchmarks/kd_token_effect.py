@@ -271,6 +271,7 @@ def _gains_by_teacher_token(nll, held, texts, vmap) -> list[dict]:
     same-tokenizer gain of a token is its own NLL drop; a GPT-2 token's drop goes to the teacher token holding its
     last byte."""
     cats: dict[str, dict] = {}
+    pieces: dict[str, dict] = {}
     for k, text in enumerate(texts):
         t_ids, s_ids = held["smol"][k].ids[1:], held["gpt2"][k].ids[1:]
         t_end = np.cumsum(vmap.teacher_len[t_ids.astype(np.int64)])
@@ -295,10 +296,26 @@ def _gains_by_teacher_token(nll, held, texts, vmap) -> list[dict]:
                 c["bytes"] += b - a
                 c["same_bits"] += float(same[j])
                 c["cross_bits"] += float(cross[inside].sum())
+        # the GPT-2 side alone, per GPT-2 token: starting where a teacher token starts (its row is an aligned one)
+        # or inside one (a mid-token row), for every GPT-2 KD arm run
+        t_start = set((t_end - vmap.teacher_len[t_ids.astype(np.int64)]).tolist())
+        for i in range(len(s_ids)):
+            where = "gpt2 token starting at a teacher boundary" if int(s_start[i]) in t_start else \
+                "gpt2 token starting inside a teacher token"
+            c = pieces.setdefault(where, {"category": where, "tokens": 0})
+            c["tokens"] += 1
+            for (tok, arm), v in nll.items():
+                if tok == "gpt2" and arm != "CE":
+                    c[arm] = c.get(arm, 0.0) + float((nll[("gpt2", "CE")][k][i] - v[k][i]) / np.log(2))
+    for c in pieces.values():
+        print(c)
     rows = sorted(cats.values(), key=lambda c: (c["category"] != "all", c["category"]))
+    rows += list(pieces.values())
     print("\n| teacher tokens | n | bytes | same-tokenizer gain (bits) | cross gain (bits) | cross / same |")
     print("|---|---|---|---|---|---|")
     for c in rows:
+        if "same_bits" not in c:
+            continue
         r = c["cross_bits"] / c["same_bits"] if c["same_bits"] else float("nan")
         c["ratio"] = r
         print(f"| {c['category']} | {c['tokens']} | {c['bytes']} | {c['same_bits']:.1f} | {c['cross_bits']:.1f} | "
