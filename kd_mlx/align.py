@@ -656,10 +656,12 @@ def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_st
 # Chinese characters in byte pieces, the teacher whole words), no aligned row exists. Only the dump's full row has
 # the target: the teacher's tokens that begin with p, renormalised (the teacher's next token given that its text
 # begins with p), each mass on the student token that begins the rest of its bytes (the longest student token that
-# is a byte prefix of it; a teacher token equal to p has no rest and goes to the remainder). The dump stores these
-# rows for the student boundaries of its own text (`MidTokenProjector`); `align_record_bytes` places them. Measured
-# on SmolLM2 -> GPT-2 text KD: benchmarks/kd_token_effect.py. T = 1 only: a tempered conditional would need its
-# own normaliser per prefix.
+# is a byte prefix of it; a teacher token equal to p has no rest and goes to the remainder). Teacher tokens whose
+# rest the student would have merged into the token it just wrote are left out: that the student stopped there
+# says the text does not go on that way (GPT-2 after the piece e4 b8 is not before 8d: it writes 不 whole).
+# The dump stores these rows for the student boundaries of its own text (`MidTokenProjector`);
+# `align_record_bytes` places them. Measured on SmolLM2 -> GPT-2 text KD: benchmarks/kd_token_effect.py. T = 1
+# only: a tempered conditional would need its own normaliser per prefix.
 
 
 @dataclass
@@ -687,30 +689,36 @@ class MidTokenProjector:
         self.s_len = _byte_lengths(s_bytes, s_special)
         self.student_tok = student_tok
         self._s_prefix = _PrefixIndex(s_bytes, s_special)
+        self._s_bytes = s_bytes
         self._by_head: dict[bytes, list[int]] = {}  # the first 1..3 bytes -> teacher ids beginning with them
         for v, b in enumerate(self.t_bytes):
             for n in range(1, min(len(b), 3) + 1):
                 self._by_head.setdefault(b[:n], []).append(v)
         self._groups: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def _group(self, p: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(candidate teacher ids, their class index, the class ids) for prefix p; cached per prefix."""
-        g = self._groups.get(p)
+    def _group(self, p: bytes, last: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(candidate teacher ids, their class index, the class ids) for prefix p after the student token `last`;
+        cached per (prefix, last)."""
+        g = self._groups.get((p, last))
         if g is None:
             pool = self._by_head.get(p[:3], [])
             cand = [v for v in pool if self.t_bytes[v].startswith(p)] if len(p) > 3 else list(pool)
-            sid = np.array([self._s_prefix.longest_prefix(self.t_bytes[v][len(p):]) for v in cand], np.int64)
-            classes, inv = np.unique(sid, return_inverse=True)
+            sid = [self._s_prefix.longest_prefix(self.t_bytes[v][len(p):]) for v in cand]
+            if last is not None:
+                keep = [not merges_with(self._s_bytes, self._s_prefix.by_bytes, last, c) for c in sid]
+                cand, sid = [v for v, k in zip(cand, keep) if k], [c for c, k in zip(sid, keep) if k]
+            classes, inv = np.unique(np.array(sid, np.int64), return_inverse=True)
             g = (np.array(cand, np.int64), inv.reshape(-1), classes)
             if len(self._groups) > 65536:  # bounded: distinct prefixes of one dump are far fewer
                 self._groups.clear()
-            self._groups[p] = g
+            self._groups[(p, last)] = g
         return g
 
-    def row(self, lp: np.ndarray, p: bytes) -> tuple[np.ndarray, np.ndarray] | None:
-        """(ids (≤ k,), probs) of one full log-prob row `lp` (V,) conditioned on the next token beginning with p;
-        None when no teacher token begins with p or their mass underflows."""
-        cand, inv, classes = self._group(p)
+    def row(self, lp: np.ndarray, p: bytes, last: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids (≤ k,), probs) of one full log-prob row `lp` (V,) conditioned on the next token beginning with p
+        and, with the student token `last` that wrote the end of p, on a continuation the student writes after
+        `last` (not merged into it); None when no teacher token is left or their mass underflows."""
+        cand, inv, classes = self._group(p, last)
         inside = cand < len(lp)  # a head narrower than the tokenizer (never in practice)
         cand, inv = cand[inside], inv[inside]
         if not len(cand):
@@ -740,8 +748,9 @@ class MidTokenProjector:
                 continue
             b0, b1 = int(t_ends[i]), int(t_ends[i + 1])
             lo, hi = np.searchsorted(s_ends, b0, side="right"), np.searchsorted(s_ends, b1, side="left")
-            for e in s_ends[lo:hi].tolist():
-                got = self.row(lp[r], tb[b0:e])
+            for q in range(int(lo), int(hi)):
+                e = int(s_ends[q])
+                got = self.row(lp[r], tb[b0:e], int(s_ids[q]))
                 if got is not None and len(got[0]):
                     out_row.append(r)
                     out_n.append(e - b0)
@@ -755,10 +764,20 @@ class MidTokenProjector:
         return MidTokenRows(np.array(out_row, np.int32), np.array(out_n, np.int32), ids_a, probs_a)
 
 
-def mid_token_row_reference(lp: np.ndarray, p: bytes, teacher_tok, student_tok, k: int
+def merges_with(student_bytes: Sequence[bytes], by_bytes: dict[bytes, int], last: int, c: int) -> bool:
+    """Whether the student token `last` followed by the first bytes of token `c` is itself a student token: then
+    the student would have written that longer token, and a student that wrote `last` is not before `c`."""
+    if c < 0:
+        return False
+    lb, cb = student_bytes[last], student_bytes[c]
+    return any(lb + cb[:n] in by_bytes for n in range(1, len(cb) + 1))
+
+
+def mid_token_row_reference(lp: np.ndarray, p: bytes, teacher_tok, student_tok, k: int, last: int | None = None
                             ) -> tuple[list[int], list[float]] | None:
     """Plain version of `MidTokenProjector.row`: a loop over the whole teacher vocabulary and, per candidate, over
-    the student vocabulary for the longest byte prefix of its rest."""
+    the student vocabulary for the longest byte prefix of its rest (and, after `last`, whether `last` plus the start
+    of that prefix is a student token)."""
     t_special, s_special = special_token_ids(teacher_tok), special_token_ids(student_tok)
     s_bytes = {}
     for s in range(student_tok.vocab_size):
@@ -777,10 +796,14 @@ def mid_token_row_reference(lp: np.ndarray, p: bytes, teacher_tok, student_tok, 
             continue
         if v in t_special or not b.startswith(p) or not b:
             continue
-        m = float(np.exp(float(lp[v])))
-        z += m
         rest = b[len(p):]
         best = max((n for n in range(1, len(rest) + 1) if rest[:n] in s_bytes), default=0)
+        if best and last is not None:
+            lb = student_tok.token_bytes(last)
+            if any(lb + rest[:n] in s_bytes for n in range(1, best + 1)):
+                continue
+        m = float(np.exp(float(lp[v])))
+        z += m
         if best:
             sid = s_bytes[rest[:best]]
             acc[sid] = acc.get(sid, 0.0) + m

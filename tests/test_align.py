@@ -587,6 +587,19 @@ def test_temperature_without_stored_normaliser_is_refused(kimi_tok, phi_tok, vma
 
 
 # ------------------------------------------------------------------------------ mid-token rows (inside a teacher token)
+def test_merges_with_on_gpt2_bytes(phi_tok):
+    """GPT-2 writes 不 (e4 b8 8d) whole: after its piece e4 b8 the byte 8d cannot come next; 国 (e5 9b bd) it writes
+    as e5 9b + bd, so bd can; 鱻 it writes byte by byte."""
+    table = A._token_bytes_table(phi_tok)
+    by = A._PrefixIndex(table, A.special_token_ids(phi_tok)).by_bytes
+    assert phi_tok.encode("不") == [by["不".encode()]]
+    assert A.merges_with(table, by, by[b"\xe4\xb8"], by[b"\x8d"])
+    assert phi_tok.encode("国") == [by[b"\xe5\x9b"], by[b"\xbd"]]
+    assert not A.merges_with(table, by, by[b"\xe5\x9b"], by[b"\xbd"])
+    assert not A.merges_with(table, by, by[b"\xe9"], by[b"\xb1"]) and phi_tok.encode("鱻")[0] == by[b"\xe9"]
+    assert not A.merges_with(table, by, by[b"\xe4\xb8"], -1)  # no class (the remainder): never ruled out
+
+
 @pytest.mark.parametrize("encoding", ["fp32", "q8rice"])
 def test_mid_token_rows_full_row_store_and_placement(encoding, kimi_tok, phi_tok, vmap, tmp_path):
     """Rows at student positions inside a teacher token: the projector equals the plain computation from the full
@@ -602,10 +615,11 @@ def test_mid_token_rows_full_row_store_and_placement(encoding, kimi_tok, phi_tok
     assert len(mid.row) > 5
     tb = text.encode("utf-8")
     t_ends = np.cumsum(vmap.teacher_len[t_ids])
+    last_at = dict(zip(np.cumsum(vmap.student_len[s_ids]).tolist(), s_ids))  # the student token ending at a byte
     for a in range(0, len(mid.row), max(1, len(mid.row) // 4)):
         r, n = int(mid.row[a]), int(mid.nbytes[a])
         ref_ids, ref_probs = A.mid_token_row_reference(lp[r], tb[int(t_ends[r]):int(t_ends[r]) + n], kimi_tok,
-                                                       phi_tok, k)
+                                                       phi_tok, k, last=last_at[int(t_ends[r]) + n])
         m = len(ref_ids)
         assert mid.ids[a, :m].tolist() == ref_ids and (mid.ids[a, m:] == -1).all()
         np.testing.assert_allclose(mid.probs[a, :m], ref_probs, rtol=1e-5, atol=1e-7)
