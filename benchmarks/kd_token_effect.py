@@ -174,15 +174,13 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
           flush=True)
 
     def examples(tok, vmap=None, align="bytes", exact=True, context=True, texts=train_texts, with_kd=True,
-                 thin_to=None, mid_token=True, mid_merge=False):
+                 thin_to=None, mid_token=True):
         st = store if with_kd else None
         if st is not None and not exact:
             st = {i: _without_class_mass(store[i]) for i in ids}
         exs = text_examples(texts, tok, st, ids, vmap, align, temperature, mid_token=mid_token)
         if st is not None and not context:  # the same rows without the context check
             exs = _no_context_check(exs, texts, tok, st, ids, vmap, temperature)
-        if st is not None and mid_merge:
-            _mid_without_merged(exs, texts, st, ids, vmap, tok)
         if st is not None and thin_to is not None:
             _thin_rows(exs, thin_to(), seed)
         return exs
@@ -200,10 +198,7 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                  # the cross-tokenizer arm has (a ratio near this arm's means the lost rows are the loss)
                  ("smol", "CE+KD, rows thinned to cross coverage", dict(thin_to=cross_coverage)),
                  # what the rows at student positions inside a teacher token add (arm 1 has them)
-                 ("gpt2", "CE+KD bytes, no mid-token rows", dict(mid_token=False)),
-                 # mid-token rows without the continuations the student's own last token rules out (those GPT-2
-                 # would have written merged with that token, e.g. a whole-character token)
-                 ("gpt2", "CE+KD bytes, mid-token rows without merged continuations", dict(mid_merge=True))]
+                 ("gpt2", "CE+KD bytes, no mid-token rows", dict(mid_token=False))]
     if only:
         arms = [arms[int(i)] for i in only.split(",")]
     held = {"gpt2": examples(gpt2, with_kd=False, texts=eval_texts), "smol": examples(smol, with_kd=False,
@@ -344,53 +339,6 @@ def _thin_rows(exs, rows_per_token: float, seed: int) -> None:
 def _without_class_mass(rec):  # and without the mid-token rows: nothing from the full row
     rec.class_mass, rec.mid = {}, None
     return rec
-
-
-def _mid_without_merged(exs, texts, store, ids, vmap, tok) -> None:
-    """In each mid-token row, drop the classes c for which the student's last token t plus the first bytes of c is a
-    student token (the student would have written that merged token instead of t, so it is not at this position for
-    that continuation), and renormalise the rest of the row."""
-    from kd_mlx.align import _token_bytes_table
-
-    table = _token_bytes_table(tok)
-    vocab = {b for b in table if b}
-    merged = {}
-
-    def rules_out(last: int, c: int) -> bool:
-        key = (last, c)
-        if key not in merged:
-            lb, cb = table[last], table[c]
-            merged[key] = any(lb + cb[:k] in vocab for k in range(1, len(cb) + 1))
-        return merged[key]
-
-    n_rows = n_real = 0
-    dropped = 0.0
-    for e, text, qid in zip(exs, texts, ids):
-        if e.kd_pos is None or not len(e.kd_pos):
-            continue
-        rec = store[qid]
-        t_ends = np.cumsum(vmap.teacher_len[np.asarray(rec.token_ids, np.int64)])
-        s_ends = np.cumsum(vmap.student_len[e.ids.astype(np.int64)])
-        for a, j in enumerate(e.kd_pos.tolist()):
-            end = int(s_ends[j])
-            k = int(np.searchsorted(t_ends, end, side="right"))
-            if k == 0 or k >= len(t_ends) or t_ends[k - 1] == end:
-                continue  # an aligned row
-            n_rows += 1
-            last = int(e.ids[j])
-            out = np.array([c >= 0 and rules_out(last, int(c)) for c in e.kd_ids[a]])
-            if out[e.kd_ids[a] == e.ids[j + 1]].any():
-                n_real += 1
-            gone = float(e.kd_probs[a][out].sum())
-            if gone <= 0:
-                continue
-            dropped += gone
-            keep = 1.0 - gone
-            e.kd_ids[a][out], e.kd_probs[a][out] = -1, 0.0
-            e.kd_probs[a] /= keep
-            e.kd_rest[a] /= keep
-    print(f"mid-token rows: {n_rows}, mass ruled out per row {dropped / max(1, n_rows):.3f}; the real next token "
-          f"ruled out in {n_real}", flush=True)
 
 
 def _no_context_check(exs, texts, tok, store, ids, vmap, temperature):
