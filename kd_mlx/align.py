@@ -694,7 +694,7 @@ class MidTokenProjector:
         for v, b in enumerate(self.t_bytes):
             for n in range(1, min(len(b), 3) + 1):
                 self._by_head.setdefault(b[:n], []).append(v)
-        self._groups: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._groups: dict[tuple[bytes, int | None], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _group(self, p: bytes, last: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(candidate teacher ids, their class index, the class ids) for prefix p after the student token `last`;
