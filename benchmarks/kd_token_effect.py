@@ -174,6 +174,8 @@ def peak_rss_gb() -> float:
 def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, temperature, top_k, hidden, layers,
          max_chars, seed, diagnostics, by_teacher_token, only, out):
     out = Path(out)
+    if by_teacher_token and only and not {0, 1, 3, 4} <= {int(i) for i in only.split(",")}:
+        raise click.UsageError("--by-teacher-token compares arms 0, 1, 3 and 4: --only must include them")
     t0 = time.perf_counter()
     cm = load_cmmlu(cmmlu)
     splits = make_splits(cm, seed=0, val=0.1, test=0.1)
@@ -330,7 +332,8 @@ def _gains_by_teacher_token(nll, held, texts, vmap) -> list[dict]:
                 if tok == "gpt2" and arm != "CE":
                     c[arm] = c.get(arm, 0.0) + float((nll[("gpt2", "CE")][k][i] - v[k][i]) / np.log(2))
     for c in pieces.values():
-        print(c)
+        print(f"{c['category']}: {c['tokens']} tokens; held-out gain (bits) " +
+              ", ".join(f"{arm} {v:+.1f}" for arm, v in c.items() if arm not in ("category", "tokens")))
     rows = sorted(cats.values(), key=lambda c: (c["category"] != "all", c["category"]))
     rows += list(pieces.values())
     print("\n| teacher tokens | n | bytes | same-tokenizer gain (bits) | cross gain (bits) | cross / same |")
