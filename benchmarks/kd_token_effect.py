@@ -169,10 +169,12 @@ def peak_rss_gb() -> float:
 @click.option("--diagnostics", is_flag=True, help="also: top-k sums only, no context check (cross-tokenizer)")
 @click.option("--by-teacher-token", is_flag=True,
               help="also: where the held-out gains fall, per teacher token of the held-out texts (needs arms 0,1,3,4)")
+@click.option("--lookahead", default=None, type=int,
+              help="boundary rows in the store, with this many teacher look-ahead steps per row (dump_texts)")
 @click.option("--only", default=None, help="comma-separated arm numbers to run (0-based, in the printed order)")
 @click.option("--out", default="/tmp/kd_token_effect", show_default=True, help="work dir (store, results.json)")
 def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, temperature, top_k, hidden, layers,
-         max_chars, seed, diagnostics, by_teacher_token, only, out):
+         max_chars, seed, diagnostics, by_teacher_token, lookahead, only, out):
     out = Path(out)
     if by_teacher_token and only and not {0, 1, 3, 4} <= {int(i) for i in only.split(",")}:
         raise click.UsageError("--by-teacher-token compares arms 0, 1, 3 and 4: --only must include them")
@@ -190,7 +192,7 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
     ids = [f"text/{i:06d}" for i in range(len(train_texts))]
     temps = sorted({1.0, float(temperature)})
     dump_texts(teacher, train_texts, out / "store", top_k, temps, str(out / "phi_tokenizer"), encoding="q8rice",
-               ids=ids, progress=True)
+               ids=ids, progress=True, lookahead=lookahead)
     dump_s = time.perf_counter() - t
     store = TopKStore(out / "store")
     cross, same = VocabMap.build(smol, gpt2), VocabMap.build(smol, smol)
@@ -268,7 +270,7 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                "settings": {"n_train": n_train, "n_eval": n_eval, "steps": steps, "batch_size": batch_size,
                             "learning_rate": learning_rate, "kd_weight": kd_weight, "temperature": temperature,
                             "top_k": top_k, "hidden": hidden, "layers": layers, "seed": seed,
-                            "max_chars": max_chars},
+                            "max_chars": max_chars, "lookahead": lookahead},
                "dump_s": dump_s, "wall_s": time.perf_counter() - t0,
                "peak_memory_gb": mx.get_peak_memory() / 2**30, "peak_rss_gb": peak_rss_gb()}
     (out / "results.json").write_text(json.dumps(summary, indent=1))

@@ -62,6 +62,7 @@ tokenizer fingerprints and written atomically.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 from dataclasses import dataclass
@@ -551,9 +552,26 @@ def align_record_bytes(rec, s_ids, t_text: str, s_text: str, region_start: int, 
     mid = getattr(rec, "mid", None) if mid_token and temperature == 1.0 else None
     if mid is None or not len(mid.row):
         return _targets(rec, rows, pos, vmap, max_positions, temperature, s_ids if context_check else None)
-    aligned = _targets(rec, rows, pos, vmap, None, temperature, s_ids if context_check else None)
+    at_boundary, has = boundary_targets(mid, rows, pos)
+    aligned = _targets(rec, rows[~has], pos[~has], vmap, None, temperature, s_ids if context_check else None)
     inside = mid_token_targets(mid, rec.positions, t_ends, s_ends, byte_shift, region_b)
-    return _merge_rows([aligned, inside], max_positions)
+    return _merge_rows([at_boundary, aligned, inside], max_positions)
+
+
+def boundary_targets(mid: MidTokenRows, rows: np.ndarray, pos: np.ndarray
+                     ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """((pos, ids, probs, rest) of the aligned rows that have a stored boundary row (nbytes 0), which replaces the
+    projection of their top-k; (len(rows),) bool: which ones). No context check: the boundary row already follows
+    the teacher's real next token onto the student token the text continues with."""
+    b = np.flatnonzero(np.asarray(mid.nbytes) == 0)
+    stored = np.asarray(mid.row, np.int64)[b]
+    has = np.isin(rows, stored)
+    order = np.argsort(stored, kind="stable")
+    src = b[order][np.searchsorted(stored[order], rows[has])]
+    ids = np.asarray(mid.ids, np.int32)[src]
+    probs = np.asarray(mid.probs, np.float32)[src]
+    rest = np.maximum(0.0, 1.0 - probs.sum(-1, dtype=np.float64)).astype(np.float32)
+    return (pos[has].astype(np.int32), ids, probs, rest), has
 
 
 def mid_token_targets(mid: MidTokenRows, positions, t_ends: np.ndarray, s_ends: np.ndarray, byte_shift: int,
@@ -626,10 +644,18 @@ def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_st
     mid = getattr(rec, "mid", None) if mid_token and temperature == 1.0 else None
     if mid is None or not len(mid.row):
         return _project_reference(rec, found, vmap, max_positions, temperature, s_ids if context_check else None)
-    pos, ids, probs, rest = _project_reference(rec, found, vmap, None, temperature, s_ids if context_check else None)
-    rows = [(int(pos[a]), [int(x) for x in ids[a] if x >= 0], list(probs[a][: int((ids[a] >= 0).sum())]),
-             float(rest[a])) for a in range(len(pos))]
     table = {(int(r), int(n)): a for a, (r, n) in enumerate(zip(mid.row, mid.nbytes))}
+
+    def stored_row(j: int, a: int) -> tuple:
+        keep = np.asarray(mid.ids[a]) >= 0
+        pr = [float(x) for x in np.asarray(mid.probs[a])[keep]]
+        return j, [int(x) for x in np.asarray(mid.ids[a])[keep]], pr, max(0.0, 1.0 - sum(pr))
+
+    rows = [stored_row(j, table[(r, 0)]) for r, j in found if (r, 0) in table]  # boundary rows: no context check
+    found = [(r, j) for r, j in found if (r, 0) not in table]
+    pos, ids, probs, rest = _project_reference(rec, found, vmap, None, temperature, s_ids if context_check else None)
+    rows += [(int(pos[a]), [int(x) for x in ids[a] if x >= 0], list(probs[a][: int((ids[a] >= 0).sum())]),
+              float(rest[a])) for a in range(len(pos))]
     row_of = {int(i): r for r, i in enumerate(np.asarray(rec.positions).tolist())}
     for b, j in sorted(s_end_at.items()):
         e = b + byte_shift
@@ -637,9 +663,7 @@ def align_record_bytes_reference(rec, s_ids, t_text: str, s_text: str, region_st
             if t_end[i] < e < t_end[i + 1] and t_end[i] >= region_b and i in row_of:
                 a = table.get((row_of[i], e - t_end[i]))
                 if a is not None:
-                    keep = np.asarray(mid.ids[a]) >= 0
-                    pr = [float(x) for x in np.asarray(mid.probs[a])[keep]]
-                    rows.append((j, [int(x) for x in np.asarray(mid.ids[a])[keep]], pr, max(0.0, 1.0 - sum(pr))))
+                    rows.append(stored_row(j, a))
     rows.sort(key=lambda x: x[0])
     rows = rows[_keep_last(len(rows), max_positions)]
     m = max([len(x[1]) for x in rows] + [1])
@@ -675,11 +699,28 @@ class MidTokenRows:
     probs: np.ndarray  # (M, m) float32; the remainder is 1 − probs.sum(-1)
 
 
+def concat_mid_rows(parts: Sequence[MidTokenRows]) -> MidTokenRows:
+    """Several row sets of one record (ids/probs (M, m), m >= 1) as one, padded to the widest."""
+    m = max(np.shape(p.ids)[1] for p in parts)
+
+    def widen(a, fill):
+        a = np.asarray(a)
+        return np.pad(a, ((0, 0), (0, m - a.shape[1])), constant_values=fill)
+
+    return MidTokenRows(np.concatenate([np.asarray(p.row, np.int32) for p in parts]),
+                        np.concatenate([np.asarray(p.nbytes, np.int32) for p in parts]),
+                        np.concatenate([widen(p.ids, -1) for p in parts]).astype(np.int32),
+                        np.concatenate([widen(p.probs, 0) for p in parts]).astype(np.float32))
+
+
 class MidTokenProjector:
     """Conditional teacher rows at byte prefixes of the next teacher token, over student ids (dump side)."""
 
-    def __init__(self, teacher_tok, student_tok, k: int):
+    def __init__(self, teacher_tok, student_tok, k: int, student_id: np.ndarray | None = None):
         self.k = int(k)
+        # teacher id -> the student token that begins it (VocabMap.student_id): the class of a boundary row
+        self.student_id = build_student_ids(teacher_tok, student_tok) if student_id is None else \
+            np.asarray(student_id, np.int64)
         self.t_bytes = _token_bytes_table(teacher_tok)
         for i in special_token_ids(teacher_tok):
             if i < len(self.t_bytes):
@@ -695,6 +736,9 @@ class MidTokenProjector:
             for n in range(1, min(len(b), 3) + 1):
                 self._by_head.setdefault(b[:n], []).append(v)
         self._groups: dict[tuple[bytes, int | None], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._s_sorted = sorted(self._s_prefix.by_bytes)  # student tokens by bytes: those extending b are a run
+        self._reachable: dict[int, bool] = {}
+        self._extensions: dict[int, tuple[np.ndarray, np.ndarray] | None] = {}
 
     def _group(self, p: bytes, last: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(candidate teacher ids, their class index, the class ids) for prefix p after the student token `last`;
@@ -764,6 +808,101 @@ class MidTokenProjector:
         return MidTokenRows(np.array(out_row, np.int32), np.array(out_n, np.int32), ids_a, probs_a)
 
 
+    # ---- rows at shared boundaries, with one step of look-ahead
+    def _writes_alone(self, u: int) -> bool:
+        """Whether the student's encoder produces token u for its own text (a token the pre-tokenizer always cuts,
+        e.g. "A." across a letter and a full stop, never begins a continuation); partial characters: assumed."""
+        ok = self._reachable.get(u)
+        if ok is None:
+            text = _decode_or_none(self._s_bytes[u])
+            ok = text is None or list(self.student_tok.encode(text)) == [u]
+            self._reachable[u] = ok
+        return ok
+
+    def extensions(self, c: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(teacher ids d, student ids) for teacher token c followed by d where the student writes a longer first
+        token than c's own class (the longest student token that is a byte prefix of c + d and longer than c);
+        None when c's class is not all of c's bytes or no student token extends it. Cached per c."""
+        if c in self._extensions:
+            return self._extensions[c]
+        out = None
+        b = self.t_bytes[c] if 0 <= c < len(self.t_bytes) else b""
+        s = int(self.student_id[c]) if 0 <= c < len(self.student_id) else -1
+        if b and s >= 0 and self._s_bytes[s] == b:
+            ext: dict[bytes, int] = {}
+            for u in self._s_sorted[bisect.bisect_right(self._s_sorted, b):]:
+                if not u.startswith(b):
+                    break
+                sid = self._s_prefix.by_bytes[u]
+                if self._writes_alone(sid):
+                    ext[u] = sid
+            if ext:
+                longest = max(len(u) for u in ext) - len(b)
+                heads = {u[len(b):len(b) + 1] for u in ext}  # the next token must begin with one of these bytes
+                pool = itertools.chain.from_iterable(self._by_head.get(h, ()) for h in heads)
+                d_ids, cls = [], []
+                for d in pool:
+                    tail = self.t_bytes[d][:longest]
+                    for n in range(len(tail), 0, -1):
+                        sid = ext.get(b + tail[:n])
+                        if sid is not None:
+                            d_ids.append(d)
+                            cls.append(sid)
+                            break
+                if d_ids:
+                    out = (np.array(d_ids, np.int64), np.array(cls, np.int64))
+        self._extensions[c] = out
+        return out
+
+    def lookahead_candidates(self, lp: np.ndarray, n: int, min_mass: float, skip: int | None = None) -> list[int]:
+        """The (at most n) most probable teacher tokens of row `lp` with probability >= min_mass that the student
+        may write with a longer first token (`extensions`), other than `skip`."""
+        if n <= 0:
+            return []
+        top = np.argsort(-np.asarray(lp), kind="stable")[: 4 * n + 4]
+        out = []
+        for c in top.tolist():
+            if np.exp(float(lp[c])) < min_mass or len(out) == n:
+                break
+            if c != skip and self.extensions(c) is not None:
+                out.append(c)
+        return out
+
+    def boundary_row(self, lp: np.ndarray, looks: Sequence[tuple[int, np.ndarray]] = ()
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (<= k,), probs) of a full row `lp` (V,) over the student's first tokens where both have a boundary:
+        each teacher token's mass on its class, except for each look-ahead (c, the teacher's row after c): there c's
+        mass follows the next token d, onto the longer student token c + d begins where there is one."""
+        p = np.exp(np.asarray(lp, np.float64))
+        V = len(p)
+        sid = np.full(V, -1, np.int64)
+        sid[: min(V, len(self.student_id))] = self.student_id[:V]
+        n_cls = max(int(sid.max()) + 2, 1)
+        totals = np.bincount(sid + 1, weights=p, minlength=n_cls)
+        for c, lq in looks:
+            ext = self.extensions(int(c))
+            if ext is None or c >= V:
+                continue
+            d, cls = ext
+            inside = d < len(lq)
+            moved = p[c] * np.exp(np.asarray(lq, np.float64)[d[inside]])
+            totals[sid[c] + 1] -= moved.sum()
+            totals += np.bincount(cls[inside] + 1, weights=moved, minlength=n_cls)[:n_cls]
+        totals = np.maximum(totals[1:], 0.0)  # class 0: unmappable tokens (the remainder)
+        order = np.lexsort((np.arange(len(totals)), -totals))[: self.k]
+        order = order[totals[order] > 0]
+        return order.astype(np.int32), totals[order].astype(np.float32)
+
+    def boundary_positions(self, token_ids: Sequence[int], text: str) -> list[int]:
+        """Teacher positions i (i + 1 < len) whose token ends where a token of the student's own encoding of
+        `text` ends: there both predict the token that starts at the same byte."""
+        ids = np.asarray(token_ids, np.int64)
+        t_ends = np.cumsum(self.t_len[ids])
+        s_ids = self.student_tok.encode_with_offsets(text)[0]
+        s_ends = set(np.cumsum(self.s_len[np.asarray(s_ids, np.int64)]).tolist()) if len(s_ids) else set()
+        return [i for i in range(len(ids) - 1) if int(t_ends[i]) in s_ends]
+
+
 def merges_with(student_bytes: Sequence[bytes], by_bytes: dict[bytes, int], last: int, c: int) -> bool:
     """Whether the student token `last` followed by the first bytes of token `c` is itself a student token: then
     the student would have written that longer token, and a student that wrote `last` is not before `c`."""
@@ -811,3 +950,55 @@ def mid_token_row_reference(lp: np.ndarray, p: bytes, teacher_tok, student_tok, 
         return None
     ranked = sorted(acc.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
     return [s for s, _ in ranked], [m / z for _, m in ranked]
+
+
+def boundary_row_reference(lp: np.ndarray, looks: Sequence[tuple[int, np.ndarray]], student_id: np.ndarray,
+                           teacher_tok, student_tok, k: int) -> tuple[list[int], list[float]]:
+    """Plain version of `MidTokenProjector.boundary_row`: per teacher token its class (`student_id`); for a looked-
+    ahead c whose class is all of its bytes, per next token d the longest student token longer than c that is a byte
+    prefix of c + d and that the student's encoder writes for its own text, found by slicing."""
+    s_bytes: dict[bytes, int] = {}
+    s_special = special_token_ids(student_tok)
+    for s in range(student_tok.vocab_size):
+        try:
+            b = student_tok.token_bytes(s)
+        except Exception:
+            continue
+        if b and s not in s_special and b not in s_bytes:
+            s_bytes[b] = s
+    longest = max(len(b) for b in s_bytes)
+
+    def writes_alone(b: bytes) -> bool:
+        try:
+            return list(student_tok.encode(b.decode("utf-8"))) == [s_bytes[b]]
+        except UnicodeDecodeError:
+            return True
+
+    t_special = special_token_ids(teacher_tok)
+
+    def t_bytes(v: int) -> bytes:
+        try:
+            return b"" if v in t_special else teacher_tok.token_bytes(v)
+        except Exception:
+            return b""
+
+    acc: dict[int, float] = {}
+    after = {int(c): lq for c, lq in looks}
+    for v in range(len(lp)):
+        cls = int(student_id[v]) if v < len(student_id) else -1
+        p = float(np.exp(float(lp[v])))
+        bv = t_bytes(v) if v in after else b""
+        if cls < 0 or not bv or student_tok.token_bytes(cls) != bv:
+            if cls >= 0:
+                acc[cls] = acc.get(cls, 0.0) + p
+            continue
+        for d in range(len(after[v])):
+            full = bv + t_bytes(d)
+            target = cls
+            for n in range(min(len(full), longest), len(bv), -1):
+                if full[:n] in s_bytes and writes_alone(full[:n]):
+                    target = s_bytes[full[:n]]
+                    break
+            acc[target] = acc.get(target, 0.0) + p * float(np.exp(float(after[v][d])))
+    ranked = sorted(((s, m) for s, m in acc.items() if m > 0), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [s for s, _ in ranked], [m for _, m in ranked]

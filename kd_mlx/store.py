@@ -39,7 +39,9 @@ Per question (row) a shard holds:
   `MidTokenProjector`): `mid_splits` (Q+1,) int64; `mid_row` (M,) int32 (which of the question's top-k rows),
   `mid_nbytes` (M,) int32 (bytes of that row's next token the student has written), `mid_ids` (M, k) int32 student
   ids padded -1, `mid_probs` (M, k) (float32 for `fp32`, else float16): the teacher's next-token distribution given
-  those bytes, over the student token that begins the rest
+  those bytes, over the student token that begins the rest; nbytes 0 (a text dump with `lookahead`, identity
+  `boundary_rows`): the row's own distribution over the student's first tokens at a boundary both share, where a
+  candidate the student would merge with what follows is split by the teacher's next step (kd_mlx.teacher.dump `boundary_rows`)
 
 Each shard's metadata holds `content_sha256` (its tensors + metadata), so a shard proves its own integrity; the
 manifest also keeps each file's sha256. A resumed dump recomputes every shard that fails either; training checks
@@ -781,8 +783,8 @@ class StoreWriter:
             n = len(m.row)
             if np.shape(m.nbytes) != (n,) or np.ndim(m.ids) != 2 or len(m.ids) != n or np.shape(m.probs) != np.shape(
                     m.ids) or (n and (np.shape(m.ids)[1] > self.k or np.min(m.row) < 0 or np.max(m.row) >= p
-                                      or np.min(m.nbytes) < 1)):
-                raise KDError(f"{rec.id}: mid-token rows must be row (M,) in 0..{p - 1}, nbytes (M,) >= 1, ids and "
+                                      or np.min(m.nbytes) < 0)):
+                raise KDError(f"{rec.id}: mid-token rows must be row (M,) in 0..{p - 1}, nbytes (M,) >= 0, ids and "
                               f"probs (M, <= {self.k})")
 
     def add(self, rec: StoreRecord) -> None:

@@ -672,3 +672,100 @@ def test_mid_token_rows_full_row_store_and_placement(encoding, kimi_tok, phi_tok
     tempered = A.align_record_bytes(replace(back, logz={2.0: np.zeros(len(t_ids), np.float32)}), s_ids, text, text,
                                     0, vmap, temperature=2.0)
     assert len(tempered[0]) == len(without[0])
+
+
+# ------------------------------------------------------------------------ boundary rows (one step of look-ahead)
+def test_boundary_row_hand_example(kimi_tok, phi_tok, vmap):
+    """Teacher row: the piece e4 b8 0.5, " the" 0.3, "A" 0.2. After e4 b8 the teacher goes on with 8d (0.6) or ad
+    (0.4): GPT-2 writes 不 and 中 whole, so that mass lands on them, none on GPT-2's piece e4 b8. After " the":
+    "ory" 0.5 (GPT-2 writes " theory") or a newline 0.5 (" the" stays). "A" has no look-ahead: its own class."""
+    tid = {b: i for i, b in enumerate(A._token_bytes_table(kimi_tok))}
+    sid = {b: i for i, b in enumerate(A._token_bytes_table(phi_tok))}
+    V = kimi_tok.vocab_size
+
+    def row(masses: dict[bytes, float]) -> np.ndarray:
+        lp = np.full(V, -80.0)
+        for b, m in masses.items():
+            lp[tid[b]] = np.log(m)
+        return lp.astype(np.float32)
+
+    proj = A.MidTokenProjector(kimi_tok, phi_tok, 8, vmap.student_id)
+    lp = row({b"\xe4\xb8": 0.5, b" the": 0.3, b"A": 0.2})
+    looks = [(tid[b"\xe4\xb8"], row({b"\x8d": 0.6, b"\xad": 0.4})), (tid[b" the"], row({b"ory": 0.5, b"\n": 0.5}))]
+    ids, probs = proj.boundary_row(lp, looks)
+    got = {s: m for s, m in zip(ids.tolist(), probs.tolist()) if m > 1e-6}  # the rest: float32 rounding, the -80 floor
+    want = {sid["不".encode()]: 0.3, sid["中".encode()]: 0.2, sid[b"A"]: 0.2, sid[b" theory"]: 0.15,
+            sid[b" the"]: 0.15}
+    assert set(got) == set(want)
+    for s, m in want.items():
+        assert got[s] == pytest.approx(m, abs=1e-6)
+    ids, probs = proj.boundary_row(lp)  # no look-ahead: the context-free classes, as the top-k projection gives
+    assert {s: round(m, 6) for s, m in zip(ids.tolist(), probs.tolist()) if m > 1e-6} == {
+        sid[b"\xe4\xb8"]: 0.5, sid[b" the"]: 0.3, sid[b"A"]: 0.2}
+    assert proj.extensions(tid[b"A"]) is not None  # GPT-2 has longer tokens beginning with "A" ...
+    assert sid.get(b"A.") is None  # ... but none across the letter and a full stop (its pre-tokenizer cuts there)
+    ref_ids, ref_probs = A.boundary_row_reference(lp, looks, vmap.student_id, kimi_tok, phi_tok, 8)
+    assert ref_ids == proj.boundary_row(lp, looks)[0].tolist()
+
+
+def test_boundary_row_equals_plain_loops(kimi_tok, phi_tok, vmap):
+    """Realistic full rows of a real sentence: each row with the look-ahead of its real next token and of the
+    candidates `lookahead_candidates` picks equals the plain loops over both vocabularies."""
+    text = SENTENCES[0]
+    t_ids = kimi_tok.encode(text)
+    lp = full_rows(kimi_tok, np.array(t_ids), seed=5)
+    proj = A.MidTokenProjector(kimi_tok, phi_tok, 8, vmap.student_id)
+    at = proj.boundary_positions(t_ids, text)
+    assert len(at) >= 4
+    tried = 0
+    for i in at[:4]:
+        cands = proj.lookahead_candidates(lp[i], 2, 0.0, skip=t_ids[i + 1])
+        assert all(proj.extensions(c) is not None and c != t_ids[i + 1] for c in cands)
+        looks = [(t_ids[i + 1], lp[i + 1])] + [(c, lp[(i + 2 + j) % len(lp)]) for j, c in enumerate(cands)]
+        ids, probs = proj.boundary_row(lp[i], looks)
+        ref_ids, ref_probs = A.boundary_row_reference(lp[i], looks, vmap.student_id, kimi_tok, phi_tok, 8)
+        assert ids.tolist() == ref_ids
+        np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-7)
+        tried += len(cands)
+    assert tried >= 4
+
+
+def test_boundary_rows_replace_aligned_rows_without_context_check(kimi_tok, phi_tok, vmap):
+    """Stored boundary rows (nbytes 0) take the place of the aligned rows' top-k projection, also where the
+    context check would drop the row; fast == plain loops, with max_positions."""
+    text = SENTENCES[2]
+    t_ids, t_offs = kimi_tok.encode_with_offsets(text)
+    s_ids = phi_tok.encode(text)
+    lp = full_rows(kimi_tok, np.array(t_ids), seed=4)
+    proj = A.MidTokenProjector(kimi_tok, phi_tok, 8, vmap.student_id)
+    at = proj.boundary_positions(t_ids, text)
+    got = [proj.boundary_row(lp[i], [(t_ids[i + 1], lp[i + 1])]) for i in at[::2]]  # half of them
+    m = max(len(g[0]) for g in got)
+    b_ids, b_probs = np.full((len(got), m), -1, np.int32), np.zeros((len(got), m), np.float32)
+    for j, (a, b) in enumerate(got):
+        b_ids[j, : len(a)], b_probs[j, : len(b)] = a, b
+    inside = A.MidTokenProjector(kimi_tok, phi_tok, 8).rows(lp, t_ids, list(range(len(t_ids))), text)
+    mid = A.concat_mid_rows([inside, A.MidTokenRows(np.array(at[::2], np.int32), np.zeros(len(got), np.int32),
+                                                    b_ids, b_probs)])
+    summ = Summariser(8, kimi_tok.encode("A")[:1] * 4, [1.0], vmap.student_id)(lp)
+    rec = StoreRecord(id="q", answer_logprobs=np.log(np.full(4, 0.25, np.float32)), token_ids=np.array(t_ids),
+                      offsets=np.array(t_offs), positions=np.arange(len(t_ids), dtype=np.int32),
+                      topk_ids=summ["topk_ids"], topk_logprobs=summ["topk_logprobs"], logz=summ["logz"],
+                      class_mass=summ["class_mass"], mid=mid)
+    for max_positions in (None, 9):
+        fast = A.align_record_bytes(rec, s_ids, text, text, 0, vmap, max_positions)
+        ref = A.align_record_bytes_reference(rec, s_ids, text, text, 0, vmap, max_positions)
+        for a, b in zip(fast, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    pos, ids, probs, _ = A.align_record_bytes(rec, s_ids, text, text, 0, vmap)
+    t_ends = np.cumsum(vmap.teacher_len[t_ids])
+    s_ends = np.cumsum(vmap.student_len[s_ids])
+    rows, apos = A.aligned_rows_bytes(rec.positions, t_ends, s_ends, 0, 0)
+    dropped = apos[A.context_mismatch(rec, rows, apos, s_ids, vmap)]
+    for j, i in enumerate(at[::2]):
+        p = int(np.flatnonzero(s_ends == t_ends[i])[0])  # the student position before the shared boundary
+        r = int(np.flatnonzero(pos == p)[0])
+        assert ids[r, : len(got[j][0])].tolist() == got[j][0].tolist()
+    # rows the context check drops come back exactly where a boundary row is stored
+    kept_dropped = set(dropped.tolist()) & set(pos.tolist())
+    assert kept_dropped and kept_dropped <= {int(np.flatnonzero(s_ends == t_ends[i])[0]) for i in at[::2]}

@@ -425,3 +425,64 @@ def test_dump_texts_every_position_with_class_masses_and_resume(world, tmp_path)
     (out / "manifest.json").unlink()
     dump_texts(teacher, texts, out, 4, [1.0, 2.0], str(world["student_tok"]), encoding="fp16", shard_size=2)
     assert files_bytes(out) == before
+
+
+def test_branch_logprobs_equal_the_extended_sequences(world):
+    """One forward + one cached step per branch == the teacher's forward of ids[:i + 1] + [c] (tiny Kimi-K2:
+    MLA caches); streamed under a budget it is refused."""
+    from kd_mlx.teacher.streaming import StreamingTeacher
+
+    teacher = StreamingTeacher(world["teacher"], None)
+    ids = teacher.tokenizer.encode("题目：下列哪种作物最耐旱？\nA. 农作物")
+    branches = [(0, 5), (3, 100), (len(ids) - 1, 7), (5, 9), (3, 11)]
+    rows, got, after = teacher.branch_logprobs(ids, lambda r: branches, batch=3)  # two batches, one padded
+    assert got == branches and after.shape == (5, teacher.vocab_size)
+    np.testing.assert_allclose(rows, teacher.logprobs_at([ids], [list(range(len(ids)))])[0], atol=1e-4)
+    for (i, c), lq in zip(branches, after):
+        np.testing.assert_allclose(lq, teacher.logprobs_at([ids[:i + 1] + [c]], [[i + 1]])[0][0], atol=1e-4)
+    streamed = StreamingTeacher(world["teacher"], teacher.plan.total_bytes // 2)
+    with pytest.raises(KDError, match="whole teacher in memory"):
+        streamed.branch_logprobs(ids, lambda r: branches)
+
+
+@pytest.mark.slow
+def test_dump_texts_boundary_rows_real_smollm2(tmp_path, phi_tok_dir):
+    """Real SmolLM2-135M -> GPT-2: with `lookahead` the store holds a row at every boundary both encodings share
+    (nbytes 0), each the plain loops' row from the same teacher rows and branch steps; candidates GPT-2 merges
+    with what follows exist and get their branch; bad settings are refused before any compute."""
+    from kd_mlx.align import boundary_row_reference
+    from kd_mlx.store import TopKStore
+    from kd_mlx.teacher.dump import dump_texts, student_side
+    from kd_mlx.teacher.streaming import StreamingTeacher
+
+    teacher = StreamingTeacher(smollm2_fp32_dir(), None)
+    tok = teacher.tokenizer
+    texts = ["题目：下列关于中国古代科举制度的说法，正确的是", "The theory of the firm"]
+    out = tmp_path / "s"
+    with pytest.raises(KDError, match="needs a student tokenizer"):
+        dump_texts(teacher, texts, out, 8, lookahead=2)
+    with pytest.raises(KDError, match="lookahead must be >= 0"):
+        dump_texts(teacher, texts, out, 8, student_tokenizer=str(phi_tok_dir), lookahead=-1)
+    assert not out.exists()
+    dump_texts(teacher, texts, out, 8, student_tokenizer=str(phi_tok_dir), encoding="fp32", lookahead=2)
+    st = TopKStore(out)
+    assert st.identity["boundary_rows"] == {"lookahead": 2, "min_mass": 0.01}
+    student = student_side(tok, str(phi_tok_dir), 8)
+    proj = student.mid
+    s_tok = proj.student_tok
+    branched = 0
+    for text, rec in zip(texts, st):
+        ids = rec.token_ids.tolist()
+        at = proj.boundary_positions(ids, text)
+        b = rec.mid.nbytes == 0
+        assert rec.mid.row[b].tolist() == at and len(at) >= 4
+        rows, branches, after = teacher.branch_logprobs(
+            ids, lambda r: [(i, c) for i in at for c in proj.lookahead_candidates(r[i], 2, 0.01, skip=ids[i + 1])])
+        branched += len(branches)
+        for a, i in list(zip(np.flatnonzero(b), at))[::3]:
+            looks = [(ids[i + 1], rows[i + 1])] + [(c, lq) for (j, c), lq in zip(branches, after) if j == i]
+            ref_ids, ref_probs = boundary_row_reference(rows[i], looks, student.student_id, tok, s_tok, 8)
+            m = len(ref_ids)
+            assert rec.mid.ids[a, :m].tolist() == ref_ids
+            np.testing.assert_allclose(rec.mid.probs[a, :m], ref_probs, rtol=1e-4, atol=1e-6)
+    assert branched >= 3

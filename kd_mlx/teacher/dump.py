@@ -35,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..align import MidTokenProjector, VocabMap
+from ..align import MidTokenProjector, MidTokenRows, VocabMap, concat_mid_rows
 from ..data import (LETTERS, Question, answer_token_ids, build_prompt, load_cmmlu, load_splits, prompt_ids,
                     read_add_bos, split_questions)
 from ..safetensors_io import check_weight_dtypes, read_header, read_metadata
@@ -322,6 +322,10 @@ def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequ
 
         res = teacher.logprobs_at(seqs, pos, prefix=items[group[0]].ids[:L] if L else None, reduce=reduce)
         for i, r in zip(group, res):
+            if student is not None and student.lookahead is not None:  # after the call: it runs the teacher again
+                it = items[i]
+                r[0]["mid"] = concat_mid_rows([r[0]["mid"], boundary_rows(teacher, student, it.ids, it.positions,
+                                                                          it.text)])
             out[i] = r
     recs, st = [], _new_stats()
     for i, it in enumerate(items):
@@ -490,6 +494,34 @@ class StudentSide:
     fingerprint: str
     student_id: np.ndarray
     mid: MidTokenProjector
+    lookahead: int | None = None  # boundary rows with this many look-ahead branches per row (None: no such rows)
+    lookahead_min_mass: float = 0.01  # a branch only for teacher tokens at least this probable
+
+
+def boundary_rows(teacher, student: StudentSide, ids: Sequence[int], positions: Sequence[int], text: str
+                  ) -> MidTokenRows:
+    """Rows at the boundaries the teacher's and the student's encodings of `text` share (stored with nbytes 0),
+    where the student's first token of a teacher candidate c may be longer than c (it merges c with what follows):
+    c's mass follows the teacher's next token after c, from the row at the next position for the real next token
+    and from one more teacher step (`branch_logprobs`) for the `student.lookahead` most probable others."""
+    proj = student.mid
+    row_of = {int(i): r for r, i in enumerate(positions)}
+    at = [i for i in proj.boundary_positions(ids, text) if i in row_of]
+
+    def choose(rows: np.ndarray) -> list[tuple[int, int]]:
+        return [(i, c) for i in at for c in proj.lookahead_candidates(rows[i], student.lookahead,
+                                                                    student.lookahead_min_mass, skip=int(ids[i + 1]))]
+
+    rows, branches, after = teacher.branch_logprobs(ids, choose)
+    looks: dict[int, list] = {i: [(int(ids[i + 1]), rows[i + 1])] for i in at}
+    for (i, c), lq in zip(branches, after):
+        looks[i].append((c, lq))
+    got = [proj.boundary_row(rows[i], looks[i]) for i in at]
+    m = max([len(g[0]) for g in got] + [1])
+    ids_a, probs_a = np.full((len(got), m), -1, np.int32), np.zeros((len(got), m), np.float32)
+    for j, (a, b) in enumerate(got):
+        ids_a[j, : len(a)], probs_a[j, : len(b)] = a, b
+    return MidTokenRows(np.array([row_of[i] for i in at], np.int32), np.zeros(len(at), np.int32), ids_a, probs_a)
 
 
 def student_side(teacher_tok, student_tokenizer: str | None, k: int) -> StudentSide | None:
@@ -501,7 +533,8 @@ def student_side(teacher_tok, student_tokenizer: str | None, k: int) -> StudentS
     vmap = VocabMap.build(teacher_tok, student_tok)
     if vmap.is_identity:
         return None
-    return StudentSide(student_tok.fingerprint(), vmap.student_id, MidTokenProjector(teacher_tok, student_tok, k))
+    return StudentSide(student_tok.fingerprint(), vmap.student_id,
+                       MidTokenProjector(teacher_tok, student_tok, k, vmap.student_id))
 
 
 def make_identity(st: DumpSettings, teacher, model_dir: Path, add_bos: bool, answer_ids: Sequence[int],
@@ -626,19 +659,34 @@ def finish_store(out: Path, ids: Sequence[str], dump_config: dict) -> dict:
 
 def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatures: Sequence[float] = (1.0,),
                student_tokenizer: str | None = None, encoding: str = "fp32", shard_size: int = 64,
-               add_bos: bool = False, ids: Sequence[str] | None = None, progress: bool = False) -> dict:
+               add_bos: bool = False, ids: Sequence[str] | None = None, progress: bool = False,
+               lookahead: int | None = None) -> dict:
     """A store of plain texts (every position, `--positions prompt`), through the same shard computation as the
-    CMMLU dump: for token-level distillation on text (kd_mlx.textkd). Resumable like the dump."""
+    CMMLU dump: for token-level distillation on text (kd_mlx.textkd). Resumable like the dump.
+
+    `lookahead` (with a student tokenizer; the teacher resident in memory): also rows at the boundaries both
+    encodings share, with that many teacher steps per row for candidates the student may merge with what follows
+    (`boundary_rows`; 0: only the real next token's, which costs no step)."""
     tok = teacher.tokenizer
     st = DumpSettings("", "", Path(out), "prompt", encoding, int(k), 0, int(shard_size), None, None,
                       parse_temperatures(list(temperatures)))
     student = student_side(tok, student_tokenizer, st.k)
+    if lookahead is not None:
+        if student is None:
+            raise KDError("lookahead needs a student tokenizer other than the teacher's")
+        if int(lookahead) < 0:
+            raise KDError(f"lookahead must be >= 0, got {lookahead}")
+        if not teacher.plan.resident:
+            raise KDError("lookahead needs the whole teacher in memory: run it without a memory budget")
+        student.lookahead = int(lookahead)
     answer_ids = answer_token_ids(tok)
     conf_hash, weights_hash = teacher_fingerprint(Path(teacher.model_dir))
     identity = {"teacher_config_hash": conf_hash, "teacher_weights_hash": weights_hash,
                 "tokenizer": tok.fingerprint(), "template": "text", "positions": "prompt", "k": st.k,
                 "encoding": encoding, "hidden_dim": 0, "add_bos": add_bos, "temperatures": st.temperatures,
                 "student_tokenizer": student and student.fingerprint, **({"mid_token_rows": True} if student else {}),
+                **({"boundary_rows": {"lookahead": student.lookahead, "min_mass": student.lookahead_min_mass}}
+                   if student and student.lookahead is not None else {}),
                 "answer_token_ids": [int(a) for a in answer_ids]}
     ids = list(ids) if ids is not None else [f"text/{i:06d}" for i in range(len(texts))]
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []

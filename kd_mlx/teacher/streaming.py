@@ -41,7 +41,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, BatchKVCache, CacheList, KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from tqdm import tqdm
 
@@ -570,6 +570,44 @@ class StreamingTeacher:
         self.stats.prefix_tokens += len(pre)
         self.stats.wall_s += time.perf_counter() - t0
         return results
+
+    def branch_logprobs(self, ids: Sequence[int], choose: Callable[[np.ndarray], Sequence[tuple[int, int]]],
+                        batch: int = 64) -> tuple[np.ndarray, list[tuple[int, int]], np.ndarray]:
+        """(rows, branches, branch rows): the float32 log-softmax after every token of `ids` (n, V); `choose(rows)`
+        names branches (i, c); for each, the log-softmax after ids[:i + 1] + [c] (len(branches), V). One forward of
+        `ids` fills mlx-lm's KV caches, then each batch of branches is one step from those caches cut at i + 1
+        (left-padded: mlx-lm's BatchKVCache). Needs the whole model in memory: streamed, every batch of one-token
+        steps would read every layer again."""
+        if not self.plan.resident:
+            raise KDError("branch log-probs need the whole teacher in memory: run it without a memory budget (or "
+                          "with one above its size)")
+        caches = make_prompt_cache(self.model)
+        if not all(type(c) is KVCache for c in caches):
+            raise KDError(f"{self.family}: branch log-probs need a plain KV cache in every layer")
+        if not self._installed_all:
+            self._install_all()
+        n = len(ids)
+        logits = self.model(mx.array([list(map(int, ids))], dtype=mx.int32), cache=caches)[0]
+        rows = log_softmax_np(np.array(logits.astype(mx.float32)))
+        branches = [(int(i), int(c)) for i, c in choose(rows)]
+        if any(not 0 <= i < n for i, _ in branches):
+            raise KDError(f"a branch starts outside 0..{n - 1}")
+        kv = [(c.keys[..., :n, :], c.values[..., :n, :]) for c in caches]
+        out = []
+        for s in range(0, len(branches), batch):
+            part = branches[s:s + batch]
+            ends = np.array([i + 1 for i, _ in part], np.int64)
+            pad = ends.max() - ends
+            # row b: pad[b] ignored positions, then the first ends[b] keys/values of the sequence
+            at = mx.array(np.maximum(np.arange(int(ends.max()))[None] - pad[:, None], 0).astype(np.int32))
+            step = []
+            for k, v in kv:
+                c = BatchKVCache(pad.tolist())
+                c.update_and_fetch(k[0][:, at].transpose(1, 0, 2, 3), v[0][:, at].transpose(1, 0, 2, 3))
+                step.append(c)
+            logits = self.model(mx.array([[c] for _, c in part], dtype=mx.int32), cache=step)[:, -1]
+            out.append(log_softmax_np(np.array(logits.astype(mx.float32))))
+        return rows, branches, np.concatenate(out) if out else np.zeros((0, rows.shape[1]), np.float32)
 
     def score_texts(self, texts: Sequence[str], add_bos: bool = False) -> np.ndarray:
         """Last-position log-probs (prompts x vocab) of each text."""
