@@ -486,3 +486,19 @@ def test_dump_texts_boundary_rows_real_smollm2(tmp_path, phi_tok_dir):
             assert rec.mid.ids[a, :m].tolist() == ref_ids
             np.testing.assert_allclose(rec.mid.probs[a, :m], ref_probs, rtol=1e-4, atol=1e-6)
     assert branched >= 3
+    # lookahead 0: the real next token's split only, from the dump's own rows: streamed under a budget too
+    streamed = StreamingTeacher(smollm2_fp32_dir(), teacher.plan.total_bytes // 2)
+    with pytest.raises(KDError, match="whole teacher in memory"):
+        dump_texts(streamed, texts, tmp_path / "no", 8, student_tokenizer=str(phi_tok_dir), lookahead=1)
+    dump_texts(streamed, texts, tmp_path / "s0", 8, student_tokenizer=str(phi_tok_dir), encoding="fp32", lookahead=0)
+    for text, rec in zip(texts, TopKStore(tmp_path / "s0")):
+        ids = rec.token_ids.tolist()
+        rows = teacher.logprobs_at([ids], [list(range(len(ids)))])[0]
+        b = np.flatnonzero(rec.mid.nbytes == 0)
+        assert rec.mid.row[b].tolist() == proj.boundary_positions(ids, text)
+        for a in b[::3]:
+            i = int(rec.mid.row[a])
+            ref_ids, ref_probs = boundary_row_reference(rows[i], [(ids[i + 1], rows[i + 1])], student.student_id,
+                                                        tok, s_tok, 8)
+            assert rec.mid.ids[a, : len(ref_ids)].tolist() == ref_ids
+            np.testing.assert_allclose(rec.mid.probs[a, : len(ref_ids)], ref_probs, rtol=1e-3, atol=1e-5)

@@ -317,15 +317,17 @@ def compute_shard(teacher, items: Sequence[PromptItem], k: int, answer_ids: Sequ
             if student is not None:
                 it = items[group[j]]
                 s["mid"] = student.mid.rows(lp, it.ids, it.positions, it.text)
+                if student.lookahead == 0:  # the real next token's split needs only rows this call has
+                    row = {int(p): r for r, p in enumerate(it.positions)}
+                    s["mid"] = concat_mid_rows([s["mid"], boundary_rows(student, it.ids, it.positions, it.text,
+                                                                        lambda i: lp[row[i]])])
             h = teacher.take_hidden(lp.shape[0])[-1].copy() if hidden else None
             return s, h
 
         res = teacher.logprobs_at(seqs, pos, prefix=items[group[0]].ids[:L] if L else None, reduce=reduce)
         for i, r in zip(group, res):
-            if student is not None and student.lookahead is not None:  # after the call: it runs the teacher again
-                it = items[i]
-                r[0]["mid"] = concat_mid_rows([r[0]["mid"], boundary_rows(teacher, student, it.ids, it.positions,
-                                                                          it.text)])
+            if student is not None and student.lookahead:  # after the call: it runs the teacher again
+                r[0]["mid"] = concat_mid_rows([r[0]["mid"], looked_ahead_rows(teacher, student, items[i])])
             out[i] = r
     recs, st = [], _new_stats()
     for i, it in enumerate(items):
@@ -498,30 +500,41 @@ class StudentSide:
     lookahead_min_mass: float = 0.01  # a branch only for teacher tokens at least this probable
 
 
-def boundary_rows(teacher, student: StudentSide, ids: Sequence[int], positions: Sequence[int], text: str
+def boundary_rows(student: StudentSide, ids: Sequence[int], positions: Sequence[int], text: str,
+                  row_at: Callable[[int], np.ndarray], branched: tuple[list, Sequence[np.ndarray]] = ([], [])
                   ) -> MidTokenRows:
-    """Rows at the boundaries the teacher's and the student's encodings of `text` share (stored with nbytes 0),
-    where the student's first token of a teacher candidate c may be longer than c (it merges c with what follows):
-    c's mass follows the teacher's next token after c, from the row at the next position for the real next token
-    and from one more teacher step (`branch_logprobs`) for the `student.lookahead` most probable others."""
+    """Rows at the boundaries the teacher's and the student's encodings of `text` share (stored with nbytes 0) for
+    the record's `positions` i whose next position is one too. Where the student's first token of a teacher
+    candidate c may be longer than c (it merges c with what follows), c's mass follows the teacher's next token
+    after c: for the real next token from the row at i + 1 (`row_at(i + 1)`: the full row at a teacher position);
+    for others from `branched` = (branches (i, c), their rows), one teacher step each (`branch_logprobs`)."""
     proj = student.mid
     row_of = {int(i): r for r, i in enumerate(positions)}
-    at = [i for i in proj.boundary_positions(ids, text) if i in row_of]
+    at = [i for i in proj.boundary_positions(ids, text) if i in row_of and i + 1 in row_of]
+    looks: dict[int, list] = {i: [(int(ids[i + 1]), row_at(i + 1))] for i in at}
+    for (i, c), lq in zip(*branched):
+        if i in looks:
+            looks[i].append((int(c), lq))
+    got = [proj.boundary_row(row_at(i), looks[i]) for i in at]
+    m = max([len(g[0]) for g in got] + [1])
+    ids_a, probs_a = np.full((len(got), m), -1, np.int32), np.zeros((len(got), m), np.float32)
+    for j, (a, b) in enumerate(got):
+        ids_a[j, : len(a)], probs_a[j, : len(b)] = a, b
+    return MidTokenRows(np.array([row_of[i] for i in at], np.int32), np.zeros(len(at), np.int32), ids_a, probs_a)
+
+
+def looked_ahead_rows(teacher, student: StudentSide, it: PromptItem) -> MidTokenRows:
+    """`boundary_rows` of one item with `student.lookahead` teacher steps per boundary (the teacher run again on
+    the item, whole model in memory), for its most probable candidates the student may merge."""
+    proj, ids = student.mid, it.ids
+    at = proj.boundary_positions(ids, it.text)
 
     def choose(rows: np.ndarray) -> list[tuple[int, int]]:
         return [(i, c) for i in at for c in proj.lookahead_candidates(rows[i], student.lookahead,
                                                                     student.lookahead_min_mass, skip=int(ids[i + 1]))]
 
     rows, branches, after = teacher.branch_logprobs(ids, choose)
-    looks: dict[int, list] = {i: [(int(ids[i + 1]), rows[i + 1])] for i in at}
-    for (i, c), lq in zip(branches, after):
-        looks[i].append((c, lq))
-    got = [proj.boundary_row(rows[i], looks[i]) for i in at]
-    m = max([len(g[0]) for g in got] + [1])
-    ids_a, probs_a = np.full((len(got), m), -1, np.int32), np.zeros((len(got), m), np.float32)
-    for j, (a, b) in enumerate(got):
-        ids_a[j, : len(a)], probs_a[j, : len(b)] = a, b
-    return MidTokenRows(np.array([row_of[i] for i in at], np.int32), np.zeros(len(at), np.int32), ids_a, probs_a)
+    return boundary_rows(student, ids, it.positions, it.text, rows.__getitem__, (branches, after))
 
 
 def student_side(teacher_tok, student_tokenizer: str | None, k: int) -> StudentSide | None:
@@ -664,9 +677,9 @@ def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatu
     """A store of plain texts (every position, `--positions prompt`), through the same shard computation as the
     CMMLU dump: for token-level distillation on text (kd_mlx.textkd). Resumable like the dump.
 
-    `lookahead` (with a student tokenizer; the teacher resident in memory): also rows at the boundaries both
-    encodings share, with that many teacher steps per row for candidates the student may merge with what follows
-    (`boundary_rows`; 0: only the real next token's, which costs no step)."""
+    `lookahead` (with a student tokenizer): also rows at the boundaries both encodings share (`boundary_rows`),
+    with that many teacher steps per row for the candidates the student may merge with what follows (the teacher
+    resident in memory); 0: only the real next token's split, from rows the dump has anyway (streamed too)."""
     tok = teacher.tokenizer
     st = DumpSettings("", "", Path(out), "prompt", encoding, int(k), 0, int(shard_size), None, None,
                       parse_temperatures(list(temperatures)))
@@ -676,8 +689,8 @@ def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatu
             raise KDError("lookahead needs a student tokenizer other than the teacher's")
         if int(lookahead) < 0:
             raise KDError(f"lookahead must be >= 0, got {lookahead}")
-        if not teacher.plan.resident:
-            raise KDError("lookahead needs the whole teacher in memory: run it without a memory budget")
+        if int(lookahead) and not teacher.plan.resident:
+            raise KDError("lookahead > 0 needs the whole teacher in memory: run it without a memory budget")
         student.lookahead = int(lookahead)
     answer_ids = answer_token_ids(tok)
     conf_hash, weights_hash = teacher_fingerprint(Path(teacher.model_dir))
