@@ -34,14 +34,23 @@ read exactly the same text and are about to predict the token that starts at the
    real next token (given the student ids): there the context-free map is wrong about how the student continues
    the text. Cases: a bare " " the teacher splits before a Chinese word (the student writes " 农" as one
    piece), byte pieces, merges. Measured share of aligned rows: benchmarks/bench_align.py.
+5. **Boundary rows (look-ahead).** A text dump with `lookahead` stores, at each boundary both encodings share, the
+   row over student first tokens with the context-free map corrected where it is wrong: a candidate c whose class
+   is all of c's bytes, and that the student could merge with what follows (GPT-2's e4 b8 before 8d is 不; " the"
+   before "ory" is " theory"), has its mass split by the teacher's next token after c — exact for the real next
+   token (the dump's row at the next position) and for the `lookahead` most probable others (one teacher step
+   each, `StreamingTeacher.branch_logprobs`). Such a row replaces the top-k projection and needs no context check
+   (`boundary_targets`). Depth one: where c + d could still grow into a longer student token, the longest one
+   that c + d already spells is taken.
 
 What the projection assumes (and where it is only approximate):
 
-- **Context-free first token.** The student token that begins a candidate is computed from the candidate alone.
-  In context the student's BPE also sees the text after the candidate: for the teacher's candidate "中国" the
-  student in context may produce a longer or differently merged first token of the following characters, and for a
-  candidate "hel" (of "hello") the student would really emit "hello". The mapped token is always a byte prefix of
-  the candidate (tested), so it is the student's first step towards the same text, never a different text.
+- **Context-free first token** (where there is no boundary row). The student token that begins a candidate is
+  computed from the candidate alone. In context the student's BPE also sees the text after the candidate: for the
+  teacher's candidate "中国" the student in context may produce a longer or differently merged first token of the
+  following characters, and for a candidate "hel" (of "hello") the student would really emit "hello". The mapped
+  token is always a byte prefix of the candidate (tested), so it is the student's first step towards the same
+  text, never a different text.
 - **Leading spaces.** GPT-2 and tiktoken both attach a single leading space to the following word (" the"), so
   word candidates keep their meaning. A teacher candidate that is whitespace alone (" ", "\\n\\n") maps to the
   student's whitespace token, although before a word the student would fold the space into the word token

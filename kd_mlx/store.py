@@ -41,7 +41,8 @@ Per question (row) a shard holds:
   ids padded -1, `mid_probs` (M, k) (float32 for `fp32`, else float16): the teacher's next-token distribution given
   those bytes, over the student token that begins the rest; nbytes 0 (a text dump with `lookahead`, identity
   `boundary_rows`): the row's own distribution over the student's first tokens at a boundary both share, where a
-  candidate the student would merge with what follows is split by the teacher's next step (kd_mlx.teacher.dump `boundary_rows`)
+  candidate the student would merge with what follows is split by the teacher's next step
+  (kd_mlx.teacher.dump `boundary_rows`)
 
 Each shard's metadata holds `content_sha256` (its tensors + metadata), so a shard proves its own integrity; the
 manifest also keeps each file's sha256. A resumed dump recomputes every shard that fails either; training checks
