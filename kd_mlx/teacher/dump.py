@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher": None, "data": None, "splits": None, "split": "train", "shots": 5, "top_k": 32,
     "positions": "question", "memory_budget": None, "encoding": "q8rice", "shard_size": 64, "hidden": False,
     "out": None, "max_questions": None, "max_tokens": 2048, "add_bos": None, "trust_remote_code": False,
-    "student_tokenizer": None, "temperatures": "1",
+    "student_tokenizer": None, "temperatures": "1", "lookahead": None,
 }
 
 
@@ -452,6 +452,7 @@ class DumpSettings:
     max_tokens: int | None
     budget: int | None
     temperatures: list[float]
+    lookahead: int | None = None
 
 
 def check_settings(cfg: dict) -> DumpSettings:
@@ -467,9 +468,28 @@ def check_settings(cfg: dict) -> DumpSettings:
     if k < 1 or shard_size < 1 or shots < 0:
         raise KDError("--top-k and --shard-size must be >= 1, --shots >= 0")
     budget = None if cfg["memory_budget"] in (None, "", "none", "None") else parse_bytes(cfg["memory_budget"])
+    lookahead = check_lookahead(cfg.get("lookahead"), cfg.get("student_tokenizer"))
+    if lookahead and budget is not None:
+        raise KDError("--lookahead > 0 runs the teacher once more per row with the whole model in memory: not with "
+                      "--memory-budget (--lookahead 0 streams)")
     return DumpSettings(str(cfg["teacher"]), str(cfg["data"]), Path(cfg["out"]), str(cfg["positions"]),
                         str(cfg["encoding"]), k, shots, shard_size, int(cfg["max_tokens"]) if cfg["max_tokens"] else
-                        None, budget, parse_temperatures(cfg["temperatures"]))
+                        None, budget, parse_temperatures(cfg["temperatures"]), lookahead)
+
+
+def check_lookahead(lookahead: Any, student_tokenizer: str | None) -> int | None:
+    """--lookahead as an int >= 0 (None: no boundary rows); it needs a student tokenizer."""
+    if lookahead in (None, ""):
+        return None
+    try:
+        n = int(lookahead)
+    except (TypeError, ValueError):
+        raise KDError(f"--lookahead must be an integer >= 0, got {lookahead!r}") from None
+    if n < 0:
+        raise KDError(f"--lookahead must be an integer >= 0, got {lookahead!r}")
+    if not student_tokenizer:
+        raise KDError("--lookahead needs --student-tokenizer (boundary rows are over the student's tokens)")
+    return n
 
 
 def select_questions(cfg: dict):
@@ -537,7 +557,8 @@ def looked_ahead_rows(teacher, student: StudentSide, it: PromptItem) -> MidToken
     return boundary_rows(student, ids, it.positions, it.text, rows.__getitem__, (branches, after))
 
 
-def student_side(teacher_tok, student_tokenizer: str | None, k: int) -> StudentSide | None:
+def student_side(teacher_tok, student_tokenizer: str | None, k: int, lookahead: int | None = None
+                 ) -> StudentSide | None:
     """The student side for --student-tokenizer; None without one or when it is the teacher's own tokenizer (the
     class of a token is then itself and every boundary is shared: nothing to keep)."""
     if not student_tokenizer:
@@ -547,7 +568,7 @@ def student_side(teacher_tok, student_tokenizer: str | None, k: int) -> StudentS
     if vmap.is_identity:
         return None
     return StudentSide(student_tok.fingerprint(), vmap.student_id,
-                       MidTokenProjector(teacher_tok, student_tok, k, vmap.student_id))
+                       MidTokenProjector(teacher_tok, student_tok, k, vmap.student_id), lookahead)
 
 
 def make_identity(st: DumpSettings, teacher, model_dir: Path, add_bos: bool, answer_ids: Sequence[int],
@@ -562,8 +583,13 @@ def make_identity(st: DumpSettings, teacher, model_dir: Path, add_bos: bool, ans
         "k": st.k, "encoding": st.encoding, "hidden_dim": int(teacher.config["hidden_size"]) if hidden else 0,
         "max_tokens": st.max_tokens, "add_bos": add_bos, "answer_token_ids": [int(a) for a in answer_ids],
         "temperatures": st.temperatures, "student_tokenizer": student and student.fingerprint,
-        **({"mid_token_rows": True} if student else {}),
+        **({"mid_token_rows": True} if student else {}), **boundary_identity(student),
     }
+
+
+def boundary_identity(student: StudentSide | None) -> dict:
+    return {"boundary_rows": {"lookahead": student.lookahead, "min_mass": student.lookahead_min_mass}} \
+        if student is not None and student.lookahead is not None else {}
 
 
 def check_ranks_agree(group, identity: dict, ids: Sequence[str], st: DumpSettings) -> None:
@@ -612,7 +638,7 @@ def dump_store(cfg: dict, progress: bool = True, log: Callable[[str], Any] = pri
         raise KDError(f"--top-k {st.k} exceeds the teacher's vocabulary ({teacher.vocab_size})")
     answer_ids = answer_token_ids(tok)
     add_bos = read_add_bos(model_dir, tok) if cfg["add_bos"] is None else bool(cfg["add_bos"])
-    student = student_side(tok, cfg["student_tokenizer"], st.k)
+    student = student_side(tok, cfg["student_tokenizer"], st.k, st.lookahead)
     cmmlu, questions = select_questions(cfg)
     identity = make_identity(st, teacher, model_dir, add_bos, answer_ids, bool(cfg["hidden"]), student)
     ids = [q.id for q in questions]
@@ -683,23 +709,17 @@ def dump_texts(teacher, texts: Sequence[str], out: str | Path, k: int, temperatu
     tok = teacher.tokenizer
     st = DumpSettings("", "", Path(out), "prompt", encoding, int(k), 0, int(shard_size), None, None,
                       parse_temperatures(list(temperatures)))
-    student = student_side(tok, student_tokenizer, st.k)
-    if lookahead is not None:
-        if student is None:
-            raise KDError("lookahead needs a student tokenizer other than the teacher's")
-        if int(lookahead) < 0:
-            raise KDError(f"lookahead must be >= 0, got {lookahead}")
-        if int(lookahead) and not teacher.plan.resident:
-            raise KDError("lookahead > 0 needs the whole teacher in memory: run it without a memory budget")
-        student.lookahead = int(lookahead)
+    lookahead = check_lookahead(lookahead, student_tokenizer)
+    if lookahead and not teacher.plan.resident:
+        raise KDError("--lookahead > 0 needs the whole teacher in memory: run it without a memory budget")
+    student = student_side(tok, student_tokenizer, st.k, lookahead)
     answer_ids = answer_token_ids(tok)
     conf_hash, weights_hash = teacher_fingerprint(Path(teacher.model_dir))
     identity = {"teacher_config_hash": conf_hash, "teacher_weights_hash": weights_hash,
                 "tokenizer": tok.fingerprint(), "template": "text", "positions": "prompt", "k": st.k,
                 "encoding": encoding, "hidden_dim": 0, "add_bos": add_bos, "temperatures": st.temperatures,
                 "student_tokenizer": student and student.fingerprint, **({"mid_token_rows": True} if student else {}),
-                **({"boundary_rows": {"lookahead": student.lookahead, "min_mass": student.lookahead_min_mass}}
-                   if student and student.lookahead is not None else {}),
+                **boundary_identity(student),
                 "answer_token_ids": [int(a) for a in answer_ids]}
     ids = list(ids) if ids is not None else [f"text/{i:06d}" for i in range(len(texts))]
     bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
@@ -762,6 +782,10 @@ def format_quality(q: dict, max_subjects: int = 10) -> str:
                    "(exact cross-tokenizer targets) and the rows at student positions inside a teacher token")
 @click.option("--temperatures", default=None,
               help="token-KD temperatures to keep exact normalisers for, e.g. 1,2 (1)")
+@click.option("--lookahead", type=int, default=None,
+              help="with --student-tokenizer: rows at shared boundaries where a candidate the student merges with "
+                   "what follows is split by the teacher's next token (0: the real next token only, streams; N: "
+                   "also N more candidates per row, one teacher step each, whole model in memory)")
 @click.option("--progress/--no-progress", default=True, help="progress bar")
 @click.option("--config", "config_path", default=None, help="YAML config (flags win)")
 @cli_errors
