@@ -118,7 +118,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models import phi
 
-from kd_mlx.align import VocabMap, align_record_bytes
+from kd_mlx.align import MidTokenRows, VocabMap, align_record_bytes
 from kd_mlx.data import load_cmmlu, make_splits, split_questions
 from kd_mlx.data.prompt import format_question
 from kd_mlx.store import TopKStore
@@ -169,12 +169,14 @@ def peak_rss_gb() -> float:
 @click.option("--diagnostics", is_flag=True, help="also: top-k sums only, no context check (cross-tokenizer)")
 @click.option("--by-teacher-token", is_flag=True,
               help="also: where the held-out gains fall, per teacher token of the held-out texts (needs arms 0,1,3,4)")
-@click.option("--lookahead", default=None, type=int,
-              help="boundary rows in the store, with this many teacher look-ahead steps per row (dump_texts)")
+@click.option("--lookahead", default=4, show_default=True,
+              help="teacher look-ahead steps per boundary row of the store (dump_texts; 0: the real next token's)")
+@click.option("--boundary-rows/--no-boundary-rows", default=True, show_default=True,
+              help="store rows at the boundaries both encodings share, with look-ahead (off: top-k projection there)")
 @click.option("--only", default=None, help="comma-separated arm numbers to run (0-based, in the printed order)")
 @click.option("--out", default="/tmp/kd_token_effect", show_default=True, help="work dir (store, results.json)")
 def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, temperature, top_k, hidden, layers,
-         max_chars, seed, diagnostics, by_teacher_token, lookahead, only, out):
+         max_chars, seed, diagnostics, by_teacher_token, lookahead, boundary_rows, only, out):
     out = Path(out)
     if by_teacher_token and only and not {0, 1, 3, 4} <= {int(i) for i in only.split(",")}:
         raise click.UsageError("--by-teacher-token compares arms 0, 1, 3 and 4: --only must include them")
@@ -192,7 +194,7 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
     ids = [f"text/{i:06d}" for i in range(len(train_texts))]
     temps = sorted({1.0, float(temperature)})
     dump_texts(teacher, train_texts, out / "store", top_k, temps, str(out / "phi_tokenizer"), encoding="q8rice",
-               ids=ids, progress=True, lookahead=lookahead)
+               ids=ids, progress=True, lookahead=lookahead if boundary_rows else None)
     dump_s = time.perf_counter() - t
     store = TopKStore(out / "store")
     cross, same = VocabMap.build(smol, gpt2), VocabMap.build(smol, smol)
@@ -200,10 +202,12 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
           flush=True)
 
     def examples(tok, vmap=None, align="bytes", exact=True, context=True, texts=train_texts, with_kd=True,
-                 thin_to=None, mid_token=True):
+                 thin_to=None, mid_token=True, boundary=True):
         st = store if with_kd else None
         if st is not None and not exact:
             st = {i: _without_class_mass(store[i]) for i in ids}
+        elif st is not None and not boundary:
+            st = {i: _without_boundary_rows(store[i]) for i in ids}
         exs = text_examples(texts, tok, st, ids, vmap, align, temperature, mid_token=mid_token)
         if st is not None and not context:  # the same rows without the context check
             exs = _no_context_check(exs, texts, tok, st, ids, vmap, temperature)
@@ -224,7 +228,9 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                  # the cross-tokenizer arm has (a ratio near this arm's means the lost rows are the loss)
                  ("smol", "CE+KD, rows thinned to cross coverage", dict(thin_to=cross_coverage)),
                  # what the rows at student positions inside a teacher token add (arm 1 has them)
-                 ("gpt2", "CE+KD bytes, no mid-token rows", dict(mid_token=False))]
+                 ("gpt2", "CE+KD bytes, no mid-token rows", dict(mid_token=False)),
+                 # what the boundary rows add (arm 1 has them when the store does): the top-k projection there
+                 ("gpt2", "CE+KD bytes, no boundary rows", dict(boundary=False))]
     if only:
         arms = [arms[int(i)] for i in only.split(",")]
     held = {"gpt2": examples(gpt2, with_kd=False, texts=eval_texts), "smol": examples(smol, with_kd=False,
@@ -270,7 +276,7 @@ def main(cmmlu, n_train, n_eval, steps, batch_size, learning_rate, kd_weight, te
                "settings": {"n_train": n_train, "n_eval": n_eval, "steps": steps, "batch_size": batch_size,
                             "learning_rate": learning_rate, "kd_weight": kd_weight, "temperature": temperature,
                             "top_k": top_k, "hidden": hidden, "layers": layers, "seed": seed,
-                            "max_chars": max_chars, "lookahead": lookahead},
+                            "max_chars": max_chars, "lookahead": lookahead if boundary_rows else None},
                "dump_s": dump_s, "wall_s": time.perf_counter() - t0,
                "peak_memory_gb": mx.get_peak_memory() / 2**30, "peak_rss_gb": peak_rss_gb()}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -361,6 +367,13 @@ def _thin_rows(exs, rows_per_token: float, seed: int) -> None:
             continue
         keep = np.sort(rng.permutation(len(e.kd_pos))[:max(1, round(keep_frac * len(e.kd_pos)))])
         e.kd_pos, e.kd_ids, e.kd_probs, e.kd_rest = e.kd_pos[keep], e.kd_ids[keep], e.kd_probs[keep], e.kd_rest[keep]
+
+
+def _without_boundary_rows(rec):  # the mid-token rows stay; aligned rows go back to the top-k projection
+    if rec.mid is not None:
+        keep = rec.mid.nbytes > 0
+        rec.mid = MidTokenRows(rec.mid.row[keep], rec.mid.nbytes[keep], rec.mid.ids[keep], rec.mid.probs[keep])
+    return rec
 
 
 def _without_class_mass(rec):  # and without the mid-token rows: nothing from the full row
