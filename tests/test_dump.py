@@ -459,9 +459,9 @@ def test_dump_texts_boundary_rows_real_smollm2(tmp_path, phi_tok_dir):
     tok = teacher.tokenizer
     texts = ["题目：下列关于中国古代科举制度的说法，正确的是", "The theory of the firm"]
     out = tmp_path / "s"
-    with pytest.raises(KDError, match="needs a student tokenizer"):
+    with pytest.raises(KDError, match="needs --student-tokenizer"):
         dump_texts(teacher, texts, out, 8, lookahead=2)
-    with pytest.raises(KDError, match="lookahead must be >= 0"):
+    with pytest.raises(KDError, match="lookahead must be an integer >= 0"):
         dump_texts(teacher, texts, out, 8, student_tokenizer=str(phi_tok_dir), lookahead=-1)
     assert not out.exists()
     dump_texts(teacher, texts, out, 8, student_tokenizer=str(phi_tok_dir), encoding="fp32", lookahead=2)
