@@ -5,103 +5,61 @@ Teacher: the real SmolLM2-135M (kd_mlx.testing.models.smollm2_fp32_dir; its own 
 same small Phi-shaped model (mlx-lm `phi`, random init, equal seed) with GPT-2's BPE (Phi-1.5's tokenizer) or, as
 the control, with SmolLM2's tokenizer. Text: real CMMLU question blocks (题目 + options) of the train split of
 `make_splits(seed 0)`; held-out: test-split question blocks. The teacher store is made by the real dump path
-(`kd_mlx.teacher.dump.dump_texts`: every position, top-k, and for GPT-2's tokenizer the full-row class masses and
-the mid-token rows). Arms, equal texts / order / steps: CE only; CE + token KD (bytes alignment with the mid-token
-rows, chars alignment); same-tokenizer CE and CE + KD. Reported: held-out bits per byte
-(kd_mlx.textkd.bits_per_byte) and
+(`kd_mlx.teacher.dump.dump_texts`: every position, top-k, and for GPT-2's tokenizer the full-row class masses, the
+mid-token rows and the boundary rows with `--lookahead` teacher steps each). Arms, equal texts / order / steps: CE
+only; CE + token KD (bytes alignment, chars alignment); same-tokenizer CE and CE + KD. Reported: held-out bits per
+byte (kd_mlx.textkd.bits_per_byte) and
 
     ratio = (bpb CE − bpb CE+KD) with GPT-2's tokenizer  /  (bpb CE − bpb CE+KD) with SmolLM2's tokenizer.
 
 `--diagnostics` adds arms that show where the cross-tokenizer gain goes: top-k sums only (no class masses, no
-mid-token rows), no context check (arms 5, 6), same-tokenizer KD thinned to the cross arm's aligned rows per token
-(7), and byte alignment without the mid-token rows (8).
+mid-token or boundary rows), no context check (5, 6), same-tokenizer KD thinned to the cross arm's aligned rows per
+token (7), byte alignment without the mid-token rows (8) or without the boundary rows (9). `--by-teacher-token`:
+the held-out gains per teacher token, by how GPT-2 writes it.
 
   nice -n 10 python benchmarks/kd_token_effect.py --out /tmp/kd_token_effect
 
-Measured 2026-12-01 with the mid-token rows stored by the dump, 5 seeds, two jobs on the 2 cores:
+Measured 2026-12-01, two jobs on the 2 cores, 12 seeds (the seed picks the texts and the student init):
   OPENBLAS_NUM_THREADS=1 nice -n 5 python benchmarks/kd_token_effect.py --n-train 128 --n-eval 48 --steps 80 \
-      --batch-size 4 --hidden 64 --max-chars 48 --seed S --only 0,1,3,4 --out OUT_S     (and --diagnostics --only 8)
-    teacher store per seed: 128 texts, ~9,900 top-32 rows, dump 64-93 s; KD rows per student token: bytes +
-    mid-token 0.95, bytes only 0.79, same tokenizer 0.99; train 86-115 s (CE), 201-300 s (KD) per arm
-    held-out bits/byte          seed 0   seed 1   seed 2   seed 3   seed 4   mean gain
-    gpt2 CE                     3.8177   3.7701   3.8933   3.8771   3.7251
-    gpt2 CE+KD bytes (+mid)     3.7387   3.7333   3.7561   3.7904   3.6866   +0.0756
-    gpt2 CE+KD bytes, no mid    3.7478   3.7457   3.7835   3.8417   3.6949   +0.0539
-    smol CE                     3.6847   3.6327   3.7716   3.6608   3.5942
-    smol CE+KD                  3.5983   3.5728   3.6337   3.5409   3.5079   +0.0981
-    cross / same gain (+mid)    0.91     0.61     1.00     0.72     0.45     0.77 (ratio of the mean gains)
-    cross / same gain (no mid)  0.81     0.41     0.80     0.30     0.35     0.55
-  The mid-token rows lower bits per byte on every seed (+0.008..+0.051) and raise the ratio from 0.55 to 0.77; the
-  goal (>= 0.8) is not met, and the per-seed spread (0.45-1.00) is as large as the remaining gap. MLX peak 2.3 GB,
-  peak RSS 3.0 GB per job. Seeds 5 and 6 (arms 0,1,3,4): gpt2 CE 3.9300 / 3.9511, CE+KD 3.8653 / 3.8716, smol CE
-  3.7631 / 3.7796, CE+KD 3.6546 / 3.6792: ratio 0.60 / 0.79; over the 7 seeds 0.75 (mean gains 0.0746 / 0.0999).
-  Not the gap: a context check for the mid-token rows (keep a row only where the student's real next token is
-  the class of the teacher's real next token, as the aligned rows do) would drop 20 of 1,921 of them (seed 0;
-  19 of 1,986 on seed 1), so the rows inside teacher tokens are almost all consistent with the real text.
+      --batch-size 4 --hidden 64 --max-chars 48 --seed S --only 1        (arms 0, 3, 4: same command, --only 0,3,4)
+    teacher store per seed: 128 texts, ~9,900 top-32 rows; dump 375-517 s with look-ahead 4 (without
+    it: 64-93 s; 91 s with --lookahead 0); train 206-249 s per KD arm; KD rows per student token 0.98
+    held-out bits/byte    GPT-2 CE  +KD merge rule  +KD boundary rows  SmolLM2 CE  +KD     ratio rule  boundary
+    seed 0                3.8177    3.7289          3.7128             3.6847      3.5983  1.03        1.21
+    seed 1                3.7701    3.7248          3.7085             3.6327      3.5728  0.76        1.03
+    seed 2                3.8933    3.7588          3.7442             3.7716      3.6337  0.98        1.08
+    seed 3                3.8771    3.7838          3.7506             3.6608      3.5409  0.78        1.06
+    seed 4                3.7251    3.6767          3.6679             3.5942      3.5079  0.56        0.66
+    seed 5                3.9300    3.8564          3.8309             3.7631      3.6546  0.68        0.91
+    seed 6                3.9511    3.8804          3.8352             3.7796      3.6792  0.70        1.15
+    seed 7                3.8352    3.7495          3.7281             3.6643      3.5453  0.72        0.90
+    seed 8                3.8051    3.7585          3.7449             3.6634      3.5886  0.62        0.80
+    seed 9                3.7358    3.6861          3.6717             3.5942      3.5227  0.70        0.90
+    seed 10               3.9158                    3.8157             3.7496      3.5950              0.65
+    seed 11               3.6805                    3.5903             3.5521      3.4742              1.16
+    ratio of mean gains                                                                    0.76 (0-9)  0.95
+  Over the 12 seeds the cross-tokenizer gain is 0.95 of the same-tokenizer gain (bootstrap 90% interval
+  0.86-1.04; seeds 0-9: 0.98 vs 0.76 without boundary rows, lower bits per byte on all 10, by 0.009-0.045).
+  "Merge rule" = the store before boundary rows (mid-token rows without the continuations the student's last token
+  rules out), measured as a filter of the earlier stores (a fresh dump, seed 0: 3.7291). MLX peak 2.3 GB, peak
+  RSS 3.0 GB per job.
+  --lookahead 0 (only the real next token's split, no teacher steps), seeds 0-3: 3.7184 / 3.7180 / 3.7487 /
+  3.7762: ratio 0.98 vs 1.09 with look-ahead 4 and 0.90 before, on those seeds (dump 88-91 s)
 
-More seeds, same command (2026-12-01 03:22-04:00, seeds 7-11): ratio 0.62 / 0.89 / 0.51 / 0.36 / 0.33; over the 12
-seeds 0.65 (mean gains 0.0650 / 0.0998; bootstrap 90% interval 0.54-0.76): the first seeds were on the high side.
-Where the gap is (`--by-teacher-token`, seeds 0 and 1, each held-out teacher token by how GPT-2 writes it; a
-GPT-2 token's gain counted on the teacher token holding its last byte; bits summed over the 48 texts):
-    teacher tokens                       n (s0)  same-tokenizer gain  cross gain, s0 / s1
-    GPT-2 writes it as one token (1:1)   2,795   287 / 100            619 / 434
-    GPT-2 splits it in pieces            544     139 / 184            -92 / -154   (non-ASCII: all but 3)
-    a GPT-2 token crosses its edge       274      61 / 67             -82 / -65
-  So token KD across tokenizers helps where both write the same token (more than same-tokenizer KD does there) and
-  makes held-out text worse than CE alone where GPT-2 writes a teacher token in byte pieces. Per GPT-2 token (seed
-  0): tokens starting inside a teacher token -90 bits with the mid-token rows, -335 without them; tokens starting
-  at a teacher boundary +535 / +729. A cause found in the mid-token rows: after GPT-2 writes the piece e4 b8, the
-  teacher's conditional still gave mass to 不 (e4 b8 8d), which GPT-2 always writes whole, so it never stands
-  after that piece: 12-13% of each mid-token row's mass went to continuations the student's own last token rules
-  out (`kd_mlx.align.merges_with`). The dump now leaves them out. Measured first as a filter on the stores above
-  (seeds 0-9, same command, one arm): gpt2 CE+KD 3.7289 / 3.7248 / 3.7588 / 3.7838 / 3.6767 / 3.8564 / 3.8804 /
-  3.7495 / 3.7585 / 3.6861 (better on 7 of 10 seeds, mean +0.0038 bits/byte): ratio 0.72 -> 0.76 over those 10
-  seeds (bootstrap 90% interval 0.69-0.84). A fresh dump with the rule, seed 0: 3.7291 (the filter gave 3.7289).
-  The goal (0.8) is still not met. What stays: the aligned row before a split token projects a teacher piece
-  (e.g. e4 b8) onto GPT-2's piece even for the continuations GPT-2 writes whole (not measured how much); splitting
-  that mass needs the teacher's next distribution after each such candidate (one more teacher step per candidate).
-
-Earlier figures (the tiny setting below; before the dump stored mid-token rows, so "CE+KD bytes" there is byte
-alignment only, and arm 8 was the same rows computed in the benchmark from the teacher's full rows):
-Measured 2026-11-30, Linux, 2 CPU cores shared with other jobs (load 4-6; absolute times not comparable with an
-idle machine), a deliberately tiny setting, 3 seeds (the seed picks the train/held-out texts and the student init):
-  nice -n 5 python benchmarks/kd_token_effect.py --n-train 64 --n-eval 24 --steps 40 --batch-size 4 --hidden 64 \
-      --max-chars 48 --seed S --only 0,1,3,4 --out OUT_S
-    teacher store per seed: 64 texts, 4,963-5,083 top-32 rows (q8rice, class masses for GPT-2), dump 55-255 s
-    held-out bits/byte        seed 0   seed 1   seed 2   mean
-    gpt2 CE                   4.3086   4.0383   4.3032
-    gpt2 CE+KD bytes          4.1190   4.0144   4.2309
-      KD gain                 +0.190   +0.024   +0.072   +0.095
-    smol CE                   4.1700   3.9393   4.1157
-    smol CE+KD                3.9552   3.7746   3.9622
-      KD gain                 +0.215   +0.165   +0.154   +0.178
-    cross / same gain         0.88     0.15     0.47     0.54 (ratio of the mean gains)
-  KD rows per student token: bytes 0.79, same tokenizer 0.99; train 88-783 s per arm (KD ~2.5x CE); MLX peak 2.3 GB,
-  peak RSS 3.0 GB. Seed 0 reproduces an earlier run of the same setting to the 4th decimal.
-  Same-tokenizer KD gains 0.15-0.21 bits/byte on every seed; byte-aligned cross-tokenizer KD only 0.54 of that.
-  Char alignment (arm 2, seed 0 only, earlier run): 4.2315, gain 0.077 (0.36): it finds only 0.46 rows per token.
-
-What the projection loses (`--diagnostics --only 7,5`, same tiny setting and seeds, two jobs on the 2 cores):
-    held-out bits/byte                       seed 0   seed 1   seed 2
-    smol CE+KD, rows thinned to 0.79/token   3.9672   3.7788   3.9789   gain 0.203 / 0.161 / 0.137
-      = share of the full same-tokenizer gain  0.94     0.97     0.89
-    gpt2 CE+KD bytes, top-k sums only        4.1106   4.0250   4.2232   gain 0.198 / 0.013 / 0.080 (exact: 0.190 /
-                                                                          0.024 / 0.072)
-  Coverage is not the loss: same-tokenizer KD on a random 0.79 of its rows keeps 0.89-0.97 of its gain. Nor are the
-  exact class masses the gain (top-k sums only: within seed noise of exact). Seed 0's targets: GPT-2 needs 5,843
-  tokens for the texts SmolLM2 writes in 5,005; 4,594 of them get a row, of mean entropy 1.82 nats (tail as one
-  class) vs 2.01 on the same-tokenizer side's 4,941 rows: an aligned row gives the teacher's distribution over the
-  student's FIRST token of the next teacher token. SmolLM2 has only 80 pure-Chinese tokens (on 52 GPT-2 first
-  tokens), so both sides write Chinese mostly in byte pieces with different merges; the uncovered 21% are not a
-  random 21% but the student positions inside a teacher token (bytes the teacher merged and the student splits).
-  Targets there (`--diagnostics` arm 8, "mid-token rows": the teacher's row conditioned on the bytes already emitted
-  inside the token, i.e. the mass of teacher tokens with that prefix, renormalised and grouped by the student token
-  that begins the rest; computed from full rows of the teacher in memory; 957-975 rows added per seed, 0.95 rows per
-  student token; their mean mass on the token the student actually writes next 0.61-0.62):
-    gpt2 CE+KD bytes + mid-token rows        4.0846   3.9726   4.1807   gain 0.224 / 0.066 / 0.123
-      cross / same gain                        1.04     0.40     0.80     0.77 (ratio of the mean gains; bytes: 0.54)
-  So the rows inside teacher tokens are most of what the projection lost (0.54 -> 0.77, up on every seed); the dump
-  now stores them and the 5-seed run above confirms the gain in a larger setting.
+What each part of the target adds (same setting; ratio of the mean gains):
+    top-k projection at shared byte boundaries, context check            0.55 (seeds 0-4)
+    + mid-token rows (student positions inside a teacher token)           0.77 (seeds 0-4), 0.65 (seeds 0-11)
+    + merge rule in the mid-token rows                                    0.72 -> 0.76 (seeds 0-9)
+    + boundary rows, look-ahead 4                                         0.98 (seeds 0-9), 0.95 (seeds 0-11)
+  The boundary rows fix the context-free first token: 37% of an aligned row's mass (27% non-ASCII) sits on teacher
+  candidates the student can merge with what follows (SmolLM2's piece e4 b8, which GPT-2 writes as 不 before 8d);
+  a boundary row follows that mass through the teacher's next token (mean total variation 0.03 from the top-k
+  projection), and it also restores the 3.6% of aligned rows the context check dropped (mass on the student's real
+  next token there 0.12 instead of 0.008). Earlier findings, same benchmark: coverage as such is not the loss
+  (same-tokenizer KD on a random 79% of its rows keeps 0.89-0.97 of its gain); the exact class masses are within
+  seed noise of top-k sums; char alignment keeps 0.36; before boundary rows, `--by-teacher-token` (seeds 0, 1)
+  found cross KD worse than CE alone on the teacher tokens GPT-2 splits (-92 / -154 bits vs +139 / +184 same-
+  tokenizer) or crosses (-82 / -65 vs +61 / +67) and better on the 1:1 ones (619 / 434 vs 287 / 100).
 """
 
 from __future__ import annotations
