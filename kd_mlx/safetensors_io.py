@@ -21,6 +21,8 @@ import numpy as np
 
 from .utils import KDError
 
+_BLOCK = 4096  # O_DIRECT alignment of offsets, lengths and buffers (the page size covers every block size)
+
 # safetensors dtype -> (numpy storage dtype, MLX dtype name to view it as, bytes per element)
 _DTYPES: dict[str, tuple[type, str, int]] = {
     "F64": (np.float64, "float64", 8), "F32": (np.float32, "float32", 4), "F16": (np.float16, "float16", 2),
@@ -128,6 +130,11 @@ class WeightFiles:
         self.bytes_read = 0
         self._lock = threading.Lock()
         self._fds: dict[Path, int] = {}
+        # read_mx past the page cache (O_DIRECT: the disk writes into the MLX buffer, no copy on the CPU) where the
+        # platform and the file system allow it; for weights read once per call from a model larger than memory
+        self.uncached = False
+        self._direct_fds: dict[Path, int | None] = {}
+        self.uncached_bytes = 0
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
@@ -184,6 +191,62 @@ class WeightFiles:
             if j > i and rb:
                 self._pread(info, info.start + int(rows[i]) * rb, (j - i) * rb, out[i * rb:j * rb])
 
+    def _direct_fd(self, path: Path) -> int | None:
+        with self._lock:
+            if path not in self._direct_fds:
+                try:
+                    self._direct_fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except (AttributeError, OSError):  # no O_DIRECT here (macOS) or on this file system (tmpfs)
+                    self._direct_fds[path] = None
+            return self._direct_fds[path]
+
+    def _read_mx_uncached(self, info: TensorInfo, rows: np.ndarray | None):
+        """`read_mx` through O_DIRECT, or None where it cannot be used. O_DIRECT needs file offset, length and
+        buffer address aligned to the block; a tensor starts anywhere in its file, so the buffer is over-allocated
+        and the tensor placed in it at its file offset's remainder mod 4096, the array a zero-copy view of that
+        span. Rows: each run of consecutive rows is one read (row bytes a multiple of 4096, so every run has the
+        same remainder); the < 4 KiB a run's aligned read writes before it are the previous run's, saved and put
+        back."""
+        fd = self._direct_fd(info.file)
+        rb = info.row_bytes
+        if fd is None or (rows is not None and rb % _BLOCK):
+            return None
+        n = info.nbytes if rows is None else len(rows) * rb
+        if not n:
+            return None
+        buf = mx.zeros((n + 3 * _BLOCK,), dtype=mx.uint8)
+        mx.eval(buf)
+        mv = memoryview(buf).cast("B")
+        lead = info.start % _BLOCK
+        base = (-np.frombuffer(mv, np.uint8, count=1).ctypes.data) % _BLOCK + lead  # the tensor's first byte
+        if rows is None:
+            runs = [(info.start, base, n)]
+        else:
+            cuts = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+            runs = [(info.start + int(rows[i]) * rb, base + i * rb, (j - i) * rb)
+                    for i, j in zip([0, *cuts], [*cuts, len(rows)])]
+        try:
+            for start, dest, length in runs:
+                saved = bytes(mv[dest - lead:dest]) if dest > base else b""
+                got, want = 0, lead + length
+                while got < want:
+                    step = min(want - got, 1 << 30)
+                    k = os.preadv(fd, [mv[dest - lead + got:dest - lead + got + -(-step // _BLOCK) * _BLOCK]],
+                                  start - lead + got)
+                    if not k:
+                        raise KDError(f"corrupt shard {info.file}: unexpected end of file reading {info.key!r}")
+                    got += k
+                if saved:
+                    mv[dest - lead:dest] = saved
+        except OSError:  # a file system that opens O_DIRECT but refuses the read
+            with self._lock:
+                self._direct_fds[info.file] = None
+            return None
+        with self._lock:
+            self.bytes_read += n
+            self.uncached_bytes += n
+        return buf[base:base + n]
+
     def read_mx(self, key: str, rows: Sequence[int] | None = None):
         """`read_np(key)` (rows None) or `read_rows_np(key, rows)` read straight into a new MLX buffer: one pass over
         the bytes, where reading into numpy and `to_mx` copy them twice (and hold both copies meanwhile). Allocates
@@ -191,7 +254,14 @@ class WeightFiles:
         info = self.tensors[key]
         storage, name, _ = _DTYPES[info.dtype]
         shape = info.shape if rows is None else (len(rows),) + info.shape[1:]
-        a = mx.zeros(shape, dtype=getattr(mx, np.dtype(storage).name if name == "bfloat16" else name))
+        dtype = getattr(mx, np.dtype(storage).name if name == "bfloat16" else name)
+        raw = self._read_mx_uncached(info, None if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)) \
+            if self.uncached and info.nbytes else None
+        if raw is not None:
+            a = raw.view(mx.bfloat16 if name == "bfloat16" else dtype).reshape(shape)
+            mx.eval(a)  # a view of the read buffer, evaluated on the thread that made it
+            return a
+        a = mx.zeros(shape, dtype=dtype)
         mx.eval(a)
         mv = memoryview(a).cast("B") if a.size else None
         if rows is None:
@@ -216,9 +286,11 @@ class WeightFiles:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fd in [*self._fds.values(), *self._direct_fds.values()]:
+                if fd is not None:
+                    os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
 
     def __del__(self):
         try:

@@ -373,3 +373,31 @@ def test_weight_files_read_mx_equals_the_numpy_path(tmp_path):
             for rows in ([3, 1, 2, 2], [], list(range(v.shape[0]))):
                 want = files.to_mx(k, files.read_rows_np(k, rows))
                 assert mx.array_equal(files.read_mx(k, rows), want).item()
+
+
+def test_weight_files_uncached_reads_equal_the_cached_ones(tmp_path):
+    """O_DIRECT reads (whole tensors at any file offset; rows of 4096-byte multiples, runs in any order, each run's
+    aligned read overlapping its neighbours) == reads through the page cache; rows of other sizes fall back."""
+    import mlx.core as mx
+
+    from kd_mlx.safetensors_io import WeightFiles
+
+    rng = np.random.default_rng(2)
+    tensors = {"head": mx.array(rng.standard_normal((3, 1001)).astype(np.float32)),
+               "experts": mx.array(rng.standard_normal((16, 32, 64)).astype(np.float32)),  # 8 KiB rows
+               "scales": mx.array(rng.standard_normal((16, 1024)).astype(np.float32)).astype(mx.bfloat16),  # 2 KiB
+               "tail": mx.array(rng.standard_normal((5,)).astype(np.float16))}
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), tensors)
+    plain, direct = WeightFiles(tmp_path), WeightFiles(tmp_path)
+    direct.uncached = True
+    assert len({plain.info(k).start % 4096 for k in tensors}) > 1  # tensors at different block offsets
+    for k, v in tensors.items():
+        got = direct.read_mx(k)
+        assert got.dtype == v.dtype and got.shape == v.shape and mx.array_equal(got, v).item()
+    for rows in ([0, 1, 2, 5, 6, 9, 15], [3], [15, 0, 1, 2], list(range(16)), []):
+        for k in ("experts", "scales"):
+            assert mx.array_equal(direct.read_mx(k, rows), plain.read_mx(k, rows)).item(), (k, rows)
+    if hasattr(os, "O_DIRECT") and direct._direct_fd(tmp_path / "model.safetensors") is not None:
+        # the scales' 2 KiB rows went through the page cache; everything else did not
+        assert 0 < direct.uncached_bytes < direct.bytes_read
+    assert plain.uncached_bytes == 0

@@ -100,6 +100,13 @@ def test_direct_reads_equal_plain_reads(kimi4):
     plain = StreamingTeacher(kimi4, 4_000_000, direct_reads=False).logprobs_at(seqs, pos)
     for a, b in zip(fast, plain):
         np.testing.assert_array_equal(a, b)
+    # past the page cache (O_DIRECT; the default for models larger than physical memory): the same bytes
+    t = StreamingTeacher(kimi4, 4_000_000, uncached_reads=True)
+    assert not StreamingTeacher(kimi4, 4_000_000).files.uncached  # a small model: through the page cache
+    for a, b in zip(t.logprobs_at(seqs, pos), plain):
+        np.testing.assert_array_equal(a, b)
+    if hasattr(os, "O_DIRECT"):
+        assert t.files.uncached_bytes > 0
 
 
 def test_head_read_during_last_layer_equals_reading_it_after(kimi32):

@@ -12,7 +12,9 @@ executor only swaps four kinds of module for stand-ins while a call runs, found 
 - the LM head (`lm_head`, or a tied embedding's `as_linear`): applied only at the asked positions, its weights
   read in vocabulary slices, the first one on a second thread while the last layer runs.
 
-Weights are read straight into MLX buffers (`WeightFiles.read_mx`; `direct_reads=False` is the plain numpy path).
+Weights are read straight into MLX buffers (`WeightFiles.read_mx`; `direct_reads=False` is the plain numpy path),
+past the page cache when the streamed model is larger than physical memory (O_DIRECT where the OS allows;
+`uncached_reads` forces either way).
 
 Layer-major order: one chunk of sequences is split into tasks (the shared prefix, then micro-batches of similar
 length, each cut into query blocks), every task runs `model(ids, cache=...)` on its own thread, and the threads
@@ -391,6 +393,13 @@ def _continue_from(dst, src, batch: int) -> None:
     mx.eval(_cache_arrays(dst))  # MLX streams are per thread: the task's thread must get evaluated arrays
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: as if every model fitted
+
+
 def _rss_outside_mlx() -> int:
     """Resident bytes of this process not held by MLX arrays or MLX's buffer cache (Linux; 0 where /proc is
     absent)."""
@@ -434,7 +443,7 @@ class StreamingTeacher:
                  prefetch: bool = True, max_block: int = 512, progress: bool = False,
                  expert_kernel: str | None = None, dequant_min_tokens: int = 16,
                  dequantize_layers: bool | None = None, direct_reads: bool = True,
-                 min_expert_groups: int = 4, process_bytes: int | None = None):
+                 min_expert_groups: int = 4, process_bytes: int | None = None, uncached_reads: bool | None = None):
         if memory_budget is not None:  # the budget is about RSS too: before any thread of ours allocates
             use_one_malloc_arena()
         self.model_dir = resolve_model_path(str(model_dir))
@@ -477,6 +486,12 @@ class StreamingTeacher:
         # read-ahead (the peak RSS is what the budget bounds); None: measured now, the skeleton built
         self.process_bytes = _rss_outside_mlx() if process_bytes is None else process_bytes
         self.plan = self._make_plan(prefetch)
+        # a streamed model larger than physical memory cannot stay in the page cache between calls: its reads go
+        # past it where the OS allows (O_DIRECT: no CPU copy competing with the forward for the cores); a smaller
+        # one is read through it (repeated calls then copy from memory instead of reading the disk again)
+        if uncached_reads is None:
+            uncached_reads = direct_reads and not self.plan.resident and self.plan.total_bytes > _physical_memory()
+        self.files.uncached = uncached_reads
         self.stats = StreamStats()
         self._installed_all = False
         self._head_fut: Future | None = None  # the LM head rows read while the last layer runs
