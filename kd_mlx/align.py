@@ -34,7 +34,7 @@ read exactly the same text and are about to predict the token that starts at the
    real next token (given the student ids): there the context-free map is wrong about how the student continues
    the text. Cases: a bare " " the teacher splits before a Chinese word (the student writes " 农" as one
    piece), byte pieces, merges. Measured share of aligned rows: benchmarks/bench_align.py.
-5. **Boundary rows (look-ahead).** A text dump with `lookahead` stores, at each boundary both encodings share, the
+5. **Boundary rows (look-ahead).** A dump with `--lookahead` stores, at each boundary both encodings share, the
    row over student first tokens with the context-free map corrected where it is wrong: a candidate c whose class
    is all of c's bytes, and that the student could merge with what follows (GPT-2's e4 b8 before 8d is 不; " the"
    before "ory" is " theory"), has its mass split by the teacher's next token after c — exact for the real next
@@ -815,7 +815,6 @@ class MidTokenProjector:
         for j, (a, b) in enumerate(zip(out_ids, out_p)):
             ids_a[j, : len(a)], probs_a[j, : len(b)] = a, b
         return MidTokenRows(np.array(out_row, np.int32), np.array(out_n, np.int32), ids_a, probs_a)
-
 
     # ---- rows at shared boundaries, with one step of look-ahead
     def _writes_alone(self, u: int) -> bool:
