@@ -727,9 +727,10 @@ class MidTokenProjector:
 
     def __init__(self, teacher_tok, student_tok, k: int, student_id: np.ndarray | None = None):
         self.k = int(k)
-        # teacher id -> the student token that begins it (VocabMap.student_id): the class of a boundary row
-        self.student_id = build_student_ids(teacher_tok, student_tok) if student_id is None else \
-            np.asarray(student_id, np.int64)
+        # teacher id -> the student token that begins it (VocabMap.student_id): the class of a boundary row; built
+        # on first use when not given (the mid-token rows never need it)
+        self._student_id = None if student_id is None else np.asarray(student_id, np.int64)
+        self._teacher_tok = teacher_tok
         self.t_bytes = _token_bytes_table(teacher_tok)
         for i in special_token_ids(teacher_tok):
             if i < len(self.t_bytes):
@@ -817,6 +818,12 @@ class MidTokenProjector:
         return MidTokenRows(np.array(out_row, np.int32), np.array(out_n, np.int32), ids_a, probs_a)
 
     # ---- rows at shared boundaries, with one step of look-ahead
+    @property
+    def student_id(self) -> np.ndarray:
+        if self._student_id is None:
+            self._student_id = build_student_ids(self._teacher_tok, self.student_tok).astype(np.int64)
+        return self._student_id
+
     def _writes_alone(self, u: int) -> bool:
         """Whether the student's encoder produces token u for its own text (a token the pre-tokenizer always cuts,
         e.g. "A." across a letter and a full stop, never begins a continuation); partial characters: assumed."""
@@ -920,20 +927,27 @@ def merges_with(student_bytes: Sequence[bytes], by_bytes: dict[bytes, int], last
     return any(lb + cb[:n] in by_bytes for n in range(1, len(cb) + 1))
 
 
-def mid_token_row_reference(lp: np.ndarray, p: bytes, teacher_tok, student_tok, k: int, last: int | None = None
-                            ) -> tuple[list[int], list[float]] | None:
-    """Plain version of `MidTokenProjector.row`: a loop over the whole teacher vocabulary and, per candidate, over
-    the student vocabulary for the longest byte prefix of its rest (and, after `last`, whether `last` plus the start
-    of that prefix is a student token)."""
-    t_special, s_special = special_token_ids(teacher_tok), special_token_ids(student_tok)
-    s_bytes = {}
+def _student_bytes_plain(student_tok) -> dict[bytes, int]:
+    """bytes -> student id (the lowest id of equal bytes; specials and empty tokens left out), token by token."""
+    s_special = special_token_ids(student_tok)
+    out: dict[bytes, int] = {}
     for s in range(student_tok.vocab_size):
         try:
             b = student_tok.token_bytes(s)
         except Exception:
             continue
-        if b and s not in s_special and b not in s_bytes:
-            s_bytes[b] = s
+        if b and s not in s_special and b not in out:
+            out[b] = s
+    return out
+
+
+def mid_token_row_reference(lp: np.ndarray, p: bytes, teacher_tok, student_tok, k: int, last: int | None = None
+                            ) -> tuple[list[int], list[float]] | None:
+    """Plain version of `MidTokenProjector.row`: a loop over the whole teacher vocabulary and, per candidate, over
+    the student vocabulary for the longest byte prefix of its rest (and, after `last`, whether `last` plus the start
+    of that prefix is a student token)."""
+    t_special = special_token_ids(teacher_tok)
+    s_bytes = _student_bytes_plain(student_tok)
     acc: dict[int, float] = {}
     z = 0.0
     for v in range(min(teacher_tok.vocab_size, len(lp))):
@@ -965,15 +979,7 @@ def boundary_row_reference(lp: np.ndarray, looks: Sequence[tuple[int, np.ndarray
     """Plain version of `MidTokenProjector.boundary_row`: per teacher token its class (`student_id`); for a looked-
     ahead c whose class is all of its bytes, per next token d the longest student token longer than c that is a byte
     prefix of c + d and that the student's encoder writes for its own text, found by slicing."""
-    s_bytes: dict[bytes, int] = {}
-    s_special = special_token_ids(student_tok)
-    for s in range(student_tok.vocab_size):
-        try:
-            b = student_tok.token_bytes(s)
-        except Exception:
-            continue
-        if b and s not in s_special and b not in s_bytes:
-            s_bytes[b] = s
+    s_bytes = _student_bytes_plain(student_tok)
     longest = max(len(b) for b in s_bytes)
 
     def writes_alone(b: bytes) -> bool:
